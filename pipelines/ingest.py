@@ -1,0 +1,495 @@
+"""Ingest raw drive data into Parquet shards: discover image/label pairs, validate, crop + resize,
+map label ids, split train/val by drive, write shards with Ray Data, and a manifest.
+
+Nothing is lost: every candidate record found ends up either in a shard or in the manifest's
+``rejected`` list with its reason (``found == valid + rejected``). Label ids that are not in the
+label map become the ignore index and are counted in ``unknown_ids``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from ray.data.datasource import FilenameProvider
+
+from pipelines import labels
+from pipelines.errors import UserError
+from pipelines.frames import (
+    FrameError,
+    FrameTransform,
+    decode_label,
+    decode_rgb,
+    encode_jpeg,
+    encode_png,
+)
+from pipelines.storage import Location, resolve
+
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+SHARD_COLUMNS = (
+    "image_id",
+    "image",
+    "label",
+    "height",
+    "width",
+    "source_image",
+    "source_label",
+    "drive",
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg")
+LABEL_SUFFIX = "_bin.png"
+
+# .../ColorImage_road02/ColorImage/Record001/Camera 5/NAME.jpg
+_IMAGE_RE = re.compile(
+    r"(?:^|/)ColorImage(?:_(?P<road>[^/]+))?/(?:ColorImage/)?(?P<rest>.+)\.(?:jpe?g)$", re.I
+)
+# .../Labels_road02/Label/Record001/Camera 5/NAME_bin.png
+_LABEL_RE = re.compile(
+    r"(?:^|/)Labels?(?:_(?P<road>[^/]+))?/(?:Label/)?(?P<rest>.+)_bin\.png$", re.I
+)
+_RECORD_RE = re.compile(r"^Record\d+$", re.I)
+
+
+class IngestError(UserError):
+    """Bad ingest arguments or a source that cannot be read at all."""
+
+
+@dataclass
+class Candidate:
+    """One record found in the source: an image/label pair or an orphan of either."""
+
+    image: str | None  # full URI
+    label: str | None
+    drive: str
+    image_id: str
+    reason: str | None = None  # set when rejected before processing
+
+    def as_row(self) -> dict:
+        return {
+            "image_id": self.image_id,
+            "source_image": self.image or "",
+            "source_label": self.label or "",
+            "drive": self.drive,
+            "reason": self.reason or "",
+        }
+
+
+@dataclass
+class Discovery:
+    candidates: list[Candidate]
+    ignored_files: list[str] = field(default_factory=list)
+
+
+def _drive_of(road: str | None, rest: str) -> str:
+    """The drive a frame belongs to: road + record (frames of one drive never straddle the
+    train/val split, or validation would see near-duplicates of training frames)."""
+    parts = rest.split("/")
+    record = next((p for p in parts if _RECORD_RE.match(p)), None)
+    record = record or (posixpath.dirname(rest) or "unknown")
+    return f"{road}/{record}" if road else record
+
+
+def discover_tree(source: Location) -> Discovery:
+    """Find Apollo-layout image/label pairs below ``source``."""
+    images: dict[tuple, str] = {}
+    label_paths: dict[tuple, str] = {}
+    ignored: list[str] = []
+    for info in source.list_files():
+        rel = source.relative(info.path)
+        m = _IMAGE_RE.search(rel)
+        if m:
+            images[(m["road"] or "", m["rest"])] = info.path
+            continue
+        m = _LABEL_RE.search(rel)
+        if m:
+            label_paths[(m["road"] or "", m["rest"])] = info.path
+            continue
+        ignored.append(source.at_path(info.path).uri)
+    candidates = []
+    for key in sorted(set(images) | set(label_paths)):
+        road, rest = key
+        image, label = images.get(key), label_paths.get(key)
+        reason = None
+        if image is None:
+            reason = "image missing for label (expected a ColorImage*/...jpg of the same name)"
+        elif label is None:
+            reason = "label missing for image (expected a Label*/..._bin.png of the same name)"
+        candidates.append(
+            Candidate(
+                image=source.at_path(image).uri if image else None,
+                label=source.at_path(label).uri if label else None,
+                drive=_drive_of(road or None, rest),
+                image_id=f"{road}/{rest}" if road else rest,
+                reason=reason,
+            )
+        )
+    return Discovery(candidates, ignored)
+
+
+def discover_csv(csv_loc: Location) -> Discovery:
+    """Pairs from a CSV with header ``image,label[,drive]``; relative paths are relative to the
+    CSV's folder."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(csv_loc.read_text())))
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{csv_loc.uri}: not a UTF-8 CSV file ({e})") from None
+    if not rows or not {"image", "label"} <= set(rows[0]):
+        raise IngestError(
+            f"{csv_loc.uri}: expected a CSV with header 'image,label' (optional 'drive'), "
+            f"got columns {list(rows[0]) if rows else '(empty file)'}"
+        )
+    base = csv_loc.parent()
+
+    def where(path: str) -> str:
+        path = path.strip()
+        if "://" in path or path.startswith("/"):
+            return resolve(path).uri
+        return base.join(path).uri
+
+    candidates = []
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        image = (row.get("image") or "").strip()
+        label = (row.get("label") or "").strip()
+        reason = None
+        if not image or not label:
+            reason = f"CSV line {line}: empty 'image' or 'label' field"
+        image_id = posixpath.splitext(image)[0] or f"line{line}"
+        if image_id in seen and reason is None:
+            reason = f"CSV line {line}: duplicate image {image!r}"
+        seen.add(image_id)
+        drive = (row.get("drive") or "").strip() or posixpath.dirname(image) or "unknown"
+        candidates.append(
+            Candidate(
+                image=where(image) if image else None,
+                label=where(label) if label else None,
+                drive=drive,
+                image_id=image_id if reason is None else f"{image_id}#line{line}",
+                reason=reason,
+            )
+        )
+    return Discovery(candidates)
+
+
+def discover(source_uri: str) -> Discovery:
+    source = resolve(source_uri)
+    if source.path.lower().endswith(".csv"):
+        if not source.exists():
+            raise IngestError(f"{source.uri}: CSV file not found")
+        return discover_csv(source)
+    if not source.is_dir():
+        raise IngestError(f"{source.uri}: source folder not found (or not a folder/CSV)")
+    found = discover_tree(source)
+    if not found.candidates:
+        raise IngestError(
+            f"{source.uri}: no ColorImage*/...jpg or Label*/..._bin.png files found "
+            f"({len(found.ignored_files)} other files)"
+        )
+    return found
+
+
+def split_drives(drives: Iterable[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Assign each drive to ``train`` or ``val`` from a seeded hash of its name.
+
+    Hash-based so that a drive keeps its split when new drives are added later; with two or
+    more drives and ``val_fraction > 0`` at least one drive goes to val.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise IngestError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    drives = sorted(set(drives))
+
+    def u(drive: str) -> float:
+        h = hashlib.sha256(f"{seed}:{drive}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64
+
+    out = {d: ("val" if u(d) < val_fraction else "train") for d in drives}
+    if val_fraction > 0 and len(drives) >= 2:
+        if "val" not in out.values():
+            out[min(drives, key=u)] = "val"
+        if "train" not in out.values():
+            out[max(drives, key=u)] = "train"
+    return out
+
+
+def process_pair(image: bytes, label: bytes, transform: FrameTransform) -> dict:
+    """Validate and convert one pair. Raises :class:`FrameError` with the reason to reject."""
+    frame = decode_rgb(image, what="image")
+    ids = decode_label(label, what="label")
+    if frame.shape[:2] != ids.shape:
+        raise FrameError(
+            f"image is {frame.shape[1]}x{frame.shape[0]} but label is "
+            f"{ids.shape[1]}x{ids.shape[0]} (W x H)"
+        )
+    small = transform.prepare_image(frame)
+    train_ids, unknown = labels.to_train_ids(transform.prepare_label(ids))
+    return {
+        "image": encode_jpeg(small),
+        "label": encode_png(train_ids),
+        "height": int(small.shape[0]),
+        "width": int(small.shape[1]),
+        "class_pixels": labels.class_pixel_counts(train_ids),
+        "ignore_pixels": int((train_ids == labels.IGNORE_INDEX).sum()),
+        "unknown_ids": json.dumps(unknown),
+    }
+
+
+def _process_batch(
+    batch: pd.DataFrame, transform: FrameTransform, locate: Location
+) -> pd.DataFrame:
+    """Ray Data stage: read + process each candidate of the batch; failures become reasons."""
+    out = []
+    for row in batch.to_dict("records"):
+        rec = dict(row)
+        rec.update(
+            image=b"",
+            label=b"",
+            height=0,
+            width=0,
+            class_pixels=[0] * labels.N_CLASSES,
+            ignore_pixels=0,
+            unknown_ids="{}",
+            nbytes=0,
+        )
+        if not rec["reason"]:
+            try:
+                image = _read(locate, rec["source_image"], "image")
+                label = _read(locate, rec["source_label"], "label")
+                rec.update(process_pair(image, label, transform))
+                rec["nbytes"] = len(rec["image"]) + len(rec["label"])
+            except FrameError as e:
+                rec["reason"] = str(e)
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def _read(anchor: Location, uri: str, what: str) -> bytes:
+    try:
+        return anchor.at_uri(uri).read_bytes()
+    except Exception as e:  # storage errors become a reason, never a crash of the ingest
+        raise FrameError(f"{what} could not be read ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class IngestResult:
+    manifest: dict
+    dest: str
+
+    @property
+    def valid(self) -> int:
+        return self.manifest["counts"]["valid"]
+
+    def summary(self) -> str:
+        c = self.manifest["counts"]
+        unknown = self.manifest["unknown_ids"]
+        return (
+            f"ingest: found {c['found']} records, wrote {c['train']} train + {c['val']} val "
+            f"frames, rejected {c['rejected']}"
+            + (f", unknown label ids {sorted(int(k) for k in unknown)}" if unknown else "")
+            + f" -> {self.dest}"
+        )
+
+
+def run_ingest(
+    source: str,
+    dest: str,
+    *,
+    transform: FrameTransform,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    shard_bytes: int = 256 * 2**20,
+    progress: bool = True,
+) -> IngestResult:
+    """Ingest ``source`` (Apollo tree or CSV) into ``dest``/{train,val}/*.parquet + manifest.
+
+    Re-running on the same source gives the same shards and manifest (splits are overwritten,
+    rows are sorted by ``image_id``).
+    """
+    import ray
+    from ray.data import SaveMode
+    from ray.data.expressions import col
+
+    t0 = time.time()
+    dest_loc = resolve(dest)
+    found = discover(source)
+    found.candidates.sort(key=lambda c: c.image_id)
+    splits = split_drives((c.drive for c in found.candidates), val_fraction, seed)
+
+    rows = [{**c.as_row(), "split": splits[c.drive]} for c in found.candidates]
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    # Candidates are sorted by image_id and order is preserved end to end, so shards come out
+    # the same on every run without a shuffle.
+    ctx.execution_options.preserve_order = True
+    blocks = max(1, min(len(rows), int(ray.available_resources().get("CPU", 1)) * 4))
+    processed = (
+        ray.data.from_items(rows, override_num_blocks=blocks)
+        .map_batches(
+            _process_batch,
+            batch_size=4,
+            batch_format="pandas",
+            fn_kwargs={"transform": transform, "locate": resolve(source)},
+        )
+        .materialize()
+    )
+    meta = processed.drop_columns(["image", "label"]).to_pandas()
+    ok = meta["reason"] == ""
+
+    # Size shards from the real encoded sizes: ~shard_bytes each, at least one row.
+    mean_row_bytes = float(meta.loc[ok, "nbytes"].mean()) if ok.any() else 1.0
+    rows_per_file = max(1, int(shard_bytes // max(1.0, mean_row_bytes)))
+
+    for split in SPLITS:
+        split_loc = dest_loc.join(split)
+        split_loc.delete()  # overwrite: a re-run never duplicates, a stale split never survives
+        if not (ok & (meta["split"] == split)).any():
+            continue
+        processed.filter(expr=(col("reason") == "") & (col("split") == split)).select_columns(
+            list(SHARD_COLUMNS)
+        ).write_parquet(
+            split_loc.path,
+            filesystem=split_loc.fs,
+            min_rows_per_file=rows_per_file,
+            max_rows_per_file=rows_per_file,
+            filename_provider=_ShardNames(split),
+            # Deterministic names need OVERWRITE (APPEND insists on a random write id in
+            # every name); the split folder was just emptied anyway.
+            mode=SaveMode.OVERWRITE,
+        )
+
+    manifest = build_manifest(
+        source=resolve(source).uri,
+        transform=transform,
+        meta=meta,
+        splits=splits,
+        ignored_files=found.ignored_files,
+        val_fraction=val_fraction,
+        seed=seed,
+        rows_per_file=rows_per_file,
+        seconds=time.time() - t0,
+    )
+    # Reconcile with what storage really holds (Parquet footers), not with what was asked for.
+    written = {split: count_rows(dest_loc.join(split)) for split in SPLITS}
+    if any(manifest["counts"][s] != written[s] for s in SPLITS):
+        raise RuntimeError(
+            f"{dest_loc.uri}: shards hold {written} rows, manifest says {manifest['counts']}"
+        )
+    dest_loc.join(MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))  # class order kept
+    return IngestResult(manifest=manifest, dest=dest_loc.uri)
+
+
+class _ShardNames(FilenameProvider):
+    """``train-00000-0.parquet``, ...: the same names on every run, so a re-run replaces the
+    shards instead of adding a second copy under new random names, and readers that list
+    files in name order see the rows in ``image_id`` order."""
+
+    def __init__(self, split: str) -> None:
+        super().__init__(file_format="parquet")
+        self.split = split
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.split}-{task_index:05d}"
+
+
+def count_rows(loc: Location) -> int:
+    """Rows in the Parquet files below ``loc``, from their footers."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for info in loc.list_files((".parquet",)):
+        with loc.fs.open_input_file(info.path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def build_manifest(
+    *,
+    source: str,
+    transform: FrameTransform,
+    meta: pd.DataFrame,
+    splits: dict[str, str],
+    ignored_files: list[str],
+    val_fraction: float,
+    seed: int,
+    rows_per_file: int,
+    seconds: float,
+) -> dict:
+    ok = meta["reason"] == ""
+    rejected = meta.loc[~ok].sort_values("image_id")
+    unknown: Counter[int] = Counter()
+    unknown_frames: Counter[int] = Counter()
+    for text in meta.loc[ok, "unknown_ids"]:
+        for k, v in json.loads(text).items():
+            unknown[int(k)] += v
+            unknown_frames[int(k)] += 1
+    class_pixels = {}
+    for split in SPLITS:
+        rows = meta.loc[ok & (meta["split"] == split), "class_pixels"]
+        total = (
+            np.sum(np.stack(rows.to_list()), axis=0) if len(rows) else np.zeros(labels.N_CLASSES)
+        )
+        class_pixels[split] = {
+            name: int(v) for name, v in zip(labels.CLASS_NAMES, total, strict=True)
+        }
+    train_total = sum(class_pixels["train"].values())
+    counts = {
+        "found": int(len(meta)),
+        "valid": int(ok.sum()),
+        "rejected": int((~ok).sum()),
+        "train": int((ok & (meta["split"] == "train")).sum()),
+        "val": int((ok & (meta["split"] == "val")).sum()),
+        "ignored_files": len(ignored_files),
+    }
+    return {
+        "format": "lane-shards/1",
+        "source": source,
+        "transform": transform.to_dict(),
+        "n_class": labels.N_CLASSES,
+        "class_names": list(labels.CLASS_NAMES),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "rows_per_file": rows_per_file,
+        "counts": counts,
+        "drives": {s: sorted(d for d, v in splits.items() if v == s) for s in SPLITS},
+        "class_pixels": class_pixels,
+        "class_frequency": {
+            name: (v / train_total if train_total else 0.0)
+            for name, v in class_pixels["train"].items()
+        },
+        "ignore_pixels": int(meta.loc[ok, "ignore_pixels"].sum()),
+        "unknown_ids": {
+            str(k): {"pixels": v, "frames": unknown_frames[k]} for k, v in sorted(unknown.items())
+        },
+        "rejected": [
+            {
+                "image_id": r.image_id,
+                "image": r.source_image,
+                "label": r.source_label,
+                "reason": r.reason,
+            }
+            for r in rejected.itertuples()
+        ],
+        "ignored_files": ignored_files,
+        "seconds": round(seconds, 2),
+    }
+
+
+def read_manifest(data_uri: str) -> dict:
+    """The manifest of an ingested dataset, or a clear error when there is none."""
+    loc = resolve(data_uri).join(MANIFEST_NAME)
+    if not loc.exists():
+        raise IngestError(
+            f"{resolve(data_uri).uri}: no {MANIFEST_NAME} (expected the output folder of "
+            "`python -m jobs.ingest`)"
+        )
+    return json.loads(loc.read_text())

@@ -1,0 +1,163 @@
+"""Shared fixtures: a real S3-protocol server (moto, server mode) on 127.0.0.1, a real local
+Ray cluster with token authentication, real MLflow stores (sqlite), synthetic drive data.
+
+Every server started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data" / "apollo-lane-labels"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The environment is fixed before anything starts, so that Ray workers (which inherit it)
+# see the same S3 endpoint and fake credentials, and Ray's token lives in a test folder, never
+# in the user's ~/.ray.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="lane-tests-"))
+S3_PORT = free_port()
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+_TOKEN = _SESSION_DIR / "ray_auth_token"
+_TOKEN.write_text(secrets.token_hex(32))
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key-do-not-log",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": S3_ENDPOINT,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(_TOKEN),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_DIR / 'default-mlflow.db'}",
+        "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "TQDM_DISABLE": "1",
+    }
+)
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with status {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto in server mode on 127.0.0.1; yields the endpoint. Buckets: ``lanes``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(S3_PORT, proc)
+        import boto3
+
+        boto3.client("s3", endpoint_url=S3_ENDPOINT).create_bucket(Bucket="lanes")
+        yield S3_ENDPOINT
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request) -> str:
+    """A fresh s3:// prefix for one test."""
+    return f"s3://lanes/{request.node.name}-{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (token auth on), shared by the session."""
+    import ray
+
+    # 2-core CI machine: logical CPUs let 2 train workers and Ray Data tasks run side by side.
+    ray.init(num_cpus=4, logging_level="ERROR", log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite MLflow store (tracking + registry) for one test."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+# -- synthetic data ----------------------------------------------------------------------------
+# Small frames keep CI fast; the crop keeps the real recipe's proportion (690 of 1710 rows).
+FRAME_W, FRAME_H, CROP_TOP = 846, 428, 172
+MODEL_W, MODEL_H = 128, 64
+
+
+@pytest.fixture(scope="session")
+def test_transform():
+    from pipelines.frames import FrameTransform
+
+    return FrameTransform(width=MODEL_W, height=MODEL_H, crop_top=CROP_TOP)
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory) -> Path:
+    from pipelines.synthetic import write_tree
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_tree(out, 24, records=4, width=FRAME_W, height=FRAME_H, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_shards(synthetic_tree, tmp_path_factory, ray_cluster, test_transform) -> str:
+    """The synthetic tree ingested to a local folder (read-only for tests)."""
+    from pipelines.ingest import run_ingest
+
+    dest = tmp_path_factory.mktemp("shards")
+    result = run_ingest(
+        str(synthetic_tree), str(dest), transform=test_transform, val_fraction=0.25, progress=False
+    )
+    assert result.valid == 24
+    return str(dest)
