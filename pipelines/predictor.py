@@ -1,0 +1,165 @@
+"""The one predictor: a model plus its frame transform, from uint8 frames to masks.
+
+A *model directory* is the one on-disk format of a trained model, shared by training
+checkpoints and registered MLflow models:
+
+- ``model.pt``: the model's ``state_dict``;
+- ``model.json``: the :class:`ModelSpec` (factory name, classes, frame transform).
+
+The labeling job's Ray Data stage and the registered pyfunc model are thin wrappers around
+:class:`Predictor`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcn_models import build_model
+from pipelines.frames import FrameTransform
+
+MODEL_FILE = "model.pt"
+SPEC_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model and feed it exactly as in training."""
+
+    model: str
+    n_class: int
+    transform: FrameTransform
+    class_names: tuple[str, ...] = ()
+    info: dict = field(default_factory=dict)  # provenance: data manifest, run id, code version
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "model": self.model,
+                "n_class": self.n_class,
+                "transform": self.transform.to_dict(),
+                "class_names": list(self.class_names),
+                "info": self.info,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        d = json.loads(text)
+        return cls(
+            model=d["model"],
+            n_class=int(d["n_class"]),
+            transform=FrameTransform.from_dict(d["transform"]),
+            class_names=tuple(d.get("class_names", ())),
+            info=d.get("info", {}),
+        )
+
+
+def save_model_dir(directory: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    torch.save(state, directory / MODEL_FILE)
+    (directory / SPEC_FILE).write_text(spec.to_json())
+    return directory
+
+
+def load_model_dir(directory: str | Path) -> tuple[nn.Module, ModelSpec]:
+    directory = Path(directory)
+    spec_path = directory / SPEC_FILE
+    if not spec_path.is_file() or not (directory / MODEL_FILE).is_file():
+        raise FileNotFoundError(
+            f"{directory}: not a model directory (expected {MODEL_FILE} and {SPEC_FILE})"
+        )
+    spec = ModelSpec.from_json(spec_path.read_text())
+    model = build_model(spec.model, spec.n_class)
+    state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model, spec
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """Frames in, masks out. On GPU it runs bf16 autocast and channels_last."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        device: torch.device | str | None = None,
+        *,
+        amp: bool | None = None,
+        max_batch: int = 8,
+    ) -> None:
+        self.spec = spec
+        self.transform = spec.transform
+        self.device = torch.device(device) if device is not None else default_device()
+        self.amp = self.device.type == "cuda" if amp is None else amp
+        self.max_batch = max_batch
+        self.model = model.eval().to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, device: torch.device | str | None = None, **kw
+    ) -> Predictor:
+        model, spec = load_model_dir(directory)
+        return cls(model, spec, device, **kw)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, 3) uint8 tensor at the model's input size -> (N, C, h, w) float logits."""
+        x = self.transform.normalize(images.to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.model(x).float()
+
+    def predict_prepared(self, images: np.ndarray) -> np.ndarray:
+        """(N, h, w, 3) uint8 frames already at the model's input size (e.g. ingested shards)
+        -> (N, h, w) uint8 training-id masks."""
+        images = np.asarray(images)
+        want = (self.transform.height, self.transform.width)
+        if images.ndim != 4 or images.shape[1:3] != want or images.shape[3] != 3:
+            raise ValueError(
+                f"expected prepared frames of shape (N, {want[0]}, {want[1]}, 3), "
+                f"got {images.shape}"
+            )
+        out = []
+        for i in range(0, len(images), self.max_batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[i : i + self.max_batch]))
+            out.append(self.logits(chunk).argmax(1).to(torch.uint8).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, *want), dtype=np.uint8)
+
+    def prepare(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Raw (H, W, 3) uint8 frames -> (N, h, w, 3) at the model's input size."""
+        return np.stack([self.transform.prepare_image(np.asarray(f)) for f in frames])
+
+    def predict(self, frames: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """Raw frames of any size -> one (H, W) uint8 training-id mask per frame, at that
+        frame's size (cropped rows are background)."""
+        if len(frames) == 0:
+            return []
+        masks = self.predict_prepared(self.prepare(frames))
+        return [
+            self.transform.restore_mask(m, np.asarray(f).shape[:2])
+            for m, f in zip(masks, frames, strict=True)
+        ]

@@ -1,0 +1,169 @@
+"""The registered model: an MLflow pyfunc around :class:`pipelines.predictor.Predictor`, and the
+registry operations the jobs share (resolve ``models:/`` URIs, load, aliases with history).
+
+Pyfunc contract: input a numpy batch of RGB frames, uint8, shape (N, H, W, 3), any N and any
+H x W (crop, resize and normalization run inside); output (N, H, W) uint8 training-id masks at
+the input's size. ``mlflow.pyfunc.load_model("models:/NAME/VERSION")`` does this in a plain
+Python process, no Ray needed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+import fcn_models
+import pipelines
+from pipelines.errors import UserError
+from pipelines.predictor import Predictor
+
+ARTIFACT_KEY = "model_dir"
+PREVIOUS_ALIAS_TAG = "previous_{alias}"  # registered-model tag: version that held the alias before
+
+
+class RegistryError(UserError):
+    """A model URI, name, version or alias that does not resolve."""
+
+
+class LaneSegmentationModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: (N, H, W, 3) uint8 RGB frames -> (N, H, W) uint8 training-id masks."""
+
+    def load_context(self, context) -> None:
+        self.predictor = Predictor.load(context.artifacts[ARTIFACT_KEY])
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        # MLflow hands a named tensor input over as {name: array} after schema enforcement.
+        if isinstance(model_input, dict) and len(model_input) == 1:
+            model_input = next(iter(model_input.values()))
+        frames = np.asarray(model_input)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(
+                f"expected a uint8 batch of RGB frames shaped (N, H, W, 3), got shape "
+                f"{frames.shape} dtype {frames.dtype}"
+            )
+        masks = self.predictor.predict(frames)
+        if not masks:
+            return np.zeros(frames.shape[:3], dtype=np.uint8)
+        return np.stack(masks)
+
+
+def signature() -> ModelSignature:
+    # -1: any batch size and any frame size.
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), name="frames")]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name="masks")]),
+    )
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "numpy", "pillow")]
+
+
+def log_model(
+    model_dir: str | Path, *, registered_model_name: str | None, input_example: np.ndarray
+):
+    """Log a model directory as a pyfunc in the active run (and register it).
+
+    The code of ``fcn_models`` and ``pipelines`` travels with the model (``code_paths``), so
+    loading needs only the pip requirements, not this project installed.
+    """
+    code = [str(Path(fcn_models.__file__).parent), str(Path(pipelines.__file__).parent)]
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=LaneSegmentationModel(),
+        artifacts={ARTIFACT_KEY: str(model_dir)},
+        code_paths=code,
+        signature=signature(),
+        input_example=input_example,
+        registered_model_name=registered_model_name,
+        pip_requirements=_pip_requirements(),
+    )
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
+
+
+def resolve_version(model: str, client: MlflowClient | None = None) -> ModelRef:
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/NAME/latest`` -> the
+    concrete version, resolved once (a job pins it, so a promotion during a run changes
+    nothing mid-way)."""
+    client = client or MlflowClient()
+    m = _MODELS_URI.match(model.strip())
+    if not m:
+        raise RegistryError(
+            f"{model!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest"
+        )
+    name = m["name"]
+    try:
+        if m["alias"]:
+            mv = client.get_model_version_by_alias(name, m["alias"])
+        elif m["version"] == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise RegistryError(f"registered model {name!r} has no versions")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(name, m["version"])
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"{model}: {e.message}") from None
+    return ModelRef(name=name, version=str(mv.version))
+
+
+def load_predictor(ref: ModelRef) -> Predictor:
+    """Load a registered version through its pyfunc (the very path users get) and return its
+    predictor (on the GPU when there is one)."""
+    python_model = mlflow.pyfunc.load_model(ref.uri).unwrap_python_model()
+    predictor = getattr(python_model, "predictor", None)
+    if not isinstance(predictor, Predictor):
+        raise RegistryError(f"{ref.uri}: not a lane segmentation model")
+    return predictor
+
+
+def alias_holder(name: str, alias: str, client: MlflowClient) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def move_alias(name: str, alias: str, version: str, client: MlflowClient) -> str | None:
+    """Point ``alias`` at ``version``, remembering the previous holder (for rollback) in a
+    registered-model tag. Returns the previous holder."""
+    previous = alias_holder(name, alias, client)
+    if previous is not None and previous != version:
+        client.set_registered_model_tag(name, PREVIOUS_ALIAS_TAG.format(alias=alias), previous)
+    client.set_registered_model_alias(name, alias, version)
+    return previous
+
+
+def rollback_alias(name: str, alias: str, client: MlflowClient) -> tuple[str | None, str]:
+    """Point ``alias`` back at its previous holder; the version rolled back from becomes the
+    new "previous" (so a second rollback undoes the first). Returns (from, to)."""
+    model = client.get_registered_model(name)
+    previous = model.tags.get(PREVIOUS_ALIAS_TAG.format(alias=alias))
+    if not previous:
+        raise RegistryError(f"{name}@{alias}: no previous holder recorded, nothing to roll back to")
+    current = alias_holder(name, alias, client)
+    client.set_registered_model_alias(name, alias, previous)
+    if current is not None:
+        client.set_registered_model_tag(name, PREVIOUS_ALIAS_TAG.format(alias=alias), current)
+    return current, previous

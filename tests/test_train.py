@@ -1,0 +1,312 @@
+"""The training job: preflight errors, learning, a 2-worker DDP run from S3 with MLflow
+registration, and fault tolerance (a worker crash, and the whole job dying)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from jobs import train
+from pipelines.storage import resolve
+
+from .conftest import ROOT, free_port
+
+MODEL = "fcn8s_resnet101"
+
+
+def train_args(data: str, storage: str, run_name: str, *extra: str) -> list[str]:
+    return [
+        "--data",
+        data,
+        "--storage",
+        storage,
+        "--run-name",
+        run_name,
+        "--experiment",
+        "tests",
+        "--register-as",
+        "lanes-test",
+        "--model",
+        MODEL,
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--no-augment",
+        *extra,
+    ]
+
+
+def copy_tree(src: str, dest: str) -> None:
+    src_loc, dest_loc = resolve(src), resolve(dest)
+    for info in src_loc.list_files():
+        dest_loc.join(src_loc.relative(info.path)).write_bytes(
+            src_loc.at_path(info.path).read_bytes()
+        )
+
+
+def runs_named(name: str) -> list:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tests")
+    if exp is None:
+        return []
+    return client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'"
+    )
+
+
+def epochs_logged(run_id: str) -> list[int]:
+    return [m.step for m in MlflowClient().get_metric_history(run_id, "val_miou")]
+
+
+# -- preflight: clear errors before any worker starts --------------------------------------------
+def test_bad_arguments_fail_before_workers_start(
+    tmp_path, local_shards, mlflow_store, ray_cluster, capsys, monkeypatch
+):
+    storage = str(tmp_path / "ckpt")
+    cases = [
+        (train_args(str(tmp_path / "empty"), storage, "a"), "no manifest.json"),
+        (
+            train_args(local_shards, storage, "b", "--batch-size", "1"),
+            "--batch-size 1 is smaller than --num-workers 2",
+        ),
+        (
+            train_args(local_shards, storage, "c", "--batch-size", "64"),
+            "larger than the training set (18 frames)",
+        ),
+        (
+            train_args(local_shards, storage, "d", "--use-gpu"),
+            "needs 2 GPUs, the Ray cluster has 0",
+        ),
+    ]
+    for argv, message in cases:
+        assert train.main(argv) == 2, message
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1  # one line, no stack trace
+    # Unreachable tracking server.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    assert train.main(train_args(local_shards, storage, "e")) == 2
+    assert "MLflow tracking server http://127.0.0.1" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    mlflow.set_tracking_uri(mlflow_store)
+    # Unknown model: argparse names the valid choices.
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(local_shards, storage, "f") + ["--model", "unet"])
+    assert e.value.code == 2 and "invalid choice: 'unet'" in capsys.readouterr().err
+    assert runs_named("a") == runs_named("e") == []  # nothing started
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_config_file_with_flag_override(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        "data: s3://b/shards\nstorage: s3://b/ckpt\nexperiment: e\nregister-as: m\nepochs: 7\nlr: 0.02\n"
+    )
+    c = train.load_config(["--config", str(cfg), "--epochs", "3"])
+    assert (c.data, c.epochs, c.lr, c.register_as, c.amp) == ("s3://b/shards", 3, 0.02, "m", False)
+    assert train.load_config(["--config", str(cfg), "--use-gpu"]).amp is True
+
+
+def test_training_step_learns_one_batch(local_shards, test_transform, ray_cluster):
+    """The loop's own step overfits one batch: loss falls, mIoU rises."""
+    from fcn_models import build_model
+    from pipelines.dataset import build_dataset, torch_batches
+    from pipelines.metrics import confusion_matrix, scores
+
+    torch.manual_seed(0)
+    batch = next(iter(torch_batches(build_dataset(local_shards, "train"), 2, test_transform)))
+    model = build_model(MODEL, 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+    autocast = torch.autocast("cpu", enabled=False)
+
+    def miou() -> float:
+        # Scored with batch statistics (train-mode BatchNorm, no grad): after a few dozen
+        # steps the running statistics still lag the fast-changing weights, so eval mode
+        # would measure the lag, not whether the step learns. Eval mode is what the real
+        # runs below score.
+        with torch.no_grad():
+            pred = model(batch["image"]).argmax(1)
+        return scores(confusion_matrix(pred, batch["label"], 8))["miou"]
+
+    model.train()
+    before = miou()
+    losses = [
+        float(train.train_step(model, batch, criterion, optimizer, autocast)) for _ in range(60)
+    ]
+    after = miou()
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert after > before + 0.2 and after > 0.4, (before, after)
+
+
+# -- real runs ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_worker_run_from_s3_registers_model(
+    local_shards, s3_prefix, mlflow_store, ray_cluster, capsys
+):
+    data, storage = f"{s3_prefix}/shards", f"{s3_prefix}/checkpoints"
+    copy_tree(local_shards, data)
+    manifest = json.loads(resolve(data).join("manifest.json").read_text())
+    assert train.main(train_args(data, storage, "s3-run")) == 0
+    out = capsys.readouterr().out
+    assert "registered models:/lanes-test/1" in out
+
+    [run] = runs_named("s3-run")
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(run.info.run_id) == [0, 1]
+    metrics = run.data.metrics
+    for key in (
+        "train_loss",
+        "train_images_per_s",
+        "val_pixel_acc",
+        "val_mean_class_acc",
+        "val_fwiou",
+        "val_iou_dividing",
+        "val_iou_background",
+        "best_val_miou",
+    ):
+        assert key in metrics, key
+    # Every validation frame scored exactly once across the two ranks.
+    assert metrics["val_frames"] == manifest["counts"]["val"]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "confusion")}
+    artifacts |= {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "overlays")}
+    assert {
+        "confusion/epoch_000.png",
+        "confusion/epoch_001.png",
+        "overlays/epoch_001.png",
+    } <= artifacts
+    # Nothing secret in params or tags.
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert all(secret not in str(v) for v in {**run.data.params, **run.data.tags}.values())
+    assert run.data.params["data"] == data
+
+    version = MlflowClient().get_model_version("lanes-test", "1")
+    tags = version.tags
+    assert float(tags["val_miou"]) == pytest.approx(metrics["best_val_miou"], abs=1e-6)
+    assert tags["data_manifest"] == f"{data}/manifest.json"
+    assert tags["code_version"].startswith(("git-", "code-"))
+    assert json.loads(tags["frame_transform"])["width"] == 128
+    assert all(secret not in v for v in tags.values())
+    # Checkpoints went to S3 through Ray Train, best N kept.
+    ckpts = {
+        p.split("/")[0]
+        for p in (
+            resolve(storage).relative(i.path) for i in resolve(storage).join("s3-run").list_files()
+        )
+    }
+    assert ckpts == {"s3-run"}
+    names = [
+        resolve(storage).relative(i.path)
+        for i in resolve(storage).join("s3-run").list_files(("model.pt",))
+    ]
+    assert 1 <= len(names) <= 2
+
+    # The registered model works in a plain Python process: no Ray, any N, any frame size.
+    script = f"""
+import sys, numpy as np, mlflow
+mlflow.set_tracking_uri({mlflow_store!r})
+m = mlflow.pyfunc.load_model("models:/lanes-test/1")
+for n, h, w in [(1, 300, 500), (3, 428, 846)]:
+    x = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    y = m.predict(x)
+    assert y.shape == (n, h, w) and y.dtype == np.uint8, (y.shape, y.dtype)
+    assert int(y.max()) < 8 and (y[:, :172] == 0).all()  # cropped sky rows are background
+assert "ray" not in sys.modules
+print("pyfunc ok")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pyfunc ok" in proc.stdout
+
+
+@pytest.mark.slow
+def test_worker_crash_restarts_from_checkpoint(tmp_path, local_shards, mlflow_store, ray_cluster):
+    """A worker killed mid-epoch: Ray Train restarts the group from the last checkpoint; the
+    run still has every epoch exactly once, in one MLflow run."""
+    storage = str(tmp_path / "ckpt")
+    # 18 train frames, 9 per worker, 2 per worker step -> 4 steps per epoch; step 6 is in
+    # epoch 2 (epoch 1 is checkpointed).
+    argv = train_args(
+        local_shards,
+        storage,
+        "crash",
+        "--epochs",
+        "3",
+        "--fail-once-at-step",
+        "6",
+        "--max-failures",
+        "1",
+    )
+    assert train.main(argv) == 0
+    # The marker is written just before the worker kills itself: the crash happened.
+    assert (tmp_path / "ckpt" / "crash" / train.FAIL_MARKER).read_text() == "failed at step 6\n"
+    [run] = runs_named("crash")
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(run.info.run_id) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_rerun_after_whole_job_died_resumes_same_run(
+    tmp_path, local_shards, mlflow_store, ray_cluster, capsys
+):
+    """No restarts allowed: the job dies in epoch 2. The same command again resumes from the
+    epoch-1 checkpoint and continues the same MLflow run."""
+    storage = str(tmp_path / "ckpt")
+    argv = train_args(
+        local_shards,
+        storage,
+        "dies",
+        "--epochs",
+        "2",
+        "--fail-once-at-step",
+        "6",
+        "--max-failures",
+        "0",
+    )
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: training failed after 0 restart(s)" in err
+    assert "re-run the same command (--run-name dies) to resume" in err
+    [run] = runs_named("dies")
+    assert run.info.status == "FAILED"
+    assert epochs_logged(run.info.run_id) == [0]
+    assert train.main(argv) == 0
+    [again] = runs_named("dies")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert epochs_logged(run.info.run_id) == [0, 1]  # epoch 0 not trained twice
+    assert MlflowClient().get_model_version("lanes-test", "1").run_id == run.info.run_id
+    assert mlflow.active_run() is None
+
+
+def test_checkpoint_spec_round_trip(tmp_path):
+    from fcn_models import build_model
+    from pipelines.frames import FrameTransform
+    from pipelines.predictor import ModelSpec, Predictor, load_model_dir, save_model_dir
+
+    model = build_model(MODEL, 8)
+    spec = ModelSpec(
+        MODEL, 8, FrameTransform(width=64, height=32, crop_top=10), ("a",) * 8, {"run": "x"}
+    )
+    save_model_dir(tmp_path, model, spec)
+    loaded, spec2 = load_model_dir(tmp_path)
+    assert spec2 == spec
+    for (k, v), (k2, v2) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(v, v2)
+    p = Predictor(loaded, spec2, "cpu")
+    masks = p.predict(np.zeros((2, 50, 80, 3), dtype=np.uint8))
+    assert [m.shape for m in masks] == [(50, 80), (50, 80)] and (masks[0][:10] == 0).all()
+    with pytest.raises(ValueError, match="expected prepared frames of shape"):
+        p.predict_prepared(np.zeros((1, 10, 10, 3), dtype=np.uint8))
