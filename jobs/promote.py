@@ -1,0 +1,151 @@
+"""Promote a registered model version to an alias (default ``champion``) only when it is better.
+
+    python -m jobs.promote --model NAME --candidate VERSION|latest --eval-data URI \\
+        [--alias champion] [--min-gain 0.0]
+    python -m jobs.promote --model NAME --rollback [--alias champion]
+
+Both the candidate and the current alias holder are evaluated on the same shards with the
+training metric code; both results are recorded as tags on their versions. Exit status: 0 the
+candidate holds the alias (promoted now, or already), 1 not promoted, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+
+from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
+from pipelines import registry, tracking
+from pipelines.evaluate import evaluate
+from pipelines.ingest import MANIFEST_NAME
+from pipelines.storage import resolve
+
+NOT_PROMOTED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.promote",
+        description="Evaluate a candidate model version against the alias holder; move the alias if it is better.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--candidate", default="latest", help="candidate version number, or 'latest'")
+    p.add_argument("--eval-data", help="ingested dataset URI to evaluate on (local or s3://)")
+    p.add_argument("--split", default="val", help="split of --eval-data to evaluate on")
+    p.add_argument("--alias", default="champion")
+    p.add_argument(
+        "--min-gain", type=float, default=0.0, help="mIoU the candidate must gain over the holder"
+    )
+    p.add_argument(
+        "--rollback", action="store_true", help="point the alias back to its previous holder"
+    )
+    return p
+
+
+def record(client, name: str, version: str, result: dict, eval_data: str, digest: str) -> None:
+    tags = {
+        "eval_miou": f"{result['miou']:.6f}",
+        "eval_pixel_acc": f"{result['pixel_acc']:.6f}",
+        "eval_iou": json.dumps({k: round(v, 6) for k, v in result["iou"].items()}),
+        "eval_frames": str(result["frames"]),
+        "eval_data": eval_data,
+        "eval_data_manifest_sha256": digest,
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+
+
+def table(rows: list[tuple[str, str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    args = parse_args(build_parser(), argv)
+    uri = tracking.configure()
+    tracking.check_tracking(uri)
+    client = MlflowClient()
+
+    if args.rollback:
+        current, previous = registry.rollback_alias(args.model, args.alias, client)
+        print(f"rolled back {args.model}@{args.alias}: v{current} -> v{previous}")
+        return 0
+    if not args.eval_data:
+        raise registry.RegistryError("--eval-data is required (unless --rollback)")
+
+    candidate = registry.resolve_version(f"models:/{args.model}/{args.candidate}", client)
+    holder = registry.alias_holder(args.model, args.alias, client)
+    if holder == candidate.version:
+        print(f"v{candidate.version} already holds {args.model}@{args.alias}; nothing to do")
+        return 0
+
+    init_ray()
+    quiet_ray_data()
+    eval_data = resolve(args.eval_data).uri
+    digest = hashlib.sha256(resolve(args.eval_data).join(MANIFEST_NAME).read_bytes()).hexdigest()[
+        :16
+    ]
+    results = {}
+    for version in [candidate.version] + ([holder] if holder else []):
+        ref = registry.ModelRef(args.model, version)
+        results[version] = evaluate(registry.load_predictor(ref), args.eval_data, args.split)
+        record(client, args.model, version, results[version], eval_data, digest)
+
+    cand = results[candidate.version]
+    rows = [
+        (
+            "metric",
+            f"candidate v{candidate.version}",
+            f"{args.alias} v{holder}" if holder else f"{args.alias} (none)",
+            "gain",
+        )
+    ]
+    keys = ["miou", "pixel_acc", "mean_class_acc", "fwiou"] + [f"iou:{k}" for k in cand["iou"]]
+    for key in keys:
+        get = (
+            (lambda r, k=key: r["iou"][k[4:]])
+            if key.startswith("iou:")
+            else (lambda r, k=key: r[k])
+        )
+        c = get(cand)
+        h = get(results[holder]) if holder else None
+        rows.append(
+            (
+                key,
+                f"{c:.4f}",
+                "-" if h is None else f"{h:.4f}",
+                "-" if h is None else f"{c - h:+.4f}",
+            )
+        )
+    print(f"evaluated on {eval_data} [{args.split}], {cand['frames']} frames")
+    print(table(rows))
+
+    gain = cand["miou"] - results[holder]["miou"] if holder else None
+    promote = holder is None or (gain > 0 and gain >= args.min_gain)
+    if promote:
+        registry.move_alias(args.model, args.alias, candidate.version, client)
+        why = (
+            "no previous holder" if holder is None else f"mIoU gain {gain:+.4f} >= {args.min_gain}"
+        )
+        decision = f"promoted v{candidate.version} to {args.alias} ({why})"
+    else:
+        decision = f"kept v{holder} as {args.alias}: candidate mIoU gain {gain:+.4f} does not beat min gain {args.min_gain}"
+    client.set_model_version_tag(args.model, candidate.version, f"promotion_{args.alias}", decision)
+    print(decision)
+    return 0 if promote else NOT_PROMOTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

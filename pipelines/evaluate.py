@@ -1,0 +1,55 @@
+"""Evaluation of a predictor on ingested shards with the one metrics implementation (used by
+promotion; training evaluates inside its DDP loop with the same :mod:`pipelines.metrics`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipelines.dataset import build_dataset
+from pipelines.errors import UserError
+from pipelines.ingest import read_manifest
+from pipelines.labels import N_CLASSES
+from pipelines.metrics import confusion_matrix, scores
+from pipelines.predictor import Predictor
+
+
+class EvaluationError(UserError):
+    """A model and a dataset that cannot be compared."""
+
+
+def evaluate(predictor: Predictor, data_uri: str, split: str = "val", batch_size: int = 8) -> dict:
+    """Scores (pixel acc, mean class acc, mIoU, fwIoU, per-class IoU) and ``frames`` of the
+    predictor on one split of an ingested dataset.
+
+    The shards hold frames already cropped and resized by ingest, so the dataset's transform
+    must be the model's: otherwise the model would be scored on inputs it never sees when
+    serving, and the comparison would be meaningless.
+    """
+    manifest = read_manifest(data_uri)
+    data_transform = manifest["transform"]
+    model_transform = predictor.transform.to_dict()
+    geometry = ("width", "height", "crop_top", "crop_bottom")
+    if any(data_transform.get(k) != model_transform.get(k) for k in geometry):
+        raise EvaluationError(
+            f"{data_uri}: data was ingested with "
+            f"{ {k: data_transform.get(k) for k in geometry} } but the model expects "
+            f"{ {k: model_transform.get(k) for k in geometry} }; re-ingest with the model's "
+            "--size/--crop-top"
+        )
+    conf = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.int64)
+    frames = 0
+    for batch in build_dataset(data_uri, split).iter_batches(
+        batch_size=batch_size, batch_format="numpy"
+    ):
+        pred = predictor.predict_prepared(batch["image"])
+        conf += confusion_matrix(
+            torch.from_numpy(pred), torch.from_numpy(batch["label"]), N_CLASSES
+        )
+        frames += len(pred)
+    if frames == 0:
+        raise EvaluationError(f"{data_uri}/{split}: no frames to evaluate")
+    result = scores(conf.numpy())
+    result["frames"] = frames
+    result["confusion"] = conf.numpy().astype(np.int64).tolist()
+    return result
