@@ -73,6 +73,13 @@ class FCN8sResNet101(nn.Module):
     centred on its ``s x s`` cell, while ResNet's convs centre it on the cell's first pixel,
     a fixed sub-stride shift the learnable upsamplers can absorb.
 
+    Each score head reads its features through a ``BatchNorm2d`` (``norm_layer2/3/4``), as
+    torchvision's ``FCNHead`` does. ResNet features are post-ReLU, with positive means over
+    512-2048 channels; a 1x1 head read straight from them gets a gradient that points the
+    same way for every channel, so one SGD step at the recipe's lr 0.01 moves each logit by
+    ``lr * sum_c mean_c**2`` (hundreds here) and training diverges. Normalized inputs remove
+    that common component (``tests/test_models.py`` checks the first step stays small).
+
     Score heads start at zero (as in the VGG FCNs), so an untrained model outputs zeros.
     ``backbone_weights``: a torchvision resnet101 state_dict (e.g. ImageNet weights the
     caller loaded); ``fc.*`` is ignored, anything else must match (ValueError otherwise).
@@ -89,6 +96,9 @@ class FCN8sResNet101(nn.Module):
         self.backbone = ResNet101Backbone()
         if backbone_weights is not None:
             self.backbone.load_torchvision_state_dict(backbone_weights)
+        self.norm_layer2 = nn.BatchNorm2d(512)
+        self.norm_layer3 = nn.BatchNorm2d(1024)
+        self.norm_layer4 = nn.BatchNorm2d(2048)
         self.score_layer2 = nn.Conv2d(512, n_class, kernel_size=1)
         self.score_layer3 = nn.Conv2d(1024, n_class, kernel_size=1)
         self.score_layer4 = nn.Conv2d(2048, n_class, kernel_size=1)
@@ -107,7 +117,8 @@ class FCN8sResNet101(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))  # (left, right, top, bottom)
         c2, c3, c4 = self.backbone(x)  # Hp/8, Hp/16, Hp/32
-        fused = self.upscore2(self.score_layer4(c4)) + self.score_layer3(c3)  # Hp/16
-        fused = self.upscore_layer3(fused) + self.score_layer2(c2)  # Hp/8
+        score4 = self.score_layer4(self.norm_layer4(c4))  # Hp/32
+        fused = self.upscore2(score4) + self.score_layer3(self.norm_layer3(c3))  # Hp/16
+        fused = self.upscore_layer3(fused) + self.score_layer2(self.norm_layer2(c2))  # Hp/8
         out = self.upscore8(fused)  # Hp
         return out[:, :, :h, :w]

@@ -306,6 +306,27 @@ def test_zero_score_layers_block_gradients_below_them() -> None:
     assert all(not p.grad.any() for p in model.backbone.parameters())
 
 
+def test_resnet_fcn_first_sgd_step_keeps_logits_small() -> None:
+    """The training recipe's first step (SGD, lr 0.01, momentum 0.9) from the zero-initialised
+    heads must not blow the logits up: without the heads' input normalization the common
+    positive mean of ResNet features moved them by hundreds in one step, and training
+    diverged (see FCN8sResNet101's docstring)."""
+    torch.manual_seed(4)
+    model = build_model("fcn8s_resnet101", N_CLASS).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = _images(2, 64, 96)
+    # Mostly background, as lane labels are: the imbalance is what gives every channel the
+    # same gradient sign (uniform random targets would hide the problem).
+    target = torch.zeros(2, 64, 96, dtype=torch.long)
+    target[:, :, 40:44] = 1
+    F.cross_entropy(model(x), target).backward()
+    opt.step()
+    with torch.no_grad():
+        logits = model(x)
+    assert torch.isfinite(logits).all()
+    assert 0 < logits.abs().max() < 1.0, float(logits.abs().max())  # 66 without the norm
+
+
 def _thin_vgg_fcn(name: str, div: int = 16) -> nn.Module:
     """The same VGG FCN class and forward with every conv width divided by ``div``.
 
