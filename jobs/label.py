@@ -17,9 +17,8 @@ from datetime import datetime, timezone
 
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
 from pipelines import labeling, tracking
-from pipelines.frames import FrameTransform
 from pipelines.labeling import LabelingError
-from pipelines.registry import RegistryError, resolve_version
+from pipelines.registry import resolve_version, version_transform
 from pipelines.storage import resolve
 
 
@@ -46,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--actors", type=int, default=None, help="model replicas (default: one per GPU, else 1)"
     )
     p.add_argument(
+        "--use-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one GPU per model actor (default: when the cluster has GPUs now; pass --use-gpu "
+        "for GPU workers that autoscale from zero)",
+    )
+    p.add_argument(
         "--apollo-ids", action="store_true", help="also write apollo_mask (Apollo label ids)"
     )
     p.add_argument(
@@ -61,18 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_transform(name: str, version: str) -> FrameTransform:
-    """The frame transform the model was trained with (a version tag set at registration)."""
-    from mlflow import MlflowClient
-
-    tags = MlflowClient().get_model_version(name, version).tags
-    if "frame_transform" not in tags:
-        raise RegistryError(
-            f"models:/{name}/{version} has no frame_transform tag (not registered by jobs.train)"
-        )
-    return FrameTransform.from_dict(json.loads(tags["frame_transform"]))
-
-
 @cli
 def main(argv: list[str] | None = None) -> int:
     import ray
@@ -84,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = tracking.configure()
     tracking.check_tracking(tracking_uri)
     ref = resolve_version(args.model)
-    transform = model_transform(ref.name, ref.version)
+    transform = version_transform(ref)
     output = resolve(args.output)
 
     recovered = labeling.recover(output)
@@ -124,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     quiet_ray_data()
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 if args.use_gpu is None else args.use_gpu
     actors = args.actors or max(1, gpus)
     labeled_at = datetime.now(timezone.utc)
     print(
-        f"labeling {len(todo)} frames with {ref.uri} on {actors} {'GPU' if gpus else 'CPU'} actor(s)",
+        f"labeling {len(todo)} frames with {ref.uri} on {actors} {'GPU' if use_gpu else 'CPU'} actor(s)",
         flush=True,
     )
 
@@ -167,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tracking_uri": tracking_uri,
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=1 if gpus else 0,
+            num_gpus=1 if use_gpu else 0,
         )
         .map_batches(
             labeling.encode_results,

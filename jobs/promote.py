@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
 from pipelines import registry, tracking
 from pipelines.evaluate import evaluate
-from pipelines.ingest import MANIFEST_NAME
+from pipelines.ingest import MANIFEST_NAME, read_manifest
 from pipelines.storage import resolve
 
 NOT_PROMOTED = 1
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.eval_data:
         raise registry.RegistryError("--eval-data is required (unless --rollback)")
 
+    read_manifest(args.eval_data)  # a clear error now, not after loading models
     candidate = registry.resolve_version(f"models:/{args.model}/{args.candidate}", client)
     holder = registry.alias_holder(args.model, args.alias, client)
     if holder == candidate.version:

@@ -131,9 +131,12 @@ def read_output(output_uri: str) -> pa.Table:
     files = committed_files(output)
     if not files:
         return OUTPUT_SCHEMA.empty_table()
-    return pq.ParquetDataset(
-        files, filesystem=output.fs, partitioning="hive", partition_base_dir=output.path
-    ).read()
+    import pyarrow.dataset as pads
+
+    return pads.dataset(
+        files, filesystem=output.fs, format="parquet", partitioning="hive",
+        partition_base_dir=output.path,
+    ).to_table()  # fmt: skip
 
 
 def recover(output: Location) -> dict[str, int]:

@@ -9,6 +9,7 @@ Python process, no Ray needed.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,13 @@ from mlflow.types import Schema, TensorSpec
 
 import fcn_models
 import pipelines
+from pipelines import tracking
 from pipelines.errors import UserError
-from pipelines.predictor import Predictor
+from pipelines.frames import FrameTransform
+from pipelines.predictor import SPEC_FILE, ModelSpec, Predictor
 
 ARTIFACT_KEY = "model_dir"
+TRANSFORM_TAG = "frame_transform"  # version tag: the FrameTransform the model expects (JSON)
 PREVIOUS_ALIAS_TAG = "previous_{alias}"  # registered-model tag: version that held the alias before
 
 
@@ -87,6 +91,34 @@ def log_model(
         registered_model_name=registered_model_name,
         pip_requirements=_pip_requirements(),
     )
+
+
+def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, str]):
+    """Log a model directory as a pyfunc in the active run, register it as a new version of
+    ``name`` and tag that version with ``tags`` (secrets redacted) plus its frame transform.
+    Returns the ``ModelVersion``."""
+    spec = ModelSpec.from_json((Path(model_dir) / SPEC_FILE).read_text())
+    t = spec.transform
+    # A small valid frame: enough rows to survive the crop, any width.
+    example = np.zeros((1, t.crop_top + t.crop_bottom + 32, 64, 3), dtype=np.uint8)
+    info = log_model(model_dir, registered_model_name=name, input_example=example)
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    all_tags = {**tags, TRANSFORM_TAG: json.dumps(t.to_dict())}
+    for k, v in tracking.redact(all_tags).items():
+        client.set_model_version_tag(name, version, k, v)
+    return client.get_model_version(name, version)
+
+
+def version_transform(ref: ModelRef, client: MlflowClient | None = None) -> FrameTransform:
+    """The frame transform a registered version was trained with, from its tag (no download:
+    labeling prepares frames on CPU workers before any model is loaded)."""
+    tags = (client or MlflowClient()).get_model_version(ref.name, ref.version).tags
+    if TRANSFORM_TAG not in tags:
+        raise RegistryError(
+            f"{ref.uri} has no {TRANSFORM_TAG} tag (it was not registered by jobs.train)"
+        )
+    return FrameTransform.from_dict(json.loads(tags[TRANSFORM_TAG]))
 
 
 @dataclass(frozen=True)
@@ -158,7 +190,10 @@ def move_alias(name: str, alias: str, version: str, client: MlflowClient) -> str
 def rollback_alias(name: str, alias: str, client: MlflowClient) -> tuple[str | None, str]:
     """Point ``alias`` back at its previous holder; the version rolled back from becomes the
     new "previous" (so a second rollback undoes the first). Returns (from, to)."""
-    model = client.get_registered_model(name)
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"registered model {name!r}: {e.message}") from None
     previous = model.tags.get(PREVIOUS_ALIAS_TAG.format(alias=alias))
     if not previous:
         raise RegistryError(f"{name}@{alias}: no previous holder recorded, nothing to roll back to")

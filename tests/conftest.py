@@ -161,3 +161,54 @@ def local_shards(synthetic_tree, tmp_path_factory, ray_cluster, test_transform) 
     )
     assert result.valid == 24
     return str(dest)
+
+
+# -- registered models -------------------------------------------------------------------------
+def make_model(constant_class: int | None = None, seed: int = 0):
+    """An FCN-8s ResNet-101 whose predictions are known without training.
+
+    ``constant_class``: zero score heads except a positive layer4 bias for that class, so the
+    net predicts that class at every pixel (bilinear upsampling of a positive constant stays
+    positive). ``None``: small random heads on the random backbone, so predictions vary with
+    the input.
+    """
+    import torch
+
+    from fcn_models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("fcn8s_resnet101", 8).eval()
+    heads = (model.score_layer2, model.score_layer3, model.score_layer4)
+    with torch.no_grad():
+        for head in heads:
+            if constant_class is None:
+                head.weight.normal_(0, 0.01)
+            else:
+                head.weight.zero_()
+                head.bias.zero_()
+        if constant_class is not None:
+            model.score_layer4.bias[constant_class] = 1.0
+    return model
+
+
+@pytest.fixture
+def register_version(tmp_path, mlflow_store, test_transform):
+    """``register_version(name, constant_class=None, seed=0) -> version``: registers a model
+    built by :func:`make_model` the way jobs.train does (pyfunc + tags) in the test's store."""
+    import mlflow
+
+    from pipelines import labels, tracking
+    from pipelines.predictor import ModelSpec, save_model_dir
+    from pipelines.registry import register_model_dir
+
+    def register(name: str, constant_class: int | None = None, seed: int = 0) -> str:
+        model_dir = tmp_path / f"model-{name}-{constant_class}-{seed}"
+        spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
+        save_model_dir(model_dir, make_model(constant_class, seed), spec)
+        # An experiment of our own: the default one would put artifacts in ./mlruns.
+        experiment = tracking.ensure_experiment("registered-by-tests", mlflow_store)
+        with mlflow.start_run(experiment_id=experiment, run_name=f"register-{name}"):
+            version = register_model_dir(model_dir, name, {"made_by": "tests"})
+        return str(version.version)
+
+    return register

@@ -1,0 +1,204 @@
+"""Batch labeling: a mixed prefix on the local S3 server (good frames and every kind of bad
+file), incremental re-runs, and runs killed halfway."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import label as label_job
+from pipelines import labels
+from pipelines.frames import decode_png_mask, encode_jpeg
+from pipelines.labeling import STAGING, read_output
+from pipelines.registry import ModelRef, load_predictor
+from pipelines.storage import resolve
+from pipelines.synthetic import render_frame
+
+from .conftest import CROP_TOP, FRAME_H, FRAME_W, ROOT
+
+MODEL = "lanes-label-test"
+MAX_PIXELS = 500_000  # above the 846x428 test frames, below the "oversized" one
+
+SUMMARY = re.compile(r"label: found (\d+) frames, labeled (\d+), errors (\d+), skipped (\d+)")
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_inputs(prefix: str) -> dict[str, str]:
+    """Good frames (two sizes) and one file of every bad kind. Returns {relative path:
+    expected error fragment, or "" for a good frame}."""
+    rng = np.random.default_rng(7)
+    good = [render_frame(rng, FRAME_W, FRAME_H)[0] for _ in range(4)]
+    other_size = render_frame(rng, 640, 360)[0]
+    valid_jpeg = encode_jpeg(good[0])
+    files: dict[str, tuple[bytes, str]] = {
+        **{f"drive1/frame_{i}.jpg": (encode_jpeg(f), "") for i, f in enumerate(good)},
+        "drive1/frame_png.png": (png(good[1]), ""),
+        "drive2/small.jpeg": (encode_jpeg(other_size), ""),
+        "bad/zero.jpg": (b"", "zero-byte"),
+        "bad/truncated.jpg": (valid_jpeg[: len(valid_jpeg) // 3], "truncated"),
+        "bad/corrupt.jpg": (b"\xff\xd8\xff" + os.urandom(2000), "not a readable image"),
+        "bad/text.png": (b"this is not a picture\n", "not a readable image"),
+        "bad/grey.png": (png(good[0][..., 0]), "must be 8-bit RGB, got PIL mode 'L'"),
+        "bad/rgba.png": (
+            png(np.dstack([good[0], np.full(good[0].shape[:2], 255, np.uint8)])),
+            "must be 8-bit RGB, got PIL mode 'RGBA'",
+        ),
+        "bad/sixteen.png": (  # uint16 arrays become 16-bit greyscale PNGs
+            png(good[0][..., 0].astype(np.uint16) * 257),
+            "must be 8-bit RGB",
+        ),
+        "bad/oversized.jpg": (
+            encode_jpeg(np.zeros((600, 1000, 3), np.uint8)),
+            "more than the limit",
+        ),
+    }
+    root = resolve(prefix)
+    for rel, (data, _) in files.items():
+        root.join(rel).write_bytes(data)
+    root.join("notes/readme.txt").write_text("not a frame: listed as ignored, not labeled\n")
+    return {rel: why for rel, (_, why) in files.items()}
+
+
+def run_label(capsys, *argv: str) -> tuple[int, str]:
+    status = label_job.main(list(argv))
+    return status, capsys.readouterr().out
+
+
+def counts(out: str) -> tuple[int, ...]:
+    m = SUMMARY.search(out)
+    assert m, out
+    return tuple(int(v) for v in m.groups())
+
+
+@pytest.fixture
+def labeling_setup(s3_prefix, register_version, ray_cluster):
+    version = register_version(MODEL)  # random heads: predictions vary with the frame
+    expected = write_inputs(f"{s3_prefix}/incoming")
+    return {
+        "input": f"{s3_prefix}/incoming",
+        "output": f"{s3_prefix}/labeled",
+        "version": version,
+        "expected": expected,
+    }
+
+
+@pytest.mark.slow
+def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, capsys):
+    s = labeling_setup
+    argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
+            "--max-pixels", str(MAX_PIXELS), "--apollo-ids", "--rows-per-file", "4"]  # fmt: skip
+    status, out = run_label(capsys, *argv)
+    assert status == 0, out
+    expected = s["expected"]
+    n_good = sum(1 for why in expected.values() if not why)
+    assert counts(out) == (len(expected), n_good, len(expected) - n_good, 0)
+    assert "ignored (not a .jpg/.jpeg/.png frame)" in out and "readme.txt" in out
+
+    table = read_output(s["output"]).to_pylist()
+    rows = {r["source"]: r for r in table}
+    assert len(table) == len(rows) == len(expected)  # one row per input, none twice
+    predictor = load_predictor(ModelRef(MODEL, s["version"]))
+    for rel, why in expected.items():
+        row = rows[f"{s['input']}/{rel}"]
+        assert row["model_name"] == MODEL and row["model_version"] == s["version"]
+        assert row["labeled_date"] == row["labeled_at"].strftime("%Y-%m-%d")
+        if why:
+            assert row["status"] == "error" and why in row["error"], (rel, row["error"])
+            assert row["mask"] is None and row["class_pixels"] is None
+            continue
+        assert row["status"] == "ok" and row["error"] is None, (rel, row["error"])
+        frame = np.asarray(Image.open(io.BytesIO(resolve(row["source"]).read_bytes())))
+        mask = decode_png_mask(row["mask"])
+        assert mask.shape == frame.shape[:2] == (row["height"], row["width"])
+        assert (mask[:CROP_TOP] == 0).all()  # the cropped sky rows are background
+        assert sum(row["class_pixels"]) == mask.size
+        assert row["class_pixels"] == labels.class_pixel_counts(mask)
+        np.testing.assert_array_equal(
+            decode_png_mask(row["apollo_mask"]), labels.to_apollo_ids(mask)
+        )
+        # The same model called directly on the same frame: the pipeline adds nothing.
+        # (Batches differ, so float summation order may differ: allow a few tie flips.)
+        direct = predictor.predict([frame])[0]
+        assert (direct == mask).mean() > 0.999
+    assert len({r["mask"] for r in table if r["status"] == "ok"}) > 1  # not a constant model
+
+    # A second run finds nothing new and writes nothing.
+    files_before = sorted(i.path for i in resolve(s["output"]).list_files())
+    status, out = run_label(capsys, *argv)
+    assert status == 0
+    assert "nothing new to label; nothing written" in out
+    assert counts(out) == (len(expected), 0, 0, len(expected))
+    assert sorted(i.path for i in resolve(s["output"]).list_files()) == files_before
+
+
+def test_bad_model_reference_is_one_line(tmp_path, mlflow_store, capsys):
+    for model, message in [
+        ("lanes@champion", "expected models:/NAME@ALIAS"),
+        ("models:/nope@champion", "models:/nope@champion"),
+    ]:
+        argv = ["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--model", model]
+        assert label_job.main(argv) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], err
+        assert "Traceback" not in err
+
+
+def _killed_run(argv: list[str], crash_at: str, ray_address: str) -> None:
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.label", *argv, "--crash-at", crash_at],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 137, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash_at", ["after-write", "mid-commit"])
+def test_run_killed_halfway_then_rerun_ends_with_one_row_per_input(
+    labeling_setup, capsys, crash_at
+):
+    """Killed after writing its staging files (not yet marked complete) or in the middle of
+    moving them into place: nothing half-written is visible, and the next run ends with
+    exactly one row per input."""
+    s = labeling_setup
+    argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
+            "--max-pixels", str(MAX_PIXELS), "--rows-per-file", "3"]  # fmt: skip
+    _killed_run(argv, crash_at, _gcs())
+    output = resolve(s["output"])
+    assert output.join(STAGING).exists()
+    visible = read_output(s["output"]).to_pylist()
+    if crash_at == "after-write":
+        assert visible == []  # never committed: nothing visible
+    else:
+        assert 0 < len(visible) < len(s["expected"])  # one file of several moved
+
+    status, out = run_label(capsys, *argv)
+    assert status == 0, out
+    table = read_output(s["output"]).to_pylist()
+    assert sorted(r["source"] for r in table) == sorted(
+        f"{s['input']}/{rel}" for rel in s["expected"]
+    )
+    assert not output.join(STAGING).list_files()
+    if crash_at == "after-write":
+        assert "1 incomplete staging folders discarded" in out
+        assert counts(out)[1:] == (6, 8, 0)  # everything labeled now
+    else:
+        assert "1 commits completed" in out
+        assert "nothing new to label" in out
+
+
+def _gcs() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address

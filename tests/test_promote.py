@@ -1,0 +1,105 @@
+"""Promotion: evaluate candidate and alias holder on the same shards, move the alias only when
+the candidate is better, record both results, roll back."""
+
+import json
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+
+from jobs import promote
+from pipelines.evaluate import evaluate
+from pipelines.registry import ModelRef, load_predictor
+
+MODEL = "lanes-promote-test"
+
+
+def alias_holder(alias: str = "champion") -> str:
+    return str(MlflowClient().get_model_version_by_alias(MODEL, alias).version)
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    status = promote.main(["--model", MODEL, *argv])
+    return status, capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_promotes_better_refuses_worse_and_rolls_back(
+    local_shards, register_version, ray_cluster, capsys
+):
+    # Constant predictors whose ranking is known: everything "background" scores the
+    # background IoU (most pixels); everything "dividing" or "zebra" scores next to nothing.
+    worse = register_version(MODEL, constant_class=1)  # v1: all dividing
+    better = register_version(MODEL, constant_class=0)  # v2: all background
+    worst = register_version(MODEL, constant_class=5)  # v3: all zebra
+    data = ["--eval-data", local_shards]
+
+    # No holder yet: the first candidate is promoted.
+    status, out = run(capsys, "--candidate", worse, *data)
+    assert status == 0 and f"promoted v{worse} to champion (no previous holder)" in out
+    assert alias_holder() == worse
+
+    # Better, but not by the required margin: refused, exit 1.
+    status, out = run(capsys, "--candidate", better, "--min-gain", "0.99", *data)
+    assert status == promote.NOT_PROMOTED and alias_holder() == worse
+    assert f"kept v{worse} as champion" in out
+
+    # Better: promoted; both evaluated on the same shards and tagged.
+    status, out = run(capsys, "--candidate", better, *data)
+    assert status == 0 and alias_holder() == better
+    assert f"candidate v{better}" in out and f"champion v{worse}" in out
+    client = MlflowClient()
+    tags = {v: client.get_model_version(MODEL, v).tags for v in (worse, better)}
+    assert float(tags[better]["eval_miou"]) > float(tags[worse]["eval_miou"])
+    assert tags[better]["eval_data_manifest_sha256"] == tags[worse]["eval_data_manifest_sha256"]
+    assert json.loads(tags[better]["eval_iou"])["background"] > 0.9
+    assert tags[better]["promotion_champion"].startswith(f"promoted v{better}")
+
+    # The recorded score is the one the metric code gives for that model on those shards.
+    direct = evaluate(load_predictor(ModelRef(MODEL, better)), local_shards)
+    assert float(tags[better]["eval_miou"]) == pytest.approx(direct["miou"], abs=1e-6)
+
+    # Worse than the holder ("latest" is v3): refused, the holder stays.
+    status, out = run(capsys, "--candidate", "latest", *data)
+    assert status == promote.NOT_PROMOTED and alias_holder() == better
+    assert "eval_miou" in client.get_model_version(MODEL, worst).tags
+
+    # The candidate already holds the alias: nothing to evaluate.
+    status, out = run(capsys, "--candidate", better, *data)
+    assert status == 0 and "already holds" in out
+
+    # Rollback points the alias at the previous holder; a second one undoes the first.
+    status, out = run(capsys, "--rollback")
+    assert status == 0 and f"v{better} -> v{worse}" in out and alias_holder() == worse
+    status, out = run(capsys, "--rollback")
+    assert status == 0 and alias_holder() == better
+
+
+def test_bad_input_is_one_line(tmp_path, local_shards, register_version, ray_cluster, capsys):
+    def error(*argv: str) -> str:
+        assert promote.main(list(argv)) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+
+    assert "registered model 'nope' has no versions" in error(
+        "--model", "nope", "--eval-data", local_shards
+    )
+    assert "registered model 'nope'" in error("--model", "nope", "--rollback")
+    version = register_version(MODEL, constant_class=0)
+    assert "--eval-data is required" in error("--model", MODEL, "--candidate", version)
+    assert "no manifest.json" in error(
+        "--model", MODEL, "--candidate", version, "--eval-data", str(tmp_path)
+    )
+    assert f"{MODEL}@champion: no previous holder" in error("--model", MODEL, "--rollback")
+    # Shards ingested with another geometry than the model's: refused, not silently scored.
+    other = tmp_path / "other"
+    shutil.copytree(local_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["transform"]["width"] *= 2
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert "re-ingest with the model's --size/--crop-top" in error(
+        "--model", MODEL, "--candidate", version, "--eval-data", str(other)
+    )
+    assert MlflowClient().get_registered_model(MODEL).aliases == {}
