@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import logging
 import os
 import subprocess
 import sys
@@ -35,6 +35,8 @@ from pipelines.metrics import confusion_matrix, flat_metrics, scores
 from pipelines.pictures import confusion_png, grid, overlay
 from pipelines.predictor import ModelSpec, load_model_dir, save_model_dir, unwrap
 from pipelines.storage import resolve
+
+log = logging.getLogger("jobs.train")
 
 TRAIN_STATE_FILE = "train_state.pt"
 FAIL_MARKER = ".fail-once-done"
@@ -352,12 +354,13 @@ def train_loop_per_worker(config: dict) -> None:
         if mlflow_client is not None:
             _log_epoch(mlflow_client, config["mlflow_run_id"], epoch, metrics, conf, samples)
         if rank == 0:
-            print(
-                f"epoch {epoch + 1}/{config['epochs']}: loss {metrics['train_loss']:.4f} "
-                f"val mIoU {metrics['val_miou']:.4f} pixel acc {metrics['val_pixel_acc']:.4f} "
-                f"{metrics['train_images_per_s']:.1f} img/s",
-                flush=True,
-            )
+            # A logger, not print: Ray Train tees a worker's print into its own logger, so
+            # every print line would reach the driver twice.
+            log.info(
+                "epoch %d/%d: loss %.4f val mIoU %.4f pixel acc %.4f %.1f img/s",
+                epoch + 1, config["epochs"], metrics["train_loss"], metrics["val_miou"],
+                metrics["val_pixel_acc"], metrics["train_images_per_s"],
+            )  # fmt: skip
 
 
 def train_step(
@@ -385,7 +388,7 @@ def _maybe_fail_once(config: dict, rank: int, step: int) -> None:
     if marker.exists():
         return
     marker.write_text(f"failed at step {step}\n")
-    print(f"chaos: killing rank {rank} at step {step}", flush=True)
+    log.warning("chaos: killing rank %d at step %d", rank, step)
     os._exit(1)
 
 
@@ -567,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: training produced no checkpoint", file=sys.stderr)
         return 1
     checkpoint, best_metrics = best
-    version = register(cfg, checkpoint, best_metrics, provenance, transform)
+    version = register(cfg, checkpoint, best_metrics, provenance)
     mlflow.end_run()
     print(
         f"done: best val mIoU {best_metrics['val_miou']:.4f} (epoch {best_metrics['epoch'] + 1}); "
@@ -585,21 +588,12 @@ def _best_checkpoint(result):
     return max(candidates, key=lambda cm: (cm[1]["val_miou"], cm[1]["epoch"]))
 
 
-def register(
-    cfg: TrainConfig, checkpoint, metrics: dict, provenance: dict, transform: FrameTransform
-):
+def register(cfg: TrainConfig, checkpoint, metrics: dict, provenance: dict):
     """Log the best checkpoint as a pyfunc model in the run and register it, with tags."""
     import mlflow
-    from mlflow import MlflowClient
 
-    from pipelines.registry import log_model
+    from pipelines.registry import register_model_dir
 
-    # A small valid frame: enough rows to survive the crop, any width.
-    example = np.zeros((1, transform.crop_top + transform.crop_bottom + 32, 64, 3), dtype=np.uint8)
-    with checkpoint.as_directory() as d:
-        info = log_model(d, registered_model_name=cfg.register_as, input_example=example)
-    client = MlflowClient()
-    version = info.registered_model_version
     tags = {
         "val_miou": f"{metrics['val_miou']:.6f}",
         "epoch": str(metrics["epoch"]),
@@ -607,12 +601,11 @@ def register(
         "data_manifest": provenance["data_manifest"],
         "data_manifest_sha256": provenance["data_manifest_sha256"],
         "code_version": provenance["code_version"],
-        "frame_transform": json.dumps(transform.to_dict()),
     }
-    for k, v in tracking.redact(tags).items():
-        client.set_model_version_tag(cfg.register_as, str(version), k, v)
+    with checkpoint.as_directory() as d:
+        version = register_model_dir(d, cfg.register_as, tags)
     mlflow.log_metric("best_val_miou", metrics["val_miou"])
-    return client.get_model_version(cfg.register_as, str(version))
+    return version
 
 
 if __name__ == "__main__":

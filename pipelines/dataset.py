@@ -137,8 +137,11 @@ class NormalizeCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         non_blocking = self.device.type == "cuda"
-        image = torch.from_numpy(batch["image"]).to(self.device, non_blocking=non_blocking)
-        label = torch.from_numpy(batch["label"]).to(self.device, non_blocking=non_blocking)
+        # Ray hands out read-only arrays; np.require copies only those (torch warns on them).
+        image = torch.from_numpy(np.require(batch["image"], requirements="CW"))
+        label = torch.from_numpy(np.require(batch["label"], requirements="CW"))
+        image = image.to(self.device, non_blocking=non_blocking)
+        label = label.to(self.device, non_blocking=non_blocking)
         return {"image": self.transform.normalize(image), "label": label.long()}
 
 

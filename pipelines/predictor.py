@@ -145,7 +145,8 @@ class Predictor:
             )
         out = []
         for i in range(0, len(images), self.max_batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[i : i + self.max_batch]))
+            # Writable and contiguous (Ray hands out read-only views; torch warns on those).
+            chunk = torch.from_numpy(np.require(images[i : i + self.max_batch], requirements="CW"))
             out.append(self.logits(chunk).argmax(1).to(torch.uint8).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, *want), dtype=np.uint8)
 
