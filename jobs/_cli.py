@@ -66,7 +66,9 @@ def init_ray(min_cpus: int = 0) -> str:
         return "cluster"
     # Local: enough logical CPUs for the train workers plus Ray Data's decoding tasks.
     # The dashboard (127.0.0.1 only) also serves the state API that Ray Train queries.
-    ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), **ray_logging)
+    # address="local": a new local Ray, even when `ray start` left one running on this
+    # machine (plain ray.init() would join that one instead; set RAY_ADDRESS to do that).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), **ray_logging)
     return "local"
 
 

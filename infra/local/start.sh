@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Start the local stack on 127.0.0.1: a Ray head (dashboard + job server, token
+# authentication on), an MLflow tracking server (sqlite backend store), and with --s3 a local
+# S3-protocol server (moto) to try the s3:// paths. Then:
+#
+#   source .local-stack/env.sh
+#   ray job submit --working-dir . -- python -m jobs.train ...
+#
+# Stop everything with infra/local/stop.sh. Ports and the state folder can be changed with
+# the variables below; nothing listens on anything but 127.0.0.1.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+STATE="${LANE_STACK_DIR:-$ROOT/.local-stack}"
+BIN="${LANE_VENV:-$ROOT/.venv}/bin"
+RAY_GCS_PORT="${RAY_GCS_PORT:-6390}"
+RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+S3_PORT="${S3_PORT:-9000}"
+WITH_S3=0
+ARTIFACTS=""
+RAY_CPUS=""
+
+usage() {
+  cat <<USAGE
+usage: infra/local/start.sh [--s3] [--artifacts URI] [--num-cpus N]
+  --s3             also start a local S3 server (moto) on 127.0.0.1:$S3_PORT with bucket 'lanes'
+  --artifacts URI  where the MLflow server stores artifacts (default: $STATE/mlartifacts;
+                   s3://lanes/mlartifacts with --s3)
+  --num-cpus N     logical CPUs of the Ray head (default: all cores, at least 4)
+USAGE
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --s3) WITH_S3=1 ;;
+    --artifacts) ARTIFACTS="$2"; shift ;;
+    --num-cpus) RAY_CPUS="$2"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+
+[ -x "$BIN/ray" ] || { echo "error: $BIN/ray not found; run 'make venv' first" >&2; exit 2; }
+if [ -f "$STATE/ray.started" ]; then
+  echo "error: a local stack is already running from $STATE (infra/local/stop.sh stops it)" >&2
+  exit 2
+fi
+mkdir -p "$STATE"
+
+# The Ray token: generated once, readable by this user only. Clients (ray job submit, the
+# dashboard in a browser, python) read it through RAY_AUTH_TOKEN_PATH.
+if [ ! -s "$STATE/ray_auth_token" ]; then
+  (umask 077 && "$BIN/python" -c 'import secrets; print(secrets.token_hex(32))' > "$STATE/ray_auth_token")
+fi
+
+{
+  echo "# source this file: settings for clients of the local stack in $STATE"
+  # The venv first on PATH: "ray" for clients, and "python" for job entrypoints (the Ray
+  # head, started with this environment, runs them with its PATH).
+  echo "export PATH='$BIN':\"\$PATH\""
+  echo "export RAY_AUTH_MODE=token"
+  echo "export RAY_AUTH_TOKEN_PATH='$STATE/ray_auth_token'"
+  echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT  # ray job submit/status/logs"
+  echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
+  if [ "$WITH_S3" = 1 ]; then
+    # moto accepts any key; these are not secrets.
+    echo "export AWS_ENDPOINT_URL_S3=http://127.0.0.1:$S3_PORT"
+    echo "export AWS_ACCESS_KEY_ID=local-stack AWS_SECRET_ACCESS_KEY=local-stack AWS_REGION=us-east-1"
+  fi
+} > "$STATE/env.sh"
+# shellcheck disable=SC1091
+. "$STATE/env.sh"
+
+wait_http() {  # wait_http URL NAME PIDFILE [TOKEN_FILE]
+  for _ in $(seq 1 120); do
+    if "$BIN/python" - "$1" "${4:-}" <<'PY' 2>/dev/null; then return 0; fi
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1])
+if sys.argv[2]:  # the Ray dashboard answers 401 without the token
+    req.add_header("Authorization", "Bearer " + open(sys.argv[2]).read().strip())
+urllib.request.urlopen(req, timeout=2)
+PY
+    if [ -n "${3:-}" ] && ! kill -0 "$(cat "$3")" 2>/dev/null; then
+      echo "error: $2 exited; see $STATE/$2.log" >&2; return 1
+    fi
+    sleep 0.5
+  done
+  echo "error: $2 did not answer on $1 in 60s; see $STATE/$2.log" >&2
+  return 1
+}
+
+if [ "$WITH_S3" = 1 ]; then
+  "$BIN/python" -m moto.server -H 127.0.0.1 -p "$S3_PORT" > "$STATE/s3.log" 2>&1 &
+  echo $! > "$STATE/s3.pid"
+  wait_http "http://127.0.0.1:$S3_PORT/moto-api/" s3 "$STATE/s3.pid"
+  "$BIN/python" -c "import boto3; boto3.client('s3', endpoint_url='$AWS_ENDPOINT_URL_S3').create_bucket(Bucket='lanes')"
+  ARTIFACTS="${ARTIFACTS:-s3://lanes/mlartifacts}"
+  echo "S3 server      http://127.0.0.1:$S3_PORT  (bucket: lanes)"
+fi
+
+# MLflow: runs and the registry in sqlite, artifacts served (proxied) by the server itself,
+# so clients need no access to the artifact store.
+"$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+  --backend-store-uri "sqlite:///$STATE/mlflow.db" \
+  --artifacts-destination "${ARTIFACTS:-$STATE/mlartifacts}" > "$STATE/mlflow.log" 2>&1 &
+echo $! > "$STATE/mlflow.pid"
+wait_http "http://127.0.0.1:$MLFLOW_PORT/health" mlflow "$STATE/mlflow.pid"
+echo "MLflow server  http://127.0.0.1:$MLFLOW_PORT  (store: $STATE/mlflow.db)"
+
+# Ray head. The environment exported above (token, MLflow URI, S3 endpoint) is inherited
+# by every Ray worker and job driver it starts. --temp-dir keeps its session files (and its
+# address) apart from any other local Ray.
+cpus="${RAY_CPUS:-$("$BIN/python" -c 'import os; print(max(os.cpu_count() or 1, 4))')}"
+"$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_GCS_PORT" \
+  --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
+  --num-cpus "$cpus" --temp-dir "$STATE/ray" --disable-usage-stats > "$STATE/ray.log" 2>&1 \
+  || { echo "error: ray start failed; see $STATE/ray.log" >&2; exit 1; }
+touch "$STATE/ray.started"
+wait_http "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" ray "" "$STATE/ray_auth_token"
+echo "Ray dashboard  http://127.0.0.1:$RAY_DASHBOARD_PORT  (token: $STATE/ray_auth_token)"
+echo
+echo "Next:  source $STATE/env.sh"
+echo "       ray job submit --working-dir . -- python -m jobs.train --help"

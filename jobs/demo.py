@@ -1,0 +1,208 @@
+"""The whole loop on one machine, on embedded defaults (what `make demo` runs).
+
+    python -m jobs.demo [--dir demo] [--frames 48] [--epochs 3]
+
+synthetic drive data -> ingest -> train FCN-8s ResNet101 (2 CPU workers, Ray Train) ->
+register (MLflow, sqlite) -> promote to ``champion`` -> label new frames -> preview PNG.
+
+Every step is the real job, called with the arguments printed before it, so each line can be
+copied and re-run by hand. Everything is written below ``--dir`` (recreated on every run):
+no GPU, no credentials, no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+MODEL_NAME = "lane-demo"
+EXPERIMENT = "lane-demo"
+MARKER = ".lane-demo"  # only a folder carrying this marker is ever deleted by the demo
+
+# Small frames and model input keep the demo within minutes on 2 cores; the crop keeps the
+# real recipe's proportion (690 of 1710 rows of a 3384x1710 frame are sky).
+FRAME_W, FRAME_H, CROP_TOP = 846, 428, 172
+MODEL_SIZE = "256x128"
+
+
+class Steps:
+    """Numbered step headers with elapsed time: the progress display between the jobs' own
+    progress output (Ray Data bars, per-epoch lines)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.t0 = total, 0, time.time()
+        self.started = self.t0
+
+    def __call__(self, title: str, argv: list[str] | None = None, module: str = "") -> None:
+        now = time.time()
+        if self.n:
+            print(f"    done in {now - self.started:.0f}s", flush=True)
+        self.n += 1
+        self.started = now
+        print(f"\n[{self.n}/{self.total}] {title}  (+{now - self.t0:.0f}s)", flush=True)
+        if argv is not None:
+            print("    $ python -m " + module + " " + " ".join(_quote(a) for a in argv), flush=True)
+
+    def finish(self) -> float:
+        print(f"    done in {time.time() - self.started:.0f}s", flush=True)
+        return time.time() - self.t0
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if any(c in arg for c in " @") else arg
+
+
+def prepare_dir(path: Path) -> None:
+    """Recreate the demo folder; refuse to delete a folder the demo did not create."""
+    if path.exists():
+        if any(path.iterdir()) and not (path / MARKER).exists():
+            raise SystemExit(
+                f"error: {path} exists and was not made by the demo; pass another --dir"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text("created by python -m jobs.demo; safe to delete\n")
+
+
+def write_frames(out: Path, n: int, *, seed: int, labels: bool, road: str) -> None:
+    from pipelines.synthetic import write_tree
+
+    step = max(1, n // 4)
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        write_tree(
+            out, count, records=4, width=FRAME_W, height=FRAME_H, seed=seed + start,
+            road=road, with_labels=labels,
+        )  # fmt: skip
+        print(f"    {start + count}/{n} frames", flush=True)
+
+
+def preview(output: str, dest: Path, n: int = 4) -> Path:
+    """Predicted masks over their frames, tiled into one PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.frames import decode_png_mask, decode_rgb
+    from pipelines.labeling import read_output
+    from pipelines.pictures import grid, overlay
+    from pipelines.storage import resolve
+
+    rows = read_output(output).to_pylist()
+    rows = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["image_id"])[:n]
+    pictures = []
+    for r in rows:
+        frame = decode_rgb(resolve(r["source"]).read_bytes())
+        pictures.append(overlay(frame, decode_png_mask(r["mask"])))
+    Image.fromarray(
+        grid(pictures, columns=2, width=640) if pictures else np.zeros((8, 8, 3), np.uint8)
+    ).save(dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default="demo", help="folder for everything the demo writes")
+    p.add_argument("--frames", type=int, default=48, help="labeled synthetic frames to train on")
+    p.add_argument("--new-frames", type=int, default=8, help="unlabeled frames to label")
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args(argv)
+
+    root = Path(args.dir).resolve()
+    prepare_dir(root)
+    # Embedded defaults, all inside the demo folder; set before MLflow or Ray start.
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    raw, incoming = root / "raw", root / "incoming"
+    shards, labels_out, ckpt = root / "shards", root / "labels", root / "checkpoints"
+    run_name = f"demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+    from jobs import ingest, label, promote, train
+    from jobs._cli import init_ray, quiet_ray_data
+
+    steps = Steps(7)
+    steps(f"synthetic drive data: {args.frames} labeled frames ({FRAME_W}x{FRAME_H}) in {raw}")
+    write_frames(raw, args.frames, seed=0, labels=True, road="road02")
+
+    steps("start a local Ray (token authentication on, dashboard on 127.0.0.1)")
+    init_ray(min_cpus=4)  # 2 training workers + Ray Data tasks beside them
+    quiet_ray_data()
+
+    ingest_argv = [
+        "--source", str(raw), "--dest", str(shards), "--size", MODEL_SIZE,
+        "--crop-top", str(CROP_TOP), "--val-fraction", "0.25",
+    ]  # fmt: skip
+    steps("ingest into Parquet shards (Ray Data)", ingest_argv, "jobs.ingest")
+    if ingest.main(ingest_argv) != 0:
+        return _failed("ingest")
+
+    train_argv = [
+        "--data", str(shards), "--model", "fcn8s_resnet101", "--num-workers", "2",
+        "--epochs", str(args.epochs), "--batch-size", "4", "--lr", "0.02",
+        "--experiment", EXPERIMENT, "--register-as", MODEL_NAME, "--storage", str(ckpt),
+        "--run-name", run_name,
+    ]  # fmt: skip
+    steps(
+        "train with Ray Train (2 CPU DDP workers), track and register in MLflow",
+        train_argv,
+        "jobs.train",
+    )
+    if train.main(train_argv) != 0:
+        return _failed("train")
+
+    promote_argv = ["--model", MODEL_NAME, "--candidate", "latest", "--eval-data", str(shards)]
+    steps(
+        "promote the new version to champion if it beats the holder", promote_argv, "jobs.promote"
+    )
+    status = promote.main(promote_argv)
+    if status not in (0, promote.NOT_PROMOTED):
+        return _failed("promote")
+
+    steps(f"new drive: {args.new_frames} unlabeled frames in {incoming}")
+    write_frames(incoming, args.new_frames, seed=1000, labels=False, road="road03")
+
+    label_argv = [
+        "--input", str(incoming), "--output", str(labels_out),
+        "--model", f"models:/{MODEL_NAME}@champion", "--apollo-ids",
+    ]  # fmt: skip
+    steps(
+        "label the new frames with the champion (Ray Data, one model per actor)",
+        label_argv,
+        "jobs.label",
+    )
+    if label.main(label_argv) != 0:
+        return _failed("label")
+    picture = preview(str(labels_out), root / "preview.png")
+    total = steps.finish()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    print(
+        f"\nDemo finished in {total:.0f}s. Everything is under {root}:\n"
+        f"  data            {raw} -> shards {shards} (manifest.json beside them)\n"
+        f"  MLflow          {tracking_uri}: experiment {EXPERIMENT!r}, run {run_name!r}"
+        f" ({champion.run_id})\n"
+        f"  model           models:/{MODEL_NAME}/{champion.version} (alias champion)\n"
+        f"  checkpoints     {ckpt / run_name}\n"
+        f"  labeled Parquet {labels_out}\n"
+        f"  preview         {picture}\n"
+        f"Open the MLflow UI:\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+        flush=True,
+    )
+    return 0
+
+
+def _failed(step: str) -> int:
+    print(f"error: the demo's {step} step failed (see above)", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
