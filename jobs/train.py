@@ -243,6 +243,10 @@ def train_loop_per_worker(config: dict) -> None:
         model = fcn_models.build_model(config["model"], n_class, **opts)
     if amp and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda" and world > 1:
+        # BatchNorm statistics over the global batch, not each GPU's few frames (torchvision's
+        # segmentation reference does the same). gloo on CPU has no SyncBatchNorm kernel.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
 
     optimizer = torch.optim.SGD(

@@ -36,7 +36,8 @@ JOBS_DIR = ROOT / "jobs"
 
 # Kinds whose containers run the project image (the MLflow Deployment runs MLflow's own).
 PROJECT_IMAGE_KINDS = {"RayCluster", "RayJob", "RayCronJob", "RayService", "CronJob", "Job"}
-SHELL_SEPARATORS = {"&&", "||", ";", "|"}
+# Where the arguments of a job end in a shell line: command separators and redirections.
+SHELL_SEPARATORS = {"&&", "||", ";", "|", ">", ">>", "<", "2>", "2>&1", "&>"}
 PLACEHOLDER = "CHANGE-ME"
 # MLflow's registry URIs as the jobs accept them (pipelines/registry.py): NAME@ALIAS,
 # NAME/VERSION or NAME/latest; names and aliases restricted to what MLflow allows.
@@ -106,14 +107,24 @@ def dockerfile_workdir() -> str:
 
 
 def readme_commands(text: str) -> list[list[str]]:
-    """Shell commands of the fenced code blocks, with backslash continuations joined."""
-    commands = []
-    for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            with contextlib.suppress(ValueError):  # not shell (e.g. a table): ignore
-                argv = shlex.split(line, comments=True)
-                if argv:
-                    commands.append(argv)
+    """Shell commands of the fenced code blocks (```bash, ```sh, ```shell or no language),
+    with backslash continuations joined. Fences are paired line by line: a regex over the
+    whole text would take a closing fence for an opening one and read prose as shell."""
+    commands, block, language = [], [], None
+    for line in text.splitlines():
+        fence = re.match(r"^\s*```(\w*)\s*$", line)
+        if fence and language is None:
+            language, block = fence[1], []
+        elif fence:
+            if language in ("", "bash", "sh", "shell"):
+                for command in "\n".join(block).replace("\\\n", " ").splitlines():
+                    with contextlib.suppress(ValueError):  # not shell (e.g. a table): ignore
+                        argv = shlex.split(command, comments=True)
+                        if argv:
+                            commands.append(argv)
+            language = None
+        elif language is not None:
+            block.append(line)
     return commands
 
 
@@ -378,6 +389,24 @@ def test_job_commands_match_their_parsers() -> None:
         for c in calls_in_argv(argv, "infra/k8s/README.md")
     ]
     problems = [p for c in calls for p in check_job_call(c)]
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_and_crontab_commands_match_their_parsers() -> None:
+    """The user's manual and the plain-cluster schedule run the jobs too: their concrete
+    commands (```bash blocks; synopses are ```text) must name real jobs and flags."""
+    readme = ROOT / "README.md"
+    calls = [
+        c for argv in readme_commands(readme.read_text()) for c in calls_in_argv(argv, "README.md")
+    ]
+    assert {"jobs.ingest", "jobs.train", "jobs.promote", "jobs.label"} <= {c.module for c in calls}
+    crontab = ROOT / "infra/cron/label.crontab"
+    cron_lines = [
+        line for line in crontab.read_text().splitlines() if line.strip() and line[0] != "#"
+    ]
+    cron_calls = [c for line in cron_lines for c in calls_in_argv(shlex.split(line), crontab.name)]
+    assert [c.module for c in cron_calls] == ["jobs.label"]
+    problems = [p for c in calls + cron_calls for p in check_job_call(c)]
     assert not problems, "\n".join(problems)
 
 
