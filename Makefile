@@ -25,8 +25,10 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
+# CPU-sized by default; on a GPU machine: make bench BENCH_ARGS="--device cuda"
+BENCH_ARGS ?= --quick
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf demo mlflow.db mlartifacts .pytest_cache .ruff_cache

@@ -23,7 +23,7 @@ from torch import nn
 
 from fcn_models import MODEL_NAMES, build_model
 
-N_CLASS = 2  # lane / background
+N_CLASS = 8  # the lane label map's training classes (pipelines/labels.py)
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,139 @@
+"""Data pipeline throughput: ingest (frames/s per CPU core) and streaming reads (images/s).
+
+    python -m benchmarks.bench_data [--frames 32] [--frame-size 3384x1710] [--size 1024x384]
+                                    [--cpus N] [--out FILE]
+
+One run, one local Ray with ``--cpus`` CPUs:
+
+1. synthetic Apollo-layout drive frames at ``--frame-size`` (the real 3384x1710 by default);
+2. ingest: discover, decode JPEG/PNG, crop, resize, map ids, encode, write Parquet shards;
+   frames/s over the whole job and per CPU core given to Ray;
+3. streaming read of the training split, decoded in Ray Data tasks, delivered as torch
+   batches (what a training worker consumes): images/s without and with augmentation, and
+   the raw Parquet scan rate for reference. Each read is repeated over ``--epochs`` passes
+   after a warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines.dataset import Augment, build_dataset, read_shards, torch_batches
+from pipelines.frames import FrameTransform
+from pipelines.ingest import run_ingest
+from pipelines.synthetic import parse_size, write_tree
+
+
+def read_rate(batches, epochs: int) -> tuple[float, float]:
+    """(images/s from each pass's first batch to its last, mean seconds to the first batch).
+
+    A pass over a small split is dominated by starting the dataset (~1 s), which a real epoch
+    of thousands of frames pays once; the steady rate is what a training worker sees.
+    """
+    n, steady, first = 0, 0.0, 0.0
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        t_first = None
+        for b in batches():
+            if t_first is None:
+                t_first = time.perf_counter()
+            else:
+                n += len(b["image"])
+        steady += time.perf_counter() - t_first
+        first += t_first - t0
+    return n / steady, first / epochs
+
+
+def run(
+    frames: int, frame_size: tuple[int, int], size: tuple[int, int], cpus: int, epochs: int
+) -> str:
+    import ray
+
+    ray.init(num_cpus=cpus, logging_level="ERROR", include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    fw, fh = frame_size
+    # The real recipe's crop: 690 of 1710 rows are sky.
+    transform = FrameTransform(width=size[0], height=size[1], crop_top=round(fh * 690 / 1710))
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, shards = Path(tmp) / "raw", Path(tmp) / "shards"
+        t0 = time.perf_counter()
+        write_tree(raw, frames, records=4, width=fw, height=fh, seed=0)
+        synth_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        result = run_ingest(
+            str(raw), str(shards), transform=transform, val_fraction=0.25, progress=False
+        )
+        ingest_s = time.perf_counter() - t0
+        valid = result.valid
+        train_n = result.manifest["counts"]["train"]
+
+        def scan():
+            return read_shards(str(shards), "train").iter_batches(batch_size=8)
+
+        def plain():
+            return torch_batches(build_dataset(str(shards), "train"), 8, transform)
+
+        def augmented():
+            return torch_batches(
+                build_dataset(str(shards), "train", augment=Augment()), 8, transform
+            )
+
+        rates = {}
+        for name, fn in (("Parquet scan (bytes only)", scan), ("decoded torch batches", plain),
+                         ("decoded + augmented torch batches", augmented)):  # fmt: skip
+            read_rate(fn, 1)  # warm-up: worker start, file listing
+            rates[name] = read_rate(fn, epochs)
+    ray.shutdown()
+
+    ingest_rate = valid / ingest_s
+    lines = [
+        f"{frames} synthetic frames {fw}x{fh} -> {size[0]}x{size[1]} (crop_top "
+        f"{transform.crop_top}); local Ray with {cpus} CPUs on {platform.machine()} "
+        f"({os.cpu_count()} cores); streaming: {train_n} train frames, batch 8, "
+        f"{epochs} passes after 1 warm-up, rate from each pass's first batch to its last.",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| ingest, whole job | {ingest_rate:.2f} frames/s ({ingest_s:.1f} s for {valid} frames) |",
+        f"| ingest per CPU core | {ingest_rate / cpus:.2f} frames/s/core |",
+    ]
+    lines += [
+        f"| streaming read: {k} | {rate:.1f} images/s (first batch after {first:.2f} s) |"
+        for k, (rate, first) in rates.items()
+    ]
+    aug, plain_rate = (
+        rates["decoded + augmented torch batches"][0],
+        rates["decoded torch batches"][0],
+    )
+    lines.append(f"| ratio augmented / plain decode | {aug / plain_rate:.2f} |")
+    lines.append(
+        f"| (synthetic frame generation, not part of ingest) | {frames / synth_s:.2f} frames/s |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--frame-size", type=parse_size, default=(3384, 1710))
+    p.add_argument("--size", type=parse_size, default=(1024, 384), help="model input WxH")
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--epochs", type=int, default=3, help="timed passes over the training split")
+    p.add_argument("--out", type=Path, help="also write the table to this file")
+    args = p.parse_args(argv)
+    table = run(args.frames, args.frame_size, args.size, args.cpus, args.epochs)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()

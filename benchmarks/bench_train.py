@@ -1,0 +1,176 @@
+"""Training throughput of FCN-8s ResNet-101: the full pipeline against in-memory tensors, and MFU.
+
+    python -m benchmarks.bench_train [--device cpu|cuda] [--size 1024x384] [--batch-size 8]
+        [--frames 64] [--epochs 2] [--steps 20] [--peak-tflops X] [--out FILE]
+
+In one run:
+
+1. *in-memory*: the model alone, SGD steps on random tensors already on the device (the
+   training step's ceiling); FLOPs per image counted by ``torch.utils.flop_counter`` on one
+   forward + backward, so achieved TFLOP/s and MFU = achieved / ``--peak-tflops`` (default
+   989 for H100/H200 bf16 dense; none on CPU);
+2. *full pipeline*: ``python -m jobs.train`` with one worker on shards ingested from synthetic
+   frames (Ray Data decode + augmentation, Ray Train, DDP wrapper, validation and MLflow
+   logging outside the timed loop): the job's own ``train_images_per_s`` of its last epoch.
+
+Both use the same input size, batch size and precision (bf16 autocast + channels_last on
+CUDA, fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fcn_models import build_model
+from pipelines.labels import IGNORE_INDEX, N_CLASSES
+from pipelines.synthetic import parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_image(model: torch.nn.Module, h: int, w: int, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, h, w, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def in_memory(
+    size: tuple[int, int], batch: int, steps: int, device: torch.device
+) -> tuple[float, float]:
+    """(images/s, FLOPs per image) of SGD steps on tensors already on the device."""
+    w, h = size
+    cuda = device.type == "cuda"
+    model = build_model("fcn8s_resnet101", N_CLASSES).to(device).train()
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    flops = flops_per_image(model, h, w, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    x = torch.randn(batch, 3, h, w, device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, N_CLASSES, (batch, h, w), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = criterion(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):  # warm-up: allocator, cuDNN/oneDNN algorithm choice
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - t0), flops
+
+
+def full_pipeline(size: tuple[int, int], batch: int, frames: int, epochs: int, cuda: bool) -> float:
+    """The training job's own images/s (last epoch) on freshly ingested synthetic shards."""
+    import mlflow
+    import ray
+
+    from pipelines.frames import FrameTransform
+    from pipelines.ingest import run_ingest
+    from pipelines.synthetic import write_tree
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        fw, fh = 1692, 855  # half the real frame: the pipeline still crops and resizes
+        write_tree(tmp_path / "raw", frames, records=4, width=fw, height=fh, seed=0)
+        transform = FrameTransform(width=size[0], height=size[1], crop_top=345)
+        ray.init(num_cpus=os.cpu_count(), logging_level="ERROR", include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        run_ingest(str(tmp_path / "raw"), str(tmp_path / "shards"), transform=transform,
+                   val_fraction=0.25, progress=False)  # fmt: skip
+        ray.shutdown()
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        env.pop("RAY_ADDRESS", None)
+        cmd = [
+            sys.executable, "-m", "jobs.train", "--data", str(tmp_path / "shards"),
+            "--storage", str(tmp_path / "ckpt"), "--experiment", "bench", "--register-as",
+            "bench", "--run-name", "bench", "--num-workers", "1", "--batch-size", str(batch),
+            "--epochs", str(epochs),
+            # On CPU the worker gets as many threads as the in-memory run (Ray gives a worker
+            # one thread per reserved CPU), so the ratio measures the pipeline, not threads.
+            "--cpus-per-worker", "4" if cuda else str(torch.get_num_threads()),
+        ] + (["--use-gpu"] if cuda else [])  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"jobs.train failed:\n{proc.stderr[-3000:]}")
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
+        history = client.get_metric_history(run.info.run_id, "train_images_per_s")
+        return max(history, key=lambda m: m.step).value
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--size", type=parse_size, default=(1024, 384), help="model input WxH")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--frames", type=int, default=64, help="synthetic frames for the pipeline run")
+    p.add_argument("--epochs", type=int, default=2, help="pipeline epochs (the last is reported)")
+    p.add_argument("--steps", type=int, default=20, help="timed in-memory steps")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (bf16 dense)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+    mem_rate, flops = in_memory(args.size, args.batch_size, args.steps, device)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    pipe_rate = full_pipeline(
+        args.size, args.batch_size, args.frames, args.epochs, device.type == "cuda"
+    )
+    achieved = flops * mem_rate / 1e12
+    w, h = args.size
+    lines = [
+        f"FCN-8s ResNet-101, {w}x{h}, batch {args.batch_size}, "
+        f"{'bf16 autocast + channels_last' if device.type == 'cuda' else 'fp32'}; {device.type} "
+        f"({name}{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}), "
+        f"torch {torch.__version__}",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| in-memory tensors (model only) | {mem_rate:.2f} images/s |",
+        f"| full pipeline (jobs.train, 1 worker, last of {args.epochs} epochs) | {pipe_rate:.2f} images/s |",
+        f"| ratio pipeline / in-memory | {pipe_rate / mem_rate:.2f} |",
+        f"| FLOPs per image (forward + backward) | {flops / 1e9:.1f} GFLOP |",
+        f"| achieved (in-memory) | {achieved:.3f} TFLOP/s |",
+        f"| MFU (in-memory) | {f'{achieved / peak:.1%} of {peak:g} TFLOP/s' if peak else 'n/a (no peak given)'} |",
+    ]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
