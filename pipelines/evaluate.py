@@ -43,9 +43,8 @@ def evaluate(predictor: Predictor, data_uri: str, split: str = "val", batch_size
         batch_size=batch_size, batch_format="numpy"
     ):
         pred = predictor.predict_prepared(batch["image"])
-        conf += confusion_matrix(
-            torch.from_numpy(pred), torch.from_numpy(batch["label"]), N_CLASSES
-        )
+        label = torch.as_tensor(np.array(batch["label"]))  # a copy: Ray's arrays are read-only
+        conf += confusion_matrix(torch.from_numpy(pred), label, N_CLASSES)
         frames += len(pred)
     if frames == 0:
         raise EvaluationError(f"{data_uri}/{split}: no frames to evaluate")

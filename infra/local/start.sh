@@ -73,6 +73,12 @@ fi
 # shellcheck disable=SC1091
 . "$STATE/env.sh"
 
+fail() {  # stop what was started, so a failed start leaves nothing running
+  echo "error: $*" >&2
+  LANE_STACK_DIR="$STATE" "$(dirname "$0")/stop.sh" > /dev/null 2>&1
+  exit 1
+}
+
 wait_http() {  # wait_http URL NAME PIDFILE [TOKEN_FILE]
   for _ in $(seq 1 120); do
     if "$BIN/python" - "$1" "${4:-}" <<'PY' 2>/dev/null; then return 0; fi
@@ -83,12 +89,11 @@ if sys.argv[2]:  # the Ray dashboard answers 401 without the token
 urllib.request.urlopen(req, timeout=2)
 PY
     if [ -n "${3:-}" ] && ! kill -0 "$(cat "$3")" 2>/dev/null; then
-      echo "error: $2 exited; see $STATE/$2.log" >&2; return 1
+      fail "$2 exited; see $STATE/$2.log"
     fi
     sleep 0.5
   done
-  echo "error: $2 did not answer on $1 in 60s; see $STATE/$2.log" >&2
-  return 1
+  fail "$2 did not answer on $1 in 60s; see $STATE/$2.log"
 }
 
 if [ "$WITH_S3" = 1 ]; then
@@ -113,12 +118,46 @@ echo "MLflow server  http://127.0.0.1:$MLFLOW_PORT  (store: $STATE/mlflow.db)"
 # by every Ray worker and job driver it starts. --temp-dir keeps its session files (and its
 # address) apart from any other local Ray.
 cpus="${RAY_CPUS:-$("$BIN/python" -c 'import os; print(max(os.cpu_count() or 1, 4))')}"
+# The dashboard agent (52365) and the Ray client server (10001) have fixed default ports: a
+# second Ray on this machine (a job run directly, a test session) would take them, and a head
+# without its agent cannot run jobs. Free ports are picked instead.
+free_port() { "$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_GCS_PORT" \
   --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
+  --dashboard-agent-listen-port "${RAY_AGENT_PORT:-$(free_port)}" \
+  --ray-client-server-port "${RAY_CLIENT_PORT:-$(free_port)}" \
   --num-cpus "$cpus" --temp-dir "$STATE/ray" --disable-usage-stats > "$STATE/ray.log" 2>&1 \
-  || { echo "error: ray start failed; see $STATE/ray.log" >&2; exit 1; }
+  || { touch "$STATE/ray.started"; fail "ray start failed; see $STATE/ray.log"; }
 touch "$STATE/ray.started"
 wait_http "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" ray "" "$STATE/ray_auth_token"
+# Ready means a job runs: the job server hands jobs to the head's dashboard agent, which
+# registers some seconds after the dashboard answers (a submission before that fails with
+# "No available agent"). A first job that imports the project also proves that job
+# entrypoints get this venv's python.
+"$BIN/python" - "$RAY_API_SERVER_ADDRESS" <<'PY' || fail "the Ray job server is not ready; see $STATE/ray.log"
+import sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+client = JobSubmissionClient(sys.argv[1])
+deadline = time.time() + 180
+while True:
+    try:
+        job = client.submit_job(
+            entrypoint="python -c 'import fcn_models, pipelines, jobs'",
+            metadata={"purpose": "infra/local/start.sh readiness check"},
+        )
+        break
+    except RuntimeError as e:
+        if "No available agent" not in str(e) or time.time() > deadline:
+            raise
+        time.sleep(2)
+while not (status := client.get_job_status(job)).is_terminal():
+    if time.time() > deadline:
+        sys.exit(f"readiness job {job} still {status}")
+    time.sleep(1)
+if status != JobStatus.SUCCEEDED:
+    sys.exit(f"readiness job {job} {status}:\n{client.get_job_logs(job)}")
+PY
 echo "Ray dashboard  http://127.0.0.1:$RAY_DASHBOARD_PORT  (token: $STATE/ray_auth_token)"
 echo
 echo "Next:  source $STATE/env.sh"
