@@ -121,7 +121,7 @@ def full_pipeline(size: tuple[int, int], batch: int, frames: int, epochs: int, c
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"jobs.train failed:\n{proc.stderr[-3000:]}")
-        client = mlflow.MlflowClient(tracking_uri=uri)
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
         history = client.get_metric_history(run.info.run_id, "train_images_per_s")
         return max(history, key=lambda m: m.step).value

@@ -1,6 +1,6 @@
 """The whole loop on one machine, on embedded defaults (what `make demo` runs).
 
-    python -m jobs.demo [--dir demo] [--frames 48] [--epochs 3]
+    python -m jobs.demo [--dir demo] [--frames 48] [--epochs 5]
 
 synthetic drive data -> ingest -> train FCN-8s ResNet101 (2 CPU workers, Ray Train) ->
 register (MLflow, sqlite) -> promote to ``champion`` -> label new frames -> preview PNG.
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default="demo", help="folder for everything the demo writes")
     p.add_argument("--frames", type=int, default=48, help="labeled synthetic frames to train on")
     p.add_argument("--new-frames", type=int, default=8, help="unlabeled frames to label")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     args = p.parse_args(argv)
 
     root = Path(args.dir).resolve()
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     print(
         f"\nDemo finished in {total:.0f}s. Everything is under {root}:\n"

@@ -30,7 +30,8 @@ def test_demo_runs_the_whole_loop(tmp_path):
     assert "Demo finished in" in proc.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    store = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     champion = client.get_model_version_by_alias("lane-demo", "champion")
     assert str(champion.version) == "1"
     rows = read_output(str(out / "labels")).to_pylist()

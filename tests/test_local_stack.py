@@ -93,7 +93,9 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
     assert "registered models:/lanes-stack/1" in submit.stdout
 
     # The job tracked into the stack's MLflow server, not a local file.
-    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{ports['MLFLOW_PORT']}")
+    server = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
+    # registry_uri too: it defaults to the process-wide one earlier tests set to sqlite.
+    client = MlflowClient(tracking_uri=server, registry_uri=server)
     version = client.get_model_version("lanes-stack", "1")
     assert float(version.tags["val_miou"]) >= 0
     run = client.get_run(version.run_id)
