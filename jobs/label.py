@@ -88,14 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{recovered['discarded']} incomplete staging folders discarded"
         )
     inputs = labeling.list_inputs(args.input)
-    if inputs.kind == "shards" and inputs.transform is not None:
-        geometry = ("width", "height", "crop_top", "crop_bottom")
-        if any(getattr(inputs.transform, k) != getattr(transform, k) for k in geometry):
-            raise LabelingError(
-                f"--input {args.input}: shards were ingested for {inputs.transform.size} crop "
-                f"{inputs.transform.crop_top}, the model expects {transform.size} crop "
-                f"{transform.crop_top}; label the raw frames instead"
-            )
+    shards = inputs.transform
+    if inputs.kind == "shards" and shards is not None and shards.geometry != transform.geometry:
+        raise LabelingError(
+            f"--input {args.input}: shards were ingested for {shards.size} crop "
+            f"{shards.crop_top}, the model expects {transform.size} crop "
+            f"{transform.crop_top}; label the raw frames instead"
+        )
     done = labeling.already_labeled(output, ref.name, ref.version)
     todo = [r for r in inputs.rows if r["source"] not in done]
     skipped = len(inputs.rows) - len(todo)

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
 from pipelines import registry, tracking
 from pipelines.evaluate import evaluate
-from pipelines.ingest import MANIFEST_NAME, read_manifest
+from pipelines.ingest import manifest_sha256, read_manifest
 from pipelines.storage import resolve
 
 NOT_PROMOTED = 1
@@ -69,8 +69,6 @@ def table(rows: list[tuple[str, str, str, str]]) -> str:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    import hashlib
-
     from mlflow import MlflowClient
 
     args = parse_args(build_parser(), argv)
@@ -95,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     quiet_ray_data()
     eval_data = resolve(args.eval_data).uri
-    digest = hashlib.sha256(resolve(args.eval_data).join(MANIFEST_NAME).read_bytes()).hexdigest()[
-        :16
-    ]
+    digest = manifest_sha256(args.eval_data)
     results = {}
     for version in [candidate.version] + ([holder] if holder else []):
         ref = registry.ModelRef(args.model, version)

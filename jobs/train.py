@@ -30,7 +30,7 @@ from jobs._cli import ConfigError, cli, init_ray, parse_args, quiet_ray_data
 from pipelines import labels, tracking
 from pipelines.dataset import Augment, build_dataset, shard_files, split_config, torch_batches
 from pipelines.frames import FrameTransform
-from pipelines.ingest import MANIFEST_NAME, read_manifest
+from pipelines.ingest import MANIFEST_NAME, manifest_sha256, read_manifest
 from pipelines.metrics import confusion_matrix, flat_metrics, scores
 from pipelines.pictures import confusion_png, grid, overlay
 from pipelines.predictor import ModelSpec, load_model_dir, save_model_dir, unwrap
@@ -491,11 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest = preflight(cfg, tracking_uri)
     transform = FrameTransform.from_dict(manifest["transform"])
     data_loc, storage = resolve(cfg.data), resolve(cfg.storage)
-    manifest_digest = hashlib.sha256(data_loc.join(MANIFEST_NAME).read_bytes()).hexdigest()[:16]
     provenance = {
         "data": data_loc.uri,
         "data_manifest": data_loc.join(MANIFEST_NAME).uri,
-        "data_manifest_sha256": manifest_digest,
+        "data_manifest_sha256": manifest_sha256(cfg.data),
         "code_version": code_version(),
         "run_name": cfg.run_name,
     }

@@ -8,6 +8,7 @@ import torch
 
 from pipelines.dataset import build_dataset
 from pipelines.errors import UserError
+from pipelines.frames import FrameTransform
 from pipelines.ingest import read_manifest
 from pipelines.labels import N_CLASSES
 from pipelines.metrics import confusion_matrix, scores
@@ -26,16 +27,12 @@ def evaluate(predictor: Predictor, data_uri: str, split: str = "val", batch_size
     must be the model's: otherwise the model would be scored on inputs it never sees when
     serving, and the comparison would be meaningless.
     """
-    manifest = read_manifest(data_uri)
-    data_transform = manifest["transform"]
-    model_transform = predictor.transform.to_dict()
-    geometry = ("width", "height", "crop_top", "crop_bottom")
-    if any(data_transform.get(k) != model_transform.get(k) for k in geometry):
+    data = FrameTransform.from_dict(read_manifest(data_uri)["transform"]).geometry
+    model = predictor.transform.geometry
+    if data != model:
         raise EvaluationError(
-            f"{data_uri}: data was ingested with "
-            f"{ {k: data_transform.get(k) for k in geometry} } but the model expects "
-            f"{ {k: model_transform.get(k) for k in geometry} }; re-ingest with the model's "
-            "--size/--crop-top"
+            f"{data_uri}: data was ingested with {data} but the model expects {model}; "
+            "re-ingest with the model's --size/--crop-top"
         )
     conf = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.int64)
     frames = 0

@@ -65,6 +65,17 @@ class FrameTransform:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
+    def geometry(self) -> dict[str, int]:
+        """Which pixels of a frame the model sees, and at what size (normalization aside):
+        shards and models must agree on it to be used together."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "crop_top": self.crop_top,
+            "crop_bottom": self.crop_bottom,
+        }
+
+    @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the model input."""
         return self.width, self.height

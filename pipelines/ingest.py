@@ -484,6 +484,12 @@ def build_manifest(
     }
 
 
+def manifest_sha256(data_uri: str) -> str:
+    """The first 16 hex digits of the manifest's SHA-256: which exact ingest a model was
+    trained or evaluated on (recorded as tags)."""
+    return hashlib.sha256(resolve(data_uri).join(MANIFEST_NAME).read_bytes()).hexdigest()[:16]
+
+
 def read_manifest(data_uri: str) -> dict:
     """The manifest of an ingested dataset, or a clear error when there is none."""
     loc = resolve(data_uri).join(MANIFEST_NAME)
