@@ -328,8 +328,9 @@ def run_ingest(
     rows = [{**c.as_row(), "split": splits[c.drive]} for c in found.candidates]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    # Candidates are sorted by image_id and order is preserved end to end, so shards come out
-    # the same on every run without a shuffle.
+    # Sorted splits written in block order: a re-run writes the same rows to the same files.
+    # (Carrying the candidates' order through the stages without the sort was not enough:
+    # a fresh-clone test run once got the rows of a split in another order.)
     ctx.execution_options.preserve_order = True
     blocks = max(1, min(len(rows), int(ray.available_resources().get("CPU", 1)) * 4))
     processed = (
@@ -352,11 +353,14 @@ def run_ingest(
     for split in SPLITS:
         split_loc = dest_loc.join(split)
         split_loc.delete()  # overwrite: a re-run never duplicates, a stale split never survives
-        if not (ok & (meta["split"] == split)).any():
+        n_rows = int((ok & (meta["split"] == split)).sum())
+        if not n_rows:
             continue
+        # Sorted, then cut into as many ordered blocks as files (a sort alone leaves one
+        # small file per range block).
         processed.filter(expr=(col("reason") == "") & (col("split") == split)).select_columns(
             list(SHARD_COLUMNS)
-        ).write_parquet(
+        ).sort("image_id").repartition(-(-n_rows // rows_per_file)).write_parquet(
             split_loc.path,
             filesystem=split_loc.fs,
             min_rows_per_file=rows_per_file,
