@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from ray.data.datasource import FilenameProvider
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipelines import labels
 from pipelines.errors import UserError
@@ -316,7 +317,6 @@ def run_ingest(
     rows are sorted by ``image_id``).
     """
     import ray
-    from ray.data import SaveMode
     from ray.data.expressions import col
 
     t0 = time.time()
@@ -328,10 +328,6 @@ def run_ingest(
     rows = [{**c.as_row(), "split": splits[c.drive]} for c in found.candidates]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    # Sorted splits written in block order: a re-run writes the same rows to the same files.
-    # (Carrying the candidates' order through the stages without the sort was not enough:
-    # a fresh-clone test run once got the rows of a split in another order.)
-    ctx.execution_options.preserve_order = True
     blocks = max(1, min(len(rows), int(ray.available_resources().get("CPU", 1)) * 4))
     processed = (
         ray.data.from_items(rows, override_num_blocks=blocks)
@@ -350,25 +346,25 @@ def run_ingest(
     mean_row_bytes = float(meta.loc[ok, "nbytes"].mean()) if ok.any() else 1.0
     rows_per_file = max(1, int(shard_bytes // max(1.0, mean_row_bytes)))
 
+    # Which file each valid row goes to is decided here, from the sorted ids, and each file
+    # is written sorted: a re-run writes the same rows to the same files. (Ray Data's own
+    # Parquet sink fills files in whatever order blocks arrive; with it, a re-run in the
+    # test suite sometimes wrote a split's rows in another order.)
+    file_of: dict[str, str] = {}
     for split in SPLITS:
-        split_loc = dest_loc.join(split)
-        split_loc.delete()  # overwrite: a re-run never duplicates, a stale split never survives
-        n_rows = int((ok & (meta["split"] == split)).sum())
-        if not n_rows:
-            continue
-        # Sorted, then cut into as many ordered blocks as files (a sort alone leaves one
-        # small file per range block).
-        processed.filter(expr=(col("reason") == "") & (col("split") == split)).select_columns(
-            list(SHARD_COLUMNS)
-        ).sort("image_id").repartition(-(-n_rows // rows_per_file)).write_parquet(
-            split_loc.path,
-            filesystem=split_loc.fs,
-            min_rows_per_file=rows_per_file,
-            max_rows_per_file=rows_per_file,
-            filename_provider=_ShardNames(split),
-            # Deterministic names need OVERWRITE (APPEND insists on a random write id in
-            # every name); the split folder was just emptied anyway.
-            mode=SaveMode.OVERWRITE,
+        dest_loc.join(split).delete()  # a re-run never duplicates, a stale split never survives
+        ids = sorted(meta.loc[ok & (meta["split"] == split), "image_id"])
+        file_of.update(
+            {i: f"{split}/{split}-{n // rows_per_file:05d}.parquet" for n, i in enumerate(ids)}
+        )
+    if file_of:
+        (
+            processed.filter(expr=col("reason") == "")
+            .select_columns(list(SHARD_COLUMNS))
+            .map_batches(_add_file, batch_format="pyarrow", fn_kwargs={"file_of": file_of})
+            .groupby("file")
+            .map_groups(_write_shard, batch_format="pyarrow", fn_kwargs={"dest": dest_loc})
+            .materialize()
         )
 
     manifest = build_manifest(
@@ -392,23 +388,25 @@ def run_ingest(
     return IngestResult(manifest=manifest, dest=dest_loc.uri)
 
 
-class _ShardNames(FilenameProvider):
-    """``train-00000-0.parquet``, ...: the same names on every run, so a re-run replaces the
-    shards instead of adding a second copy under new random names, and readers that list
-    files in name order see the rows in ``image_id`` order."""
+def _add_file(batch: pa.Table, file_of: dict[str, str]) -> pa.Table:
+    """Ray Data stage: the shard file (relative to the destination) of each row."""
+    files = [file_of[i] for i in batch["image_id"].to_pylist()]
+    return batch.append_column("file", pa.array(files, pa.string()))
 
-    def __init__(self, split: str) -> None:
-        super().__init__(file_format="parquet")
-        self.split = split
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{self.split}-{task_index:05d}"
+def _write_shard(group: pa.Table, dest: Location) -> pa.Table:
+    """Ray Data stage: write the rows of one shard file, sorted by ``image_id``."""
+    name = group["file"][0].as_py()
+    table = group.sort_by("image_id").select(list(SHARD_COLUMNS))
+    loc = dest.join(name)
+    loc.parent().mkdir()
+    with loc.fs.open_output_stream(loc.path) as f:
+        pq.write_table(table, f)
+    return pa.table({"file": [name], "rows": [table.num_rows]})
 
 
 def count_rows(loc: Location) -> int:
     """Rows in the Parquet files below ``loc``, from their footers."""
-    import pyarrow.parquet as pq
-
     total = 0
     for info in loc.list_files((".parquet",)):
         with loc.fs.open_input_file(info.path) as f:
