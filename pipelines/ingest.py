@@ -362,7 +362,9 @@ def run_ingest(
             processed.filter(expr=col("reason") == "")
             .select_columns(list(SHARD_COLUMNS))
             .map_batches(_add_file, batch_format="pyarrow", fn_kwargs={"file_of": file_of})
-            .groupby("file")
+            # One shuffle partition per file: the default (200 aggregators) made a small
+            # ingest spend ~10 s starting them.
+            .groupby("file", num_partitions=len(set(file_of.values())))
             .map_groups(_write_shard, batch_format="pyarrow", fn_kwargs={"dest": dest_loc})
             .materialize()
         )
