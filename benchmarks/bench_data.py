@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import emit
 from pipelines.dataset import Augment, build_dataset, read_shards, torch_batches
 from pipelines.frames import FrameTransform
 from pipelines.ingest import run_ingest
@@ -51,7 +52,8 @@ def read_rate(batches, epochs: int) -> tuple[float, float]:
 
 def run(
     frames: int, frame_size: tuple[int, int], size: tuple[int, int], cpus: int, epochs: int
-) -> str:
+) -> tuple[str, list[tuple[str, str]]]:
+    """Runs the benchmark: the table's caption and its (measure, value) rows."""
     import ray
 
     ray.init(num_cpus=cpus, logging_level="ERROR", include_dashboard=False)
@@ -94,30 +96,29 @@ def run(
     ray.shutdown()
 
     ingest_rate = valid / ingest_s
-    lines = [
+    caption = (
         f"{frames} synthetic frames {fw}x{fh} -> {size[0]}x{size[1]} (crop_top "
         f"{transform.crop_top}); local Ray with {cpus} CPUs on {platform.machine()} "
         f"({os.cpu_count()} cores); streaming: {train_n} train frames, batch 8, "
-        f"{epochs} passes after 1 warm-up, rate from each pass's first batch to its last.",
-        "",
-        "| measure | value |",
-        "|---|---:|",
-        f"| ingest, whole job | {ingest_rate:.2f} frames/s ({ingest_s:.1f} s for {valid} frames) |",
-        f"| ingest per CPU core | {ingest_rate / cpus:.2f} frames/s/core |",
+        f"{epochs} passes after 1 warm-up, rate from each pass's first batch to its last."
+    )
+    rows = [
+        ("ingest, whole job", f"{ingest_rate:.2f} frames/s ({ingest_s:.1f} s for {valid} frames)"),
+        ("ingest per CPU core", f"{ingest_rate / cpus:.2f} frames/s/core"),
     ]
-    lines += [
-        f"| streaming read: {k} | {rate:.1f} images/s (first batch after {first:.2f} s) |"
+    rows += [
+        (f"streaming read: {k}", f"{rate:.1f} images/s (first batch after {first:.2f} s)")
         for k, (rate, first) in rates.items()
     ]
     aug, plain_rate = (
         rates["decoded + augmented torch batches"][0],
         rates["decoded torch batches"][0],
     )
-    lines.append(f"| ratio augmented / plain decode | {aug / plain_rate:.2f} |")
-    lines.append(
-        f"| (synthetic frame generation, not part of ingest) | {frames / synth_s:.2f} frames/s |"
+    rows.append(("ratio augmented / plain decode", f"{aug / plain_rate:.2f}"))
+    rows.append(
+        ("(synthetic frame generation, not part of ingest)", f"{frames / synth_s:.2f} frames/s")
     )
-    return "\n".join(lines) + "\n"
+    return caption, rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="timed passes over the training split")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
-    table = run(args.frames, args.frame_size, args.size, args.cpus, args.epochs)
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+    emit(*run(args.frames, args.frame_size, args.size, args.cpus, args.epochs), args.out)
 
 
 if __name__ == "__main__":

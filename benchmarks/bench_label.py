@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import add_device_arg, device_name, emit, parse_device
 from pipelines.synthetic import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def label_job(src: Path, out: Path, batch: int, env: dict) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_arg(p)
     p.add_argument(
         "--frames", type=int, default=48, help="frames of the larger run (a third: the smaller)"
     )
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device")
+    device = parse_device(p, args)
 
     import mlflow
 
@@ -153,25 +151,21 @@ def main(argv: list[str] | None = None) -> None:
         job_rate = n_all / t_all
         steady = (n_all - n_small) / (t_all - t_small)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     w, h = args.size
-    lines = [
+    caption = (
         f"FCN-8s ResNet-101; {args.frames} frames {fw}x{fh} -> model input {w}x{h}, batch "
-        f"{args.batch_size}, one model actor; {device.type} ({name}"
+        f"{args.batch_size}, one model actor; {device.type} ({device_name(device)}"
         f"{'' if device.type == 'cuda' else ', forward pass with 1 thread as in the actor'}), "
-        f"torch {torch.__version__}",
-        "",
-        "| measure | value |",
-        "|---|---:|",
-        f"| forward only, in-memory tensors {w}x{h} | {fwd:.2f} images/s |",
-        f"| labeling job, steady state (read, decode, resize, predict, restore to {fw}x{fh}, PNG, write) | {steady:.2f} images/s{' per GPU' if device.type == 'cuda' else ''} |",
-        f"| labeling job, end to end incl. start-up ({n_all} frames in {t_all:.1f} s) | {job_rate:.2f} images/s |",
-        f"| ratio job steady state / forward only | {steady / fwd:.2f} |",
-    ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+        f"torch {torch.__version__}"
+    )
+    per_gpu = " per GPU" if device.type == "cuda" else ""
+    rows = [
+        (f"forward only, in-memory tensors {w}x{h}", f"{fwd:.2f} images/s"),
+        (f"labeling job, steady state (read, decode, resize, predict, restore to {fw}x{fh}, PNG, write)", f"{steady:.2f} images/s{per_gpu}"),
+        (f"labeling job, end to end incl. start-up ({n_all} frames in {t_all:.1f} s)", f"{job_rate:.2f} images/s"),
+        ("ratio job steady state / forward only", f"{steady / fwd:.2f}"),
+    ]  # fmt: skip
+    emit(caption, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.report import add_device_arg, device_name, emit, parse_device
 from fcn_models import MODEL_NAMES, build_model
 
 N_CLASS = 8  # the lane label map's training classes (pipelines/labels.py)
@@ -48,7 +48,10 @@ def median_latency_ms(
     return statistics.median(times) * 1e3
 
 
-def run(height: int, width: int, repeats: int, device: torch.device) -> str:
+def run(
+    height: int, width: int, repeats: int, device: torch.device
+) -> tuple[str, list[str], list[list[str]]]:
+    """Runs the benchmark: the table's caption, header and rows."""
     cuda = device.type == "cuda"
     header = ["model", "params (M)", "fp32 ms"] + (["bf16 + channels_last ms"] if cuda else [])
     rows = []
@@ -68,17 +71,12 @@ def run(height: int, width: int, repeats: int, device: torch.device) -> str:
         if cuda:
             torch.cuda.empty_cache()
 
-    what = torch.cuda.get_device_name(device) if cuda else platform.machine() or "unknown CPU"
     threads = "" if cuda else f", {torch.get_num_threads()} threads"
-    lines = [
+    caption = (
         f"Input 1x3x{height}x{width}, n_class={N_CLASS}, eval + no_grad, median of {repeats} "
-        f"after 1 warm-up; {device.type} ({what}{threads}), torch {torch.__version__}",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+        f"after 1 warm-up; {device.type} ({device_name(device)}{threads}), torch {torch.__version__}"
+    )
+    return caption, header, rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,17 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_arg(parser)
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    table = run(args.height, args.width, args.repeats, torch.device(args.device))
-    print(table)
-    if args.out is not None:
-        args.out.write_text(table)
+    device = parse_device(parser, args)
+    caption, header, rows = run(args.height, args.width, args.repeats, device)
+    emit(caption, rows, args.out, header=header)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import add_device_arg, device_name, emit, parse_device
 from fcn_models import build_model
 from pipelines.labels import IGNORE_INDEX, N_CLASSES
 from pipelines.synthetic import parse_size
@@ -129,7 +129,7 @@ def full_pipeline(size: tuple[int, int], batch: int, frames: int, epochs: int, c
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_arg(p)
     p.add_argument("--size", type=parse_size, default=(1024, 384), help="model input WxH")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--frames", type=int, default=64, help="synthetic frames for the pipeline run")
@@ -138,10 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (bf16 dense)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    device = parse_device(p, args)
+    name = device_name(device)
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
     mem_rate, flops = in_memory(args.size, args.batch_size, args.steps, device)
@@ -151,25 +149,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     achieved = flops * mem_rate / 1e12
     w, h = args.size
-    lines = [
+    caption = (
         f"FCN-8s ResNet-101, {w}x{h}, batch {args.batch_size}, "
         f"{'bf16 autocast + channels_last' if device.type == 'cuda' else 'fp32'}; {device.type} "
         f"({name}{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}), "
-        f"torch {torch.__version__}",
-        "",
-        "| measure | value |",
-        "|---|---:|",
-        f"| in-memory tensors (model only) | {mem_rate:.2f} images/s |",
-        f"| full pipeline (jobs.train, 1 worker, last of {args.epochs} epochs) | {pipe_rate:.2f} images/s |",
-        f"| ratio pipeline / in-memory | {pipe_rate / mem_rate:.2f} |",
-        f"| FLOPs per image (forward + backward) | {flops / 1e9:.1f} GFLOP |",
-        f"| achieved (in-memory) | {achieved:.3f} TFLOP/s |",
-        f"| MFU (in-memory) | {f'{achieved / peak:.1%} of {peak:g} TFLOP/s' if peak else 'n/a (no peak given)'} |",
-    ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+        f"torch {torch.__version__}"
+    )
+    mfu = f"{achieved / peak:.1%} of {peak:g} TFLOP/s" if peak else "n/a (no peak given)"
+    rows = [
+        ("in-memory tensors (model only)", f"{mem_rate:.2f} images/s"),
+        (f"full pipeline (jobs.train, 1 worker, last of {args.epochs} epochs)", f"{pipe_rate:.2f} images/s"),
+        ("ratio pipeline / in-memory", f"{pipe_rate / mem_rate:.2f}"),
+        ("FLOPs per image (forward + backward)", f"{flops / 1e9:.1f} GFLOP"),
+        ("achieved (in-memory)", f"{achieved:.3f} TFLOP/s"),
+        ("MFU (in-memory)", mfu),
+    ]  # fmt: skip
+    emit(caption, rows, args.out)
 
 
 if __name__ == "__main__":
