@@ -45,6 +45,11 @@ def read_rate(batches, epochs: int) -> tuple[float, float]:
                 t_first = time.perf_counter()
             else:
                 n += len(b["image"])
+        if t_first is None or n == 0:
+            raise SystemExit(
+                "bench_data: the training split fills at most one batch of 8, so there is no "
+                "first-to-last interval to time: raise --frames (16 or more)"
+            )
         steady += time.perf_counter() - t_first
         first += t_first - t0
     return n / steady, first / epochs
