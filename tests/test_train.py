@@ -125,8 +125,8 @@ def test_training_step_learns_one_batch(local_shards, test_transform):
     from pipelines.metrics import confusion_matrix, scores
 
     # A fixed batch (the first two rows of the first shard), decoded and normalized by the
-    # pipeline's own stages: Ray Data hands out whichever read task finishes first, and the
-    # margin below differs by batch (mIoU after 60 steps is 0.36-0.60 over this set's nine).
+    # pipeline's own stages: Ray Data hands out whichever read task finishes first, and what
+    # 60 steps reach differs by batch (mIoU 0.36-0.60 over this set's nine; this one 0.45).
     table = pq.read_table(sorted(shard_files(local_shards, "train"))[0], columns=["image", "label"])
     rows = table.slice(0, 2).to_pydict()
     batch = NormalizeCollate(test_transform)(
@@ -154,7 +154,7 @@ def test_training_step_learns_one_batch(local_shards, test_transform):
     ]
     after = miou()
     assert losses[-1] < 0.2 * losses[0], losses
-    assert after > before + 0.15 and after > 0.3, (before, after)
+    assert after > before + 0.2 and after > 0.4, (before, after)
 
 
 # -- real runs ---------------------------------------------------------------------------------
