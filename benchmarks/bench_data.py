@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import emit
+from benchmarks.common import emit
 from pipelines.dataset import Augment, build_dataset, read_shards, torch_batches
 from pipelines.frames import FrameTransform
 from pipelines.ingest import run_ingest

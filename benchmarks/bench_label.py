@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import add_device_arg, device_name, emit, parse_device
+from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
 from pipelines.synthetic import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +52,11 @@ def forward_only(model: torch.nn.Module, size: tuple[int, int], batch: int, devi
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         for _ in range(2):
             model(x).argmax(1)
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             model(x).argmax(1)
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
     return batch * steps / (time.perf_counter() - t0)
 
 

@@ -20,15 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.report import add_device_arg, device_name, emit, parse_device
+from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
 from fcn_models import MODEL_NAMES, build_model
 
 N_CLASS = 8  # the lane label map's training classes (pipelines/labels.py)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_latency_ms(
@@ -39,11 +34,11 @@ def median_latency_ms(
     times = []
     with torch.no_grad(), amp:
         model(x)  # warm-up: allocator, cuDNN/oneDNN algorithm selection
-        _sync(device)
+        synchronize(device)
         for _ in range(repeats):
             start = time.perf_counter()
             model(x)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 

@@ -29,18 +29,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import add_device_arg, device_name, emit, parse_device
+from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
 from fcn_models import build_model
 from pipelines.labels import IGNORE_INDEX, N_CLASSES
 from pipelines.synthetic import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def flops_per_image(model: torch.nn.Module, h: int, w: int, device: torch.device) -> float:
@@ -79,11 +74,11 @@ def in_memory(
 
     for _ in range(3):  # warm-up: allocator, cuDNN/oneDNN algorithm choice
         step()
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    synchronize(device)
     return batch * steps / (time.perf_counter() - t0), flops
 
 

@@ -1,5 +1,6 @@
-"""What every benchmark shares: the ``--device`` flag, the device's name for the caption, and
-the markdown table (printed, and written to ``--out`` for RESULTS.md)."""
+"""What every benchmark shares: the ``--device`` flag, waiting for the device before reading a
+clock, the device's name for the caption, and the markdown table (printed, and written to
+``--out`` for RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ def parse_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     return torch.device(args.device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work: without it a timer measures only the kernel launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_name(device: torch.device) -> str:
