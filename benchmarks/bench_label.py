@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> None:
             for src in (part, tmp_path / "frames")
         )
         job_rate = n_all / t_all
+        if t_all <= t_small:
+            # Start-up noise larger than the extra frames' work: no steady rate to report.
+            sys.exit(
+                f"bench_label: {n_all} frames took {t_all:.1f} s, {n_small} took {t_small:.1f} s; "
+                "the difference is start-up noise: raise --frames (24 or more)"
+            )
         steady = (n_all - n_small) / (t_all - t_small)
 
     w, h = args.size

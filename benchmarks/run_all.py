@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         ("Models: parameters and forward latency", bench_models.main, dev + (["--repeats", "3"] if args.quick else [])),
         ("Data pipeline", bench_data.main, ["--frames", "16" if args.quick else "64"]),
         ("Training", bench_train.main, dev + small + (["--frames", "32", "--batch-size", "4", "--steps", "5"] if args.quick else [])),
-        ("Labeling", bench_label.main, dev + small + (["--frames", "16", "--batch-size", "4"] if args.quick else [])),
+        ("Labeling", bench_label.main, dev + small + (["--frames", "24", "--batch-size", "4"] if args.quick else [])),
     ]  # fmt: skip
     print(f"# benchmarks, {datetime.date.today()}, {' '.join(sys.argv[1:]) or 'defaults'}\n")
     for title, fn, fn_argv in runs:
