@@ -13,11 +13,13 @@ from torch import nn
 from .fcn_resnet import FCN8sResNet101, ResNet101Backbone
 from .fcn_vgg import FCN8s, FCN16s, FCN32s
 from .upsampling import (
+    aligned_bilinear_upsampling,
     bilinear_kernel,
     bilinear_upsampling,
     conv_output_size,
     conv_transpose_output_size,
     pool_output_size,
+    upsample_aligned,
 )
 from .vgg import VGG16, VGG16Conv, check_n_class, convolutionalize, vgg16_feature_sizes
 
@@ -30,6 +32,7 @@ __all__ = [
     "ResNet101Backbone",
     "VGG16",
     "VGG16Conv",
+    "aligned_bilinear_upsampling",
     "bilinear_kernel",
     "bilinear_upsampling",
     "build_model",
@@ -37,6 +40,7 @@ __all__ = [
     "conv_transpose_output_size",
     "convolutionalize",
     "pool_output_size",
+    "upsample_aligned",
     "vgg16_feature_sizes",
 ]
 

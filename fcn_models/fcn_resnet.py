@@ -1,13 +1,40 @@
-"""FCN-8s on a ResNet-101 backbone (the course assignment "FCN-8s (ResNet101)")."""
+"""FCN-8s on a ResNet-101 backbone (the course assignment "FCN-8s (ResNet101)").
+
+Centres
+-------
+Output pixel ``j`` of a conv/pool is centred on input coordinate ``u = s*j + (k - 1)/2 - p``
+(derived in ``fcn_vgg.py``). Every layer of torchvision's ResNet-101 (v1.5) has
+``k = 2p + 1``, so ``u = s*j`` throughout:
+
+    conv1 (k7, s2, p3):        u = 2j + 3 - 3 = 2j
+    maxpool (k3, s2, p1):      u = 2j + 1 - 1 = 2j
+    3x3 convs (p1):            u = j, or 2j for the stride-2 one opening layer2/3/4
+    1x1 convs (p0):            u = j, or 2j for the stride-2 ``downsample``
+
+and both branches of a residual block are centred on the same pixel, so their sum is too.
+Composed, feature ``j`` of layer2/3/4 sits on input pixel ``8j``/``16j``/``32j`` (the padding
+to a multiple of 32 is at the bottom/right and moves nothing). ``upsample_aligned`` with
+``aligned_bilinear_upsampling(f)`` (k ``2f - 1``, p ``f - 1``) puts input ``j`` on output
+``f*j``, so every path composes to the identity, with no crop offsets:
+
+    layer4 j  -> upscore2:        1/16 cell 2j, where layer3 feature 2j sits (16*2j = 32j)
+    1/16 j    -> upscore_layer3:  1/8 cell 2j, where layer2 feature 2j sits (8*2j = 16j)
+    1/8 j     -> upscore8:        output pixel 8j, the input pixel it is centred on.
+
+The even kernels of the ``F.interpolate(align_corners=False)`` convention (k ``2f``, p
+``f/2``) put input ``j`` on ``f*j + (f - 1)/2`` instead: the layer2/3/4 paths would land 3.5,
+7.5 and 15.5 px below/right of their features, and the skips would be summed half a cell apart.
+(``tests/test_models_geometry.py`` measures the centres and the fused positions.)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .upsampling import bilinear_upsampling
+from .upsampling import aligned_bilinear_upsampling, upsample_aligned
 from .vgg import _preview, check_images, check_n_class
 
 __all__ = ["FCN8sResNet101", "ResNet101Backbone"]
@@ -62,16 +89,15 @@ class ResNet101Backbone(nn.Module):
 class FCN8sResNet101(nn.Module):
     """FCN-8s with ResNet-101: 1x1 score heads on layer2/3/4 (strides 8/16/32), fused coarse to fine.
 
-    ``score_layer4`` -> x2 (``upscore2``) + ``score_layer3`` -> x2 (``upscore_layer3``)
-    + ``score_layer2`` -> x8 (``upscore8``). The transposed convs (k4 s2 p1, k4 s2 p1, k16 s8
-    p4; bilinear-initialised, learnable) give exactly ``2i`` and ``8i`` pixels, and for ``H, W``
-    multiples of 32 the backbone gives exactly ``H/8, H/16, H/32``, so no crop offsets are
-    needed. Other sizes are padded with zeros at the bottom/right up to the next multiple of 32
-    and the output is cropped back to ``H x W``; zero is the mean colour of a normalised image,
-    the most neutral filler. ``padding = factor/2`` is the ``F.interpolate(align_corners=False)``
-    convention (as torchvision's segmentation heads); it treats a stride-``s`` feature as
-    centred on its ``s x s`` cell, while ResNet's convs centre it on the cell's first pixel,
-    a fixed sub-stride shift the learnable upsamplers can absorb.
+    ``forward`` = ``encode`` (pad, backbone, normalised taps) -> 1x1 ``score_layer*`` heads ->
+    ``fuse``: ``score_layer4`` -> x2 (``upscore2``) + ``score_layer3`` -> x2
+    (``upscore_layer3``) + ``score_layer2`` -> x8 (``upscore8``), then crop. The upsamplers
+    are bias-free ``nn.ConvTranspose2d`` (k3 s2 p1, k3 s2 p1, k15 s8 p7; bilinear-initialised,
+    learnable) applied by ``upsample_aligned``, which gives exactly ``2i`` and ``8i`` pixels
+    and puts every feature on the pixel it is centred on (module docstring). For ``H, W``
+    multiples of 32 the backbone gives exactly ``H/8, H/16, H/32``. Other sizes are padded with
+    zeros at the bottom/right up to the next multiple of 32 and the output is cropped back to
+    ``H x W``; zero is the mean colour of a normalised image, the most neutral filler.
 
     Each score head reads its features through a ``BatchNorm2d`` (``norm_layer2/3/4``), as
     torchvision's ``FCNHead`` does. ResNet features are post-ReLU, with positive means over
@@ -105,20 +131,37 @@ class FCN8sResNet101(nn.Module):
         for m in (self.score_layer2, self.score_layer3, self.score_layer4):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
-        self.upscore2 = bilinear_upsampling(n_class, 2, padding=1)  # 1/32 -> 1/16: 2i
-        self.upscore_layer3 = bilinear_upsampling(n_class, 2, padding=1)  # 1/16 -> 1/8: 2i
-        self.upscore8 = bilinear_upsampling(n_class, 8, padding=4)  # 1/8 -> 1: 8i
+        self.upscore2 = aligned_bilinear_upsampling(n_class, 2)  # 1/32 -> 1/16
+        self.upscore_layer3 = aligned_bilinear_upsampling(n_class, 2)  # 1/16 -> 1/8
+        self.upscore8 = aligned_bilinear_upsampling(n_class, 8)  # 1/8 -> 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised ``(layer2, layer3, layer4)``: 512/1024/2048 ch at ``Hp/8, Hp/16, Hp/32``.
+
+        ``Hp, Wp``: ``H, W`` zero-padded at the bottom/right to multiples of 32.
+        """
         check_images(x, "FCN8sResNet101")
         h, w = x.shape[-2:]
         s = self.OUTPUT_STRIDE
         pad_h, pad_w = -h % s, -w % s
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))  # (left, right, top, bottom)
-        c2, c3, c4 = self.backbone(x)  # Hp/8, Hp/16, Hp/32
-        score4 = self.score_layer4(self.norm_layer4(c4))  # Hp/32
-        fused = self.upscore2(score4) + self.score_layer3(self.norm_layer3(c3))  # Hp/16
-        fused = self.upscore_layer3(fused) + self.score_layer2(self.norm_layer2(c2))  # Hp/8
-        out = self.upscore8(fused)  # Hp
+        c2, c3, c4 = self.backbone(x)
+        return self.norm_layer2(c2), self.norm_layer3(c3), self.norm_layer4(c4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c2, c3, c4 = self.encode(x)
+        scores = [self.score_layer4(c4), self.score_layer3(c3), self.score_layer2(c2)]
+        return self.fuse(scores, x.shape[-2:])
+
+    def fuse(self, scores: Sequence[Tensor], size: Sequence[int]) -> Tensor:
+        """``[score_layer4, score_layer3, score_layer2]`` -> ``(N, n_class, *size)``.
+
+        Upsample, add, crop to ``size`` (at most the padded size); linear in ``scores``.
+        """
+        score4, score3, score2 = scores
+        fused = upsample_aligned(self.upscore2, score4) + score3  # Hp/16
+        fused = upsample_aligned(self.upscore_layer3, fused) + score2  # Hp/8
+        out = upsample_aligned(self.upscore8, fused)  # Hp
+        h, w = size
         return out[:, :, :h, :w]

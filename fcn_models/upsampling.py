@@ -3,19 +3,29 @@
 The size formulas are PyTorch's (and Dumoulin & Visin, "A guide to convolution arithmetic for
 deep learning"); for dilation 1 the convolution one is the course notes'
 ``o = floor((i + 2p - k) / s) + 1``.
+
+Two bilinear upsamplers, for two conventions of where a stride-``f`` feature ``j`` sits:
+:func:`bilinear_upsampling` (even kernel ``2f``; the FCN reference's, aligned by its crops)
+centres it on output ``f*j + (2f - 1)/2 - p``, with ``p = f/2`` the middle of its ``f x f``
+cell as in ``F.interpolate(align_corners=False)``; :func:`aligned_bilinear_upsampling` (odd
+kernel ``2f - 1``, applied with :func:`upsample_aligned`) puts it on output ``f*j``, where
+ResNet's ``k = 2p + 1`` convolutions centre it (derived in ``fcn_resnet.py``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "aligned_bilinear_upsampling",
     "bilinear_kernel",
     "bilinear_upsampling",
     "conv_output_size",
     "conv_transpose_output_size",
     "pool_output_size",
+    "upsample_aligned",
 ]
 
 
@@ -98,7 +108,9 @@ def bilinear_upsampling(channels: int, factor: int, padding: int = 0) -> nn.Conv
     Output length is ``(i - 1)factor - 2p + 2factor = (i + 1)factor - 2p``: ``padding=0`` keeps
     the full support (the FCN reference crops afterwards); ``padding=factor // 2`` (even
     ``factor``) gives exactly ``i * factor`` pixels aligned with
-    ``F.interpolate(mode="bilinear", align_corners=False)`` away from the borders.
+    ``F.interpolate(mode="bilinear", align_corners=False)`` away from the borders: input
+    ``j`` is centred on output ``factor*j + (factor - 1)/2``, the middle of its cell. For
+    features centred on their cell's first pixel use :func:`aligned_bilinear_upsampling`.
     The layer stays learnable, as in FCN-16s/8s.
     """
     if factor < 1:
@@ -108,3 +120,43 @@ def bilinear_upsampling(channels: int, factor: int, padding: int = 0) -> nn.Conv
     with torch.no_grad():
         up.weight.copy_(bilinear_kernel(channels, k, dtype=up.weight.dtype))
     return up
+
+
+def aligned_bilinear_upsampling(channels: int, factor: int) -> nn.ConvTranspose2d:
+    """A bias-free ``ConvTranspose2d(k=2*factor - 1, s=factor, p=factor - 1)``, bilinear.
+
+    Input ``j`` is centred on output ``factor*j + (k - 1)/2 - p = factor*j`` exactly, and the
+    tent ``1 - |t - (factor - 1)|/factor`` gives output ``factor*j + d`` (``0 <= d < factor``)
+    the weights ``1 - d/factor`` and ``d/factor`` on inputs ``j`` and ``j + 1``: linear
+    interpolation between the samples, weights summing to 1. Output length is
+    ``(i - 1)factor + 1``; run it through :func:`upsample_aligned` to get ``i * factor``.
+    The layer stays learnable (a plain ``nn.ConvTranspose2d``).
+    """
+    if factor < 1:
+        raise ValueError(f"aligned_bilinear_upsampling: expected factor >= 1, got {factor}")
+    k = 2 * factor - 1
+    up = nn.ConvTranspose2d(channels, channels, k, stride=factor, padding=factor - 1, bias=False)
+    with torch.no_grad():
+        up.weight.copy_(bilinear_kernel(channels, k, dtype=up.weight.dtype))
+    return up
+
+
+def upsample_aligned(up: nn.ConvTranspose2d, x: Tensor) -> Tensor:
+    """``x`` (N, C, h, w) upsampled by ``up`` to exactly ``(factor*h, factor*w)``.
+
+    ``up`` has the geometry of :func:`aligned_bilinear_upsampling` (ValueError otherwise), so
+    input ``j`` lands on output ``factor*j``. The last ``factor - 1`` outputs per axis lie past
+    the last sample, where the bare transposed conv would fade towards zero: one replicated
+    row/column at the bottom/right extends the last sample as a constant there instead.
+    """
+    f = up.stride
+    geometry = (up.kernel_size, up.padding, up.output_padding, up.dilation)
+    want = (tuple(2 * s - 1 for s in f), tuple(s - 1 for s in f), (0, 0), (1, 1))
+    if geometry != want:
+        raise ValueError(
+            "upsample_aligned: expected (kernel_size, padding, output_padding, dilation) "
+            f"{want} for stride {f}, got {geometry}"
+        )
+    h, w = x.shape[-2:]
+    out = up(F.pad(x, (0, 1, 0, 1), mode="replicate"))  # (h*f + 1, w*f + 1)
+    return out[..., : h * f[0], : w * f[1]]

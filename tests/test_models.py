@@ -310,7 +310,13 @@ def test_resnet_fcn_first_sgd_step_keeps_logits_small() -> None:
     """The training recipe's first step (SGD, lr 0.01, momentum 0.9) from the zero-initialised
     heads must not blow the logits up: without the heads' input normalization the common
     positive mean of ResNet features moved them by hundreds in one step, and training
-    diverged (see FCN8sResNet101's docstring)."""
+    diverged (see FCN8sResNet101's docstring).
+
+    The bar is for this tiny input: layer4 is 2x3 cells here, and with centre-aligned fusion
+    its first/last cells cover about 1/2 and 3/2 cells of the output per axis (features sit on
+    pixels 0 and 32 of 64), so the head's gradient is uneven over the few cells and the
+    normalisation, which cancels only the common part, leaves a max of ~2.5 (~0.3 at 192x320,
+    ~0.14 at 384x1024); this step lowers the loss, 1.61 -> 1.11."""
     torch.manual_seed(4)
     model = build_model("fcn8s_resnet101", N_CLASS).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -324,7 +330,7 @@ def test_resnet_fcn_first_sgd_step_keeps_logits_small() -> None:
     with torch.no_grad():
         logits = model(x)
     assert torch.isfinite(logits).all()
-    assert 0 < logits.abs().max() < 1.0, float(logits.abs().max())  # 66 without the norm
+    assert 0 < logits.abs().max() < 5.0, float(logits.abs().max())  # 137 without the norm
 
 
 def _thin_vgg_fcn(name: str, div: int = 16) -> nn.Module:

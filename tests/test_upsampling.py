@@ -1,4 +1,4 @@
-"""Convolution arithmetic helpers and bilinear upsampling vs PyTorch's own behaviour."""
+"""Convolution arithmetic helpers and both bilinear upsamplers vs PyTorch's own behaviour."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fcn_models.upsampling import (
+    aligned_bilinear_upsampling,
     bilinear_kernel,
     bilinear_upsampling,
     conv_output_size,
     conv_transpose_output_size,
     pool_output_size,
+    upsample_aligned,
 )
 
 
@@ -160,3 +163,101 @@ def test_bilinear_upsampling_matches_interpolate_in_the_interior(factor: int) ->
         full = bilinear_upsampling(c, factor, padding=0).double()(x)
     assert full.shape[-2:] == ((h + 1) * factor, (w + 1) * factor)
     torch.testing.assert_close(full[..., m : m + h * factor, m : m + w * factor], got)
+
+
+FACTORS = [1, 2, 3, 8]
+
+
+def _aligned(channels: int, factor: int) -> nn.ConvTranspose2d:
+    # The layer's own float32 weights (1/3 is inexact there), applied in float64.
+    return aligned_bilinear_upsampling(channels, factor).double()
+
+
+def test_aligned_bilinear_upsampling_layer() -> None:
+    up = aligned_bilinear_upsampling(5, 8)
+    assert type(up) is nn.ConvTranspose2d  # found (and frozen) like any other upsampler
+    assert (up.kernel_size, up.stride, up.padding) == ((15, 15), (8, 8), (7, 7))
+    assert up.bias is None and up.weight.requires_grad
+    torch.testing.assert_close(up.weight.detach(), bilinear_kernel(5, 15))
+    with pytest.raises(ValueError, match="factor >= 1"):
+        aligned_bilinear_upsampling(5, 0)
+
+
+@pytest.mark.parametrize("factor", FACTORS)
+def test_aligned_kernel_weights_sum_to_one_per_output_phase(factor: int) -> None:
+    """Output ``f*j + d`` reads the taps ``t = d + f - 1 (mod f)``: one sample at ``d = 0``
+    (weight 1), two at ``d > 0`` (``1 - d/f`` and ``d/f``). So a constant map stays constant."""
+    w = aligned_bilinear_upsampling(1, factor).weight.detach().double()[0, 0]
+    for r, c in itertools.product(range(factor), repeat=2):
+        assert float(w[r::factor, c::factor].sum()) == pytest.approx(1, abs=1e-6), (r, c)
+    x = torch.ones(1, 1, 4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            upsample_aligned(_aligned(1, factor), x), x.new_ones(1, 1, 4 * factor, 5 * factor)
+        )
+
+
+@pytest.mark.parametrize("factor", FACTORS)
+def test_upsample_aligned_output_is_exactly_i_times_factor(factor: int) -> None:
+    up = _aligned(2, factor)
+    for h, w in [(1, 1), (1, 4), (3, 1), (5, 7), (16, 9)]:
+        with torch.no_grad():
+            out = upsample_aligned(up, torch.zeros(1, 2, h, w, dtype=torch.float64))
+        assert out.shape == (1, 2, h * factor, w * factor), (h, w)
+        # The bare transposed conv stops at the last sample: (i - 1)f + 1.
+        bare = up(torch.zeros(1, 2, h, w, dtype=torch.float64))
+        assert bare.shape[-2:] == (
+            conv_transpose_output_size(h, 2 * factor - 1, factor, factor - 1),
+            (w - 1) * factor + 1,
+        )
+        assert bare.shape[-2] == (h - 1) * factor + 1
+
+
+@pytest.mark.parametrize("factor", FACTORS)
+@pytest.mark.parametrize("axis", [2, 3])
+def test_upsample_aligned_interpolates_a_ramp_exactly(factor: int, axis: int) -> None:
+    """Sample ``j`` lands on output ``f*j``; in between the line through the samples; past
+    the last sample (the last ``f - 1`` outputs) the last sample, held constant."""
+    n = 6
+    view = [1, -1, 1, 1]  # channels: two different lines
+    view_ax = [1, 1, 1, 1]
+    view_ax[axis] = -1
+    offset = torch.tensor([0.5, -2.0], dtype=torch.float64).view(view)
+    slope = torch.tensor([-2.0, 0.75], dtype=torch.float64).view(view)
+    j = torch.arange(n, dtype=torch.float64).view(view_ax)
+    shape = [1, 2, 3, 3]
+    shape[axis] = n
+    x = (offset + slope * j).expand(shape)
+    y = torch.arange(n * factor, dtype=torch.float64).view(view_ax)
+    with torch.no_grad():
+        got = upsample_aligned(_aligned(2, factor), x)
+    u = torch.clamp(y / factor, max=n - 1)  # the sample coordinate output y should read
+    torch.testing.assert_close(got, (offset + slope * u).expand_as(got), rtol=0, atol=1e-6)
+    # Sample n - 1 and the extrapolation after it: all equal to that sample.
+    last = got.narrow(axis, (n - 1) * factor, factor)
+    sample = offset + slope * (n - 1)
+    torch.testing.assert_close(last, sample.expand_as(last), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", FACTORS)
+def test_upsample_aligned_is_corner_aligned_bilinear_interpolation(factor: int) -> None:
+    """On any map: ``F.interpolate(align_corners=True)`` of the replicate-padded map, which
+    samples input coordinate ``y/f`` at output ``y``, everywhere including the borders."""
+    torch.manual_seed(1)
+    h, w = 5, 7
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        got = upsample_aligned(_aligned(3, factor), x)
+    padded = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    want = F.interpolate(
+        padded, size=(h * factor + 1, w * factor + 1), mode="bilinear", align_corners=True
+    )
+    torch.testing.assert_close(got, want[..., : h * factor, : w * factor])
+    torch.testing.assert_close(got[..., ::factor, ::factor], x)  # the samples themselves
+
+
+def test_upsample_aligned_rejects_other_geometries() -> None:
+    x = torch.zeros(1, 2, 3, 3)
+    for up in (bilinear_upsampling(2, 2, padding=1), nn.ConvTranspose2d(2, 2, 3, stride=2)):
+        with pytest.raises(ValueError, match="upsample_aligned: expected"):
+            upsample_aligned(up, x)
