@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit
-from pipelines.dataset import Augment, build_dataset, read_shards, torch_batches
+from pipelines.augment import Augment
+from pipelines.dataset import build_dataset, read_shards, torch_batches
 from pipelines.frames import FrameTransform
 from pipelines.ingest import run_ingest
 from pipelines.synthetic import parse_size, write_tree

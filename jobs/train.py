@@ -12,34 +12,28 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
-import os
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import fcn_models
 from jobs._cli import ConfigError, cli, init_ray, parse_args, quiet_ray_data
 from pipelines import labels, tracking
-from pipelines.dataset import Augment, build_dataset, shard_files, split_config, torch_batches
+from pipelines.augment import Augment
+from pipelines.dataset import build_dataset, shard_files, split_config
 from pipelines.frames import FrameTransform
 from pipelines.ingest import MANIFEST_NAME, manifest_sha256, read_manifest
-from pipelines.metrics import confusion_matrix, flat_metrics, scores
-from pipelines.pictures import confusion_png, grid, overlay
-from pipelines.predictor import ModelSpec, load_model_dir, save_model_dir, unwrap
 from pipelines.storage import resolve
-
-log = logging.getLogger("jobs.train")
-
-TRAIN_STATE_FILE = "train_state.pt"
-FAIL_MARKER = ".fail-once-done"
+from pipelines.training import (
+    RECIPES,
+    Recipe,
+    RecipeError,
+    make_recipe,
+    train_loop_per_worker,
+)
+from pipelines.weights import BackboneWeightsError, load_backbone_weights
 
 
 @dataclass
@@ -54,9 +48,13 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     epochs: int = 10
     batch_size: int = 16
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    recipe: str = "default"
+    lr: float | None = None  # default: the recipe's
+    momentum: float | None = None
+    weight_decay: float | None = None
+    learn_upsampling: bool = False
+    seed: int = 0
+    shuffle_buffer: int = 64
     amp: bool | None = None  # default: on with GPUs
     backbone_weights: str | None = None
     run_name: str | None = None
@@ -121,10 +119,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="global batch size, split evenly over the workers",
     )
     g.add_argument(
-        "--lr", type=float, default=0.01, help="base learning rate (SGD, poly decay power 0.9)"
+        "--recipe",
+        choices=RECIPES,
+        default="default",
+        help="default: SGD, poly decay, mean pixel loss (torchvision); reference: the FCN "
+        "paper's Caffe solvers for the VGG FCNs (summed loss, fixed tiny lr, momentum 0.99)",
     )
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument(
+        "--lr", type=float, help="base learning rate (default: the recipe's, 0.01 for default)"
+    )
+    g.add_argument("--momentum", type=float, help="default: the recipe's (0.9 / 0.99)")
+    g.add_argument("--weight-decay", type=float, help="default: the recipe's (1e-4 / 5e-4)")
+    g.add_argument(
+        "--learn-upsampling",
+        action="store_true",
+        help="train the bilinear-initialised upsamplers too (the reference keeps them fixed)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="initial weights, shuffling and dropout; each epoch draws from seed + epoch, so a "
+        "resumed run continues the sequence",
+    )
+    g.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=64,
+        help="frames per worker that each training batch is drawn from at random (0: off)",
+    )
     g.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -177,15 +200,35 @@ def load_config(argv: list[str] | None) -> TrainConfig:
             f"--batch-size {cfg.batch_size} is smaller than --num-workers {cfg.num_workers}: "
             "the global batch is split over the workers, each needs at least one frame"
         )
+    if cfg.batch_size % cfg.num_workers:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is not divisible by --num-workers {cfg.num_workers}: "
+            f"the global batch is split evenly over the workers (try "
+            f"{cfg.batch_size // cfg.num_workers * cfg.num_workers} or "
+            f"{-(-cfg.batch_size // cfg.num_workers) * cfg.num_workers})"
+        )
+    if cfg.shuffle_buffer < 0:
+        raise ConfigError(f"--shuffle-buffer must be >= 0, got {cfg.shuffle_buffer}")
     if cfg.model not in fcn_models.MODEL_NAMES:
         raise ConfigError(
             f"unknown --model {cfg.model!r}; choose one of {', '.join(fcn_models.MODEL_NAMES)}"
         )
+    try:
+        recipe = recipe_of(cfg)
+    except RecipeError as e:
+        raise ConfigError(str(e)) from None
+    # The values in force, as params in MLflow and in the printed config.
+    cfg.lr, cfg.momentum, cfg.weight_decay = recipe.lr, recipe.momentum, recipe.weight_decay
     if cfg.amp is None:
         cfg.amp = cfg.use_gpu
     if cfg.run_name is None:
         cfg.run_name = f"{cfg.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     return cfg
+
+
+def recipe_of(cfg: TrainConfig) -> Recipe:
+    return make_recipe(cfg.recipe, cfg.model, lr=cfg.lr, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, learn_upsampling=cfg.learn_upsampling)  # fmt: skip
 
 
 def code_version() -> str:
@@ -211,227 +254,11 @@ def code_version() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The training loop, run by every Ray Train worker.
-# --------------------------------------------------------------------------------------------
-def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    from torch import nn
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    transform = FrameTransform.from_dict(config["transform"])
-    n_class = config["n_class"]
-    per_worker_batch = config["batch_size"] // world
-    amp = bool(config["amp"])
-    torch.manual_seed(config.get("seed", 0))
-
-    # -- model, optimizer, schedule; resumed from the last checkpoint when there is one -----
-    checkpoint = ray.train.get_checkpoint()
-    state = None
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model, _ = load_model_dir(d)
-            state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
-    else:
-        opts = {}
-        if config.get("backbone_weights"):
-            from pipelines.weights import load_state_dict
-
-            opts["backbone_weights"] = load_state_dict(config["backbone_weights"])
-        model = fcn_models.build_model(config["model"], n_class, **opts)
-    if amp and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda" and world > 1:
-        # BatchNorm statistics over the global batch, not each GPU's few frames (torchvision's
-        # segmentation reference does the same). gloo on CPU has no SyncBatchNorm kernel.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
-
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config["lr"],
-        momentum=config["momentum"],
-        weight_decay=config["weight_decay"],
-    )
-    # torchvision segmentation recipe: poly decay, power 0.9, over all iterations. The step count
-    # is known before training from the manifest: the training split is divided equally.
-    steps_per_epoch = max(1, (config["train_frames"] // world) // per_worker_batch)
-    total_steps = steps_per_epoch * config["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1 - step / total_steps) ** 0.9
-    )
-    start_epoch, global_step = 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-    criterion = nn.CrossEntropyLoss(ignore_index=labels.IGNORE_INDEX)
-
-    mlflow_client = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        from mlflow import MlflowClient
-
-        mlflow_client = MlflowClient(
-            tracking_uri=config["tracking_uri"], registry_uri=config["tracking_uri"]
-        )
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
-    for epoch in range(start_epoch, config["epochs"]):
-        # -- train ------------------------------------------------------------------------
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        seen = torch.zeros((), device=device)
-        t0 = time.perf_counter()
-        for batch in torch_batches(
-            train_shard, per_worker_batch, transform, device, drop_last=True
-        ):
-            loss = train_step(
-                model,
-                batch,
-                criterion,
-                optimizer,
-                autocast,
-                channels_last=amp and device.type == "cuda",
-            )
-            scheduler.step()
-            global_step += 1
-            loss_sum += loss * len(batch["image"])
-            seen += len(batch["image"])
-            _maybe_fail_once(config, rank, global_step)
-        train_seconds = time.perf_counter() - t0
-
-        # -- validate: each rank scores its exact part; confusion matrices are summed --------
-        # The unwrapped module is used so that no DDP collective runs per (uneven) batch.
-        net = unwrap(model).eval()
-        conf = torch.zeros(n_class, n_class, dtype=torch.int64, device=device)
-        val_frames = torch.zeros((), device=device)
-        samples: list[tuple[np.ndarray, np.ndarray]] = []
-        with torch.no_grad(), autocast:
-            for batch in torch_batches(val_shard, per_worker_batch, transform, device):
-                pred = net(batch["image"]).argmax(1)
-                conf += confusion_matrix(pred, batch["label"], n_class)
-                val_frames += len(pred)
-                if rank == 0 and len(samples) < 4:
-                    samples += _overlay_samples(batch["image"], pred, transform, 4 - len(samples))
-        stats = torch.stack([loss_sum, seen, val_frames]).double()
-        if world > 1:
-            torch.distributed.all_reduce(conf)
-            torch.distributed.all_reduce(stats)
-        result = scores(conf.cpu().numpy())
-        metrics = {
-            "epoch": epoch,
-            "train_loss": float(stats[0] / max(1.0, float(stats[1]))),
-            "train_images_per_s": float(stats[1]) / max(train_seconds, 1e-9),
-            "lr": scheduler.get_last_lr()[0],
-            "val_frames": int(stats[2]),  # every validation frame, scored once across ranks
-            **flat_metrics(result, "val_"),
-        }
-
-        # -- checkpoint (rank 0 writes; DDP keeps the weights identical) and report ---------
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                spec = ModelSpec(
-                    model=config["model"],
-                    n_class=n_class,
-                    transform=transform,
-                    class_names=labels.CLASS_NAMES,
-                    info={"epoch": epoch, "val_miou": metrics["val_miou"], **config["provenance"]},
-                )
-                save_model_dir(tmp, model, spec)
-                torch.save(
-                    {
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "global_step": global_step,
-                    },
-                    Path(tmp) / TRAIN_STATE_FILE,
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-        if mlflow_client is not None:
-            _log_epoch(mlflow_client, config["mlflow_run_id"], epoch, metrics, conf, samples)
-        if rank == 0:
-            # A logger, not print: Ray Train tees a worker's print into its own logger, so
-            # every print line would reach the driver twice.
-            log.info(
-                "epoch %d/%d: loss %.4f val mIoU %.4f pixel acc %.4f %.1f img/s",
-                epoch + 1, config["epochs"], metrics["train_loss"], metrics["val_miou"],
-                metrics["val_pixel_acc"], metrics["train_images_per_s"],
-            )  # fmt: skip
-
-
-def train_step(
-    model, batch: dict, criterion, optimizer, autocast, *, channels_last: bool = False
-) -> torch.Tensor:
-    """One optimization step on a batch; returns the (detached) loss."""
-    x, y = batch["image"], batch["label"]
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        loss = criterion(model(x).float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def _maybe_fail_once(config: dict, rank: int, step: int) -> None:
-    """Chaos testing: kill this worker's process once, at a given step, to exercise Ray
-    Train's restart-from-checkpoint. A marker in run storage makes it happen only once."""
-    at = config.get("fail_once_at_step")
-    if at is None or rank != 0 or step != at:
-        return
-    marker = resolve(config["storage"]).join(config["run_name"], FAIL_MARKER)
-    if marker.exists():
-        return
-    marker.write_text(f"failed at step {step}\n")
-    log.warning("chaos: killing rank %d at step %d", rank, step)
-    os._exit(1)
-
-
-def _overlay_samples(images, pred, transform: FrameTransform, n: int) -> list:
-    mean = torch.tensor(transform.mean, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(transform.std, device=images.device).view(1, 3, 1, 1) * 255
-    raw = (images[:n].float() * std + mean).clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [(img, m) for img, m in zip(raw, pred[:n].byte().cpu().numpy(), strict=True)]
-
-
-def _log_epoch(client, run_id: str, epoch: int, metrics: dict, conf, samples) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    values = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
-    client.log_batch(run_id, metrics=values)
-    client.log_image(
-        run_id,
-        np.asarray(_png_to_array(confusion_png(conf.cpu().numpy()))),
-        artifact_file=f"confusion/epoch_{epoch:03d}.png",
-    )
-    if samples:
-        picture = grid([overlay(img, m) for img, m in samples], columns=2, width=512)
-        client.log_image(run_id, picture, artifact_file=f"overlays/epoch_{epoch:03d}.png")
-
-
-def _png_to_array(data: bytes) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-# --------------------------------------------------------------------------------------------
 # The driver.
 # --------------------------------------------------------------------------------------------
-def preflight(cfg: TrainConfig, tracking_uri: str) -> dict:
-    """Every check that can fail before a worker starts. Returns the data manifest."""
+def preflight(cfg: TrainConfig, tracking_uri: str) -> tuple[dict, dict | None]:
+    """Every check that can fail before a worker starts. Returns the data manifest and the
+    backbone weights (checked against the model) when ``--backbone-weights`` is given."""
     import ray
 
     manifest = read_manifest(cfg.data)
@@ -459,7 +286,14 @@ def preflight(cfg: TrainConfig, tracking_uri: str) -> dict:
                 "--skip-gpu-check if GPU workers autoscale from zero"
             )
     tracking.check_tracking(tracking_uri)
-    return manifest
+    backbone = None
+    if cfg.backbone_weights:
+        n_class = manifest.get("n_class", labels.N_CLASSES)
+        try:
+            backbone = load_backbone_weights(cfg.backbone_weights, cfg.model, n_class)
+        except BackboneWeightsError as e:
+            raise ConfigError(f"--backbone-weights: {e}") from None
+    return manifest, backbone
 
 
 def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, params: dict) -> tuple[str, bool]:
@@ -481,6 +315,7 @@ def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, params: dict) -> tu
 @cli
 def main(argv: list[str] | None = None) -> int:
     import mlflow
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -488,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = tracking.configure()
     where = init_ray(min_cpus=int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     quiet_ray_data()
-    manifest = preflight(cfg, tracking_uri)
+    manifest, backbone = preflight(cfg, tracking_uri)
     transform = FrameTransform.from_dict(manifest["transform"])
     data_loc, storage = resolve(cfg.data), resolve(cfg.storage)
     provenance = {
@@ -516,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
 
     loop_config = {
         **asdict(cfg),
+        "recipe": asdict(recipe_of(cfg)),
+        # Read and checked once here; the workers get it through the object store.
+        "backbone_weights_ref": ray.put(backbone) if backbone is not None else None,
         "transform": transform.to_dict(),
         "n_class": manifest.get("n_class", labels.N_CLASSES),
         "train_frames": manifest["counts"]["train"],
@@ -546,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={
-            "train": build_dataset(cfg.data, "train", augment=Augment() if cfg.augment else None),
+            "train": build_dataset(
+                cfg.data, "train", Augment() if cfg.augment else None, shuffle_seed=cfg.seed
+            ),
             "val": build_dataset(cfg.data, "val"),
         },
         dataset_config=split_config(),

@@ -8,16 +8,14 @@ the training device in :func:`torch_batches` (4x less data to move than float32)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from pipelines.augment import Augment, decode_batch
 from pipelines.errors import UserError
-from pipelines.frames import FrameTransform, decode_png_mask, decode_rgb
-from pipelines.labels import IGNORE_INDEX
+from pipelines.frames import FrameTransform
 from pipelines.storage import resolve
 
 
@@ -30,9 +28,15 @@ def shard_files(data_uri: str, split: str) -> list[str]:
     return [i.path for i in loc.list_files((".parquet",))]
 
 
-def read_shards(data_uri: str, split: str, columns: list[str] | None = None):
-    """The raw rows of one split (``train``/``val``) as a Ray dataset, or a clear error."""
+def read_shards(
+    data_uri: str, split: str, columns: list[str] | None = None, *, shuffle_seed: int | None = None
+):
+    """The raw rows of one split (``train``/``val``) as a Ray dataset, or a clear error.
+
+    ``shuffle_seed``: read the shard files in a random order, a new one on every pass over
+    the data (Ray Data reseeds with the execution index), from this seed."""
     import ray
+    from ray.data import FileShuffleConfig
 
     loc = resolve(data_uri).join(split)
     files = shard_files(data_uri, split)
@@ -40,88 +44,17 @@ def read_shards(data_uri: str, split: str, columns: list[str] | None = None):
         raise DataError(
             f"{loc.uri}: no Parquet shards (expected *.parquet written by `python -m jobs.ingest`)"
         )
-    return ray.data.read_parquet(files, filesystem=loc.fs, columns=columns)
+    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed)
+    return ray.data.read_parquet(files, filesystem=loc.fs, columns=columns, shuffle=shuffle)
 
 
-@dataclass(frozen=True)
-class Augment:
-    """Training augmentation. Horizontal flips keep lane semantics: a flipped dividing line is
-    still a dividing line, and left/right turn arrows share the thru/turn class."""
-
-    hflip: float = 0.5
-    scale: tuple[float, float] = (0.75, 1.25)
-    colour: float = 0.2  # brightness/contrast/saturation jitter amplitude
-
-    def __call__(
-        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        h, w = label.shape
-        if rng.random() < self.hflip:
-            image, label = image[:, ::-1], label[:, ::-1]
-        lo, hi = self.scale
-        if hi > lo or lo != 1.0:
-            s = rng.uniform(lo, hi)
-            sw, sh = max(1, round(w * s)), max(1, round(h * s))
-            image = np.asarray(
-                Image.fromarray(np.ascontiguousarray(image)).resize(
-                    (sw, sh), Image.Resampling.BILINEAR
-                )
-            )
-            label = np.asarray(
-                Image.fromarray(np.ascontiguousarray(label)).resize(
-                    (sw, sh), Image.Resampling.NEAREST
-                )
-            )
-            image, label = _crop_or_pad(image, label, h, w, rng)
-        if self.colour > 0:
-            image = _colour_jitter(image, self.colour, rng)
-        return np.ascontiguousarray(image), np.ascontiguousarray(label)
-
-
-def _crop_or_pad(
-    image: np.ndarray, label: np.ndarray, h: int, w: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Back to (h, w): a random window when larger; padding (image 0, label ignore) when
-    smaller, so padded pixels never count as background."""
-    ih, iw = label.shape
-    out_img = np.zeros((max(h, ih), max(w, iw), 3), dtype=np.uint8)
-    out_lbl = np.full((max(h, ih), max(w, iw)), IGNORE_INDEX, dtype=np.uint8)
-    oy, ox = rng.integers(0, max(h, ih) - ih + 1), rng.integers(0, max(w, iw) - iw + 1)
-    out_img[oy : oy + ih, ox : ox + iw] = image
-    out_lbl[oy : oy + ih, ox : ox + iw] = label
-    cy, cx = rng.integers(0, out_lbl.shape[0] - h + 1), rng.integers(0, out_lbl.shape[1] - w + 1)
-    return out_img[cy : cy + h, cx : cx + w], out_lbl[cy : cy + h, cx : cx + w]
-
-
-def _colour_jitter(image: np.ndarray, amp: float, rng: np.random.Generator) -> np.ndarray:
-    x = image.astype(np.float32)
-    x *= rng.uniform(1 - amp, 1 + amp)  # brightness
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(1 - amp, 1 + amp) + mean  # contrast
-    grey = x.mean(axis=2, keepdims=True)
-    x = (x - grey) * rng.uniform(1 - amp, 1 + amp) + grey  # saturation
-    return np.clip(x, 0, 255).astype(np.uint8)
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray], augment: Augment | None = None
-) -> dict[str, np.ndarray]:
-    """Ray Data stage: JPEG/PNG bytes -> ``image`` (N, H, W, 3) uint8, ``label`` (N, H, W) uint8."""
-    rng = np.random.default_rng()
-    images, label_masks = [], []
-    for img_bytes, lbl_bytes in zip(batch["image"], batch["label"], strict=True):
-        image = decode_rgb(img_bytes)
-        label = decode_png_mask(lbl_bytes)
-        if augment is not None:
-            image, label = augment(image, label, rng)
-        images.append(image)
-        label_masks.append(label)
-    return {"image": np.stack(images), "label": np.stack(label_masks)}
-
-
-def build_dataset(data_uri: str, split: str, augment: Augment | None = None):
-    """Decoded (and, for training, augmented) frames of one split, streamed by Ray Data."""
-    return read_shards(data_uri, split, columns=["image", "label"]).map_batches(
+def build_dataset(
+    data_uri: str, split: str, augment: Augment | None = None, *, shuffle_seed: int | None = None
+):
+    """Decoded (and, for training, augmented) frames of one split, streamed by Ray Data;
+    with ``shuffle_seed``, the shard files in a new random order on every pass."""
+    columns = ["image_id", "image", "label"]
+    return read_shards(data_uri, split, columns, shuffle_seed=shuffle_seed).map_batches(
         decode_batch, batch_size=16, batch_format="numpy", fn_kwargs={"augment": augment}
     )
 
@@ -142,7 +75,10 @@ class NormalizeCollate(NumpyBatchCollateFn):
         label = torch.from_numpy(np.require(batch["label"], requirements="CW"))
         image = image.to(self.device, non_blocking=non_blocking)
         label = label.to(self.device, non_blocking=non_blocking)
-        return {"image": self.transform.normalize(image), "label": label.long()}
+        out = {"image": self.transform.normalize(image), "label": label.long()}
+        if "image_id" in batch:
+            out["image_id"] = [str(i) for i in batch["image_id"]]
+        return out
 
 
 def torch_batches(
@@ -153,13 +89,21 @@ def torch_batches(
     *,
     drop_last: bool = False,
     prefetch_batches: int = 2,
+    shuffle_buffer: int = 0,
+    shuffle_seed: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of a Ray dataset or a Ray Train dataset shard as torch tensors."""
+    """Batches of a Ray dataset or a Ray Train dataset shard as torch tensors.
+
+    ``shuffle_buffer`` > 0: each batch is drawn at random from a buffer of that many frames
+    (Ray Data's local shuffle, seeded by ``shuffle_seed``), so a batch mixes the blocks that
+    stream in instead of taking consecutive frames of one drive."""
     return ds.iter_torch_batches(
         batch_size=batch_size,
         collate_fn=NormalizeCollate(transform, device),
         drop_last=drop_last,
         prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=shuffle_seed if shuffle_buffer else None,
     )
 
 

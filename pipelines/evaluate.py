@@ -10,7 +10,7 @@ from pipelines.dataset import build_dataset
 from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
 from pipelines.ingest import read_manifest
-from pipelines.labels import N_CLASSES
+from pipelines.labels import CLASS_NAMES
 from pipelines.metrics import confusion_matrix, scores
 from pipelines.predictor import Predictor
 
@@ -34,18 +34,19 @@ def evaluate(predictor: Predictor, data_uri: str, split: str = "val", batch_size
             f"{data_uri}: data was ingested with {data} but the model expects {model}; "
             "re-ingest with the model's --size/--crop-top"
         )
-    conf = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.int64)
+    n_class = predictor.spec.n_class
+    conf = torch.zeros(n_class, n_class, dtype=torch.int64)
     frames = 0
     for batch in build_dataset(data_uri, split).iter_batches(
         batch_size=batch_size, batch_format="numpy"
     ):
         pred = predictor.predict_prepared(batch["image"])
         label = torch.as_tensor(np.array(batch["label"]))  # a copy: Ray's arrays are read-only
-        conf += confusion_matrix(torch.from_numpy(pred), label, N_CLASSES)
+        conf += confusion_matrix(torch.from_numpy(pred), label, n_class)
         frames += len(pred)
     if frames == 0:
         raise EvaluationError(f"{data_uri}/{split}: no frames to evaluate")
-    result = scores(conf.numpy())
+    result = scores(conf.numpy(), predictor.spec.class_names or CLASS_NAMES)
     result["frames"] = frames
     result["confusion"] = conf.numpy().astype(np.int64).tolist()
     return result

@@ -314,7 +314,7 @@ def run_ingest(
     """Ingest ``source`` (Apollo tree or CSV) into ``dest``/{train,val}/*.parquet + manifest.
 
     Re-running on the same source gives the same shards and manifest (splits are overwritten,
-    rows are sorted by ``image_id``).
+    rows in :func:`shard_order_key` order).
     """
     import ray
     from ray.data.expressions import col
@@ -346,14 +346,20 @@ def run_ingest(
     mean_row_bytes = float(meta.loc[ok, "nbytes"].mean()) if ok.any() else 1.0
     rows_per_file = max(1, int(shard_bytes // max(1.0, mean_row_bytes)))
 
-    # Which file each valid row goes to is decided here, from the sorted ids, and each file
-    # is written sorted: a re-run writes the same rows to the same files. (Ray Data's own
-    # Parquet sink fills files in whatever order blocks arrive; with it, a re-run in the
-    # test suite sometimes wrote a split's rows in another order.)
+    # Which file each valid row goes to is decided here, and each file is written in that
+    # order: a re-run writes the same rows to the same files. (Ray Data's own Parquet sink
+    # fills files in whatever order blocks arrive; with it, a re-run in the test suite
+    # sometimes wrote a split's rows in another order.) The order is a seeded hash of the
+    # id, not the id itself: sorted ids are consecutive video frames of one camera, and
+    # every file and every run of rows in it would hold one drive; training reads files and
+    # rows in streams, so each stream must already mix drives.
     file_of: dict[str, str] = {}
     for split in SPLITS:
         dest_loc.join(split).delete()  # a re-run never duplicates, a stale split never survives
-        ids = sorted(meta.loc[ok & (meta["split"] == split), "image_id"])
+        ids = sorted(
+            meta.loc[ok & (meta["split"] == split), "image_id"],
+            key=lambda i: shard_order_key(i, seed),
+        )
         file_of.update(
             {i: f"{split}/{split}-{n // rows_per_file:05d}.parquet" for n, i in enumerate(ids)}
         )
@@ -365,7 +371,9 @@ def run_ingest(
             # One shuffle partition per file: the default (200 aggregators) made a small
             # ingest spend ~10 s starting them.
             .groupby("file", num_partitions=len(set(file_of.values())))
-            .map_groups(_write_shard, batch_format="pyarrow", fn_kwargs={"dest": dest_loc})
+            .map_groups(
+                _write_shard, batch_format="pyarrow", fn_kwargs={"dest": dest_loc, "seed": seed}
+            )
             .materialize()
         )
 
@@ -396,10 +404,17 @@ def _add_file(batch: pa.Table, file_of: dict[str, str]) -> pa.Table:
     return batch.append_column("file", pa.array(files, pa.string()))
 
 
-def _write_shard(group: pa.Table, dest: Location) -> pa.Table:
-    """Ray Data stage: write the rows of one shard file, sorted by ``image_id``."""
+def shard_order_key(image_id: str, seed: int) -> str:
+    """The position of a row in its split's shards: a seeded hash of its id, so consecutive
+    rows come from different drives, and a re-run puts every row where it was."""
+    return hashlib.sha256(f"{seed}/{image_id}".encode()).hexdigest()
+
+
+def _write_shard(group: pa.Table, dest: Location, seed: int) -> pa.Table:
+    """Ray Data stage: write the rows of one shard file, in :func:`shard_order_key` order."""
     name = group["file"][0].as_py()
-    table = group.sort_by("image_id").select(list(SHARD_COLUMNS))
+    keys = [shard_order_key(i, seed) for i in group["image_id"].to_pylist()]
+    table = group.take(np.argsort(keys, kind="stable")).select(list(SHARD_COLUMNS))
     loc = dest.join(name)
     loc.parent().mkdir()
     with loc.fs.open_output_stream(loc.path) as f:

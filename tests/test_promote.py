@@ -103,3 +103,24 @@ def test_bad_input_is_one_line(tmp_path, local_shards, register_version, ray_clu
         "--model", MODEL, "--candidate", version, "--eval-data", str(other)
     )
     assert MlflowClient().get_registered_model(MODEL).aliases == {}
+
+
+def test_evaluation_counts_the_models_classes(local_shards, test_transform, ray_cluster):
+    """The confusion matrix has the model's classes, not the label map's: a 9-class model
+    scores 9 rows and columns (class 8 never occurs in the labels, so its row is empty)."""
+    import numpy as np
+    import torch
+
+    from fcn_models import build_model
+    from pipelines.predictor import ModelSpec, Predictor
+
+    torch.manual_seed(0)
+    model = build_model("fcn8s_resnet101", 9).eval()
+    with torch.no_grad():
+        model.score_layer4.bias[8] = 1.0  # predicts the extra class everywhere
+    predictor = Predictor(model, ModelSpec("fcn8s_resnet101", 9, test_transform), "cpu")
+    result = evaluate(predictor, local_shards)
+    conf = np.array(result["confusion"])
+    assert conf.shape == (9, 9)
+    assert conf[8].sum() == 0 and conf[:, 8].sum() == conf.sum() > 0
+    assert result["frames"] == 6 and len(result["iou"]) == 9

@@ -1,0 +1,454 @@
+"""How a model learns: the optimization recipe, its parameter groups, the step, and the loop
+that every Ray Train worker runs (``jobs/train.py`` only parses, validates and wires).
+
+Two recipes:
+
+- ``default`` (torchvision's segmentation reference): SGD, momentum 0.9, weight decay 1e-4,
+  learning rate 0.01 with poly decay (power 0.9) over all steps, loss averaged over pixels.
+  For the ResNet-101 model and for VGG FCNs trained with per-pixel mean loss.
+- ``reference`` (the FCN paper's Caffe solvers, VGG FCNs only): loss *summed* over pixels,
+  fixed learning rate 1e-10 (FCN-32s), 1e-12 (FCN-16s), 1e-14 (FCN-8s, staged), 1e-10
+  (FCN-8s at-once), momentum 0.99, weight decay 5e-4. The tiny rates are what a summed loss
+  over ~10^5 pixels per image needs; momentum 0.99 averages over ~100 steps of batch 1.
+
+Both share the reference nets' parameter groups: the bilinear upsamplers stay fixed (Caffe
+``lr_mult: 0`` on every ``upscore*``) unless ``learn_upsampling``; biases learn at twice the
+rate without weight decay (Caffe ``lr_mult: 2, decay_mult: 0``); normalization parameters
+(the ResNet's BatchNorm) have no weight decay (torchvision's ``norm_weight_decay=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import fcn_models
+from pipelines import labels
+from pipelines.errors import UserError
+from pipelines.frames import FrameTransform
+from pipelines.metrics import confusion_matrix, flat_metrics, scores
+from pipelines.predictor import ModelSpec, load_model_dir, save_model_dir, unwrap
+
+log = logging.getLogger("jobs.train")
+
+TRAIN_STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.json"  # the epoch's metrics and validation confusion matrix
+FAIL_MARKER = ".fail-once-done"
+
+RECIPES = ("default", "reference")
+# The FCN reference solvers (fcn.berkeleyvision.org voc-fcn*/solver.prototxt).
+REFERENCE_LR = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14, "fcn8s_atonce": 1e-10}
+
+
+class RecipeError(UserError):
+    """A recipe that does not apply to the chosen model."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimizer, schedule and loss of one training run."""
+
+    name: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    poly_power: float | None  # None: a fixed learning rate
+    loss_reduction: str  # "mean" over pixels, or "sum" over each image's pixels
+    learn_upsampling: bool = False
+
+
+def make_recipe(
+    name: str,
+    model: str,
+    *,
+    lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    learn_upsampling: bool = False,
+) -> Recipe:
+    """The named recipe for ``model``; explicit values override the recipe's own."""
+    if name == "default":
+        base = Recipe("default", 0.01, 0.9, 1e-4, 0.9, "mean", learn_upsampling)
+    elif name == "reference":
+        if model not in REFERENCE_LR:
+            raise RecipeError(
+                f"--recipe reference reproduces the FCN paper's VGG solvers "
+                f"({', '.join(REFERENCE_LR)}); {model} has none: use --recipe default"
+            )
+        base = Recipe("reference", REFERENCE_LR[model], 0.99, 5e-4, None, "sum", learn_upsampling)
+    else:
+        raise RecipeError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return Recipe(
+        base.name,
+        base.lr if lr is None else lr,
+        base.momentum if momentum is None else momentum,
+        base.weight_decay if weight_decay is None else weight_decay,
+        base.poly_power,
+        base.loss_reduction,
+        learn_upsampling,
+    )
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def set_trainable(model: nn.Module, *, learn_upsampling: bool) -> None:
+    """Freeze (or unfreeze) the bilinear upsamplers: every transposed conv of the FCNs.
+
+    Call before wrapping in DDP, which registers only parameters that require grad."""
+    for m in model.modules():
+        if isinstance(m, nn.ConvTranspose2d):
+            m.requires_grad_(learn_upsampling)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """The reference parameter groups of the trainable parameters: weights (lr, decay),
+    biases (2 x lr, no decay), normalization parameters (lr, no decay)."""
+    norm_ids = {
+        id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(False)
+    }
+    weights, biases, norms = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in norm_ids:
+            norms.append(p)
+        elif name.endswith("bias"):
+            biases.append(p)
+        else:
+            weights.append(p)
+    groups = [
+        {"name": "weights", "params": weights, "lr": lr, "weight_decay": weight_decay},
+        {"name": "biases", "params": biases, "lr": 2 * lr, "weight_decay": 0.0},
+        {"name": "norm", "params": norms, "lr": lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(
+    model: nn.Module, recipe: Recipe, total_steps: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over the reference parameter groups, and the recipe's schedule (stepped once per
+    optimizer step): poly decay to zero at ``total_steps``, or a fixed rate."""
+    optimizer = torch.optim.SGD(
+        param_groups(model, recipe.lr, recipe.weight_decay),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+    )
+    power = recipe.poly_power
+    if power is None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1 - step / total_steps) ** power
+        )
+    return optimizer, scheduler
+
+
+def make_loss(recipe: Recipe):
+    """Pixel-wise cross-entropy, ignore pixels excluded. ``sum``: summed over each image's
+    pixels and averaged over images (Caffe's ``normalize: false`` divides by the batch)."""
+    if recipe.loss_reduction == "mean":
+        return nn.CrossEntropyLoss(ignore_index=labels.IGNORE_INDEX)
+    summed = nn.CrossEntropyLoss(ignore_index=labels.IGNORE_INDEX, reduction="sum")
+    return lambda logits, target: summed(logits, target) / len(target)
+
+
+def train_step(
+    model, batch: dict, criterion, optimizer, autocast, *, channels_last: bool = False
+) -> torch.Tensor:
+    """One optimization step on a batch; returns the (detached) loss."""
+    x, y = batch["image"], batch["label"]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        loss = criterion(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """An independent 32-bit seed per (run seed, epoch, rank): a resumed run draws what the
+    uninterrupted one would have drawn in that epoch, not epoch 0's numbers again."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def save_train_state(directory: Path, optimizer, scheduler, epoch: int, step: int) -> None:
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "global_step": step,
+        },
+        directory / TRAIN_STATE_FILE,
+    )
+
+
+def restore_train_state(directory: Path, optimizer, scheduler) -> tuple[int, int]:
+    """Optimizer (momentum buffers) and schedule position from a checkpoint; returns the
+    (next epoch, global step). Loaded as data (``weights_only``): nothing is unpickled."""
+    state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1, state["global_step"]
+
+
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm running statistics) on every rank. DDP broadcasts
+    them before each training forward, but that forward then updates them per rank, so after
+    the last step the ranks differ; validation must score the weights that are checkpointed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src)
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop, run by every Ray Train worker.
+# --------------------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.dataset import torch_batches
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    transform = FrameTransform.from_dict(config["transform"])
+    n_class = config["n_class"]
+    per_worker_batch = config["batch_size"] // world
+    amp = bool(config["amp"])
+    recipe = Recipe(**config["recipe"])
+    channels_last = amp and device.type == "cuda"
+    # Subnormal floats (the first steps' tiny gradients behind the zero-initialised heads)
+    # make x86 CPUs ~10x slower; flushing them to zero changes nothing a model can learn.
+    torch.set_flush_denormal(True)
+
+    # -- model, optimizer, schedule; resumed from the last checkpoint when there is one -----
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model, _ = load_model_dir(d)
+    else:
+        opts = {}
+        if config.get("backbone_weights_ref") is not None:
+            opts["backbone_weights"] = ray.get(config["backbone_weights_ref"])
+        torch.manual_seed(config["seed"])  # the same initial weights on every rank
+        model = fcn_models.build_model(config["model"], n_class, **opts)
+    set_trainable(model, learn_upsampling=recipe.learn_upsampling)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda" and world > 1:
+        # BatchNorm statistics over the global batch, not each GPU's few frames (torchvision's
+        # segmentation reference does the same). gloo on CPU has no SyncBatchNorm kernel.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+
+    # The step count is known before training from the manifest: streaming_split(equal=True)
+    # gives every rank floor(frames / world) rows, and the last partial batch is dropped.
+    steps_per_epoch = max(1, (config["train_frames"] // world) // per_worker_batch)
+    optimizer, scheduler = make_optimizer(model, recipe, steps_per_epoch * config["epochs"])
+    start_epoch, global_step = 0, 0
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            start_epoch, global_step = restore_train_state(Path(d), optimizer, scheduler)
+    criterion = make_loss(recipe)
+
+    tracker = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        tracker = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+    for epoch in range(start_epoch, config["epochs"]):
+        seed = epoch_seed(config["seed"], epoch, rank)
+        torch.manual_seed(seed)  # dropout (VGG FCNs)
+        # -- train ------------------------------------------------------------------------
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        seen = torch.zeros((), device=device)
+        t0 = time.perf_counter()
+        batches = torch_batches(
+            train_shard, per_worker_batch, transform, device, drop_last=True,
+            shuffle_buffer=config["shuffle_buffer"], shuffle_seed=seed,
+        )  # fmt: skip
+        for batch in batches:
+            loss = train_step(
+                model, batch, criterion, optimizer, autocast, channels_last=channels_last
+            )
+            scheduler.step()
+            global_step += 1
+            loss_sum += loss * len(batch["image"])
+            seen += len(batch["image"])
+            _maybe_fail_once(config, rank, global_step)
+        train_seconds = time.perf_counter() - t0
+
+        # -- validate: each rank scores its exact part of the split with rank 0's weights and
+        # buffers (what is checkpointed); the confusion matrices are summed ------------------
+        net = unwrap(model).eval()
+        broadcast_buffers(net)
+        conf, val_frames, samples = evaluate_shard(
+            net, val_shard, per_worker_batch, transform, device, n_class, autocast,
+            n_samples=4 if rank == 0 else 0,
+        )  # fmt: skip
+        stats = torch.stack([loss_sum, seen, val_frames]).double()
+        if world > 1:
+            torch.distributed.all_reduce(conf)
+            torch.distributed.all_reduce(stats)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": float(stats[0] / max(1.0, float(stats[1]))),
+            "train_images_per_s": float(stats[1]) / max(train_seconds, 1e-9),
+            "lr": scheduler.get_last_lr()[0],
+            "val_frames": int(stats[2]),  # every validation frame, scored once across ranks
+            **flat_metrics(scores(conf.cpu().numpy()), "val_"),
+        }
+        _checkpoint_and_report(config, rank, model, optimizer, scheduler, global_step, metrics,
+                               conf, transform)  # fmt: skip
+        if tracker is not None:
+            tracker.log_epoch(epoch, metrics, conf, samples)
+        if rank == 0:
+            # A logger, not print: Ray Train tees a worker's print into its own logger, so
+            # every print line would reach the driver twice.
+            log.info(
+                "epoch %d/%d: loss %.4f val mIoU %.4f pixel acc %.4f %.1f img/s",
+                epoch + 1, config["epochs"], metrics["train_loss"], metrics["val_miou"],
+                metrics["val_pixel_acc"], metrics["train_images_per_s"],
+            )  # fmt: skip
+
+
+def evaluate_shard(
+    net: nn.Module,
+    shard,
+    batch_size: int,
+    transform: FrameTransform,
+    device: torch.device,
+    n_class: int,
+    autocast,
+    n_samples: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[np.ndarray, np.ndarray]]]:
+    """(confusion matrix, frames, up to ``n_samples`` (frame, prediction) pairs) of ``net``
+    on this rank's part of a split. The plain module, so no DDP collective runs per batch
+    (the ranks' parts differ in length)."""
+    from pipelines.dataset import torch_batches
+
+    conf = torch.zeros(n_class, n_class, dtype=torch.int64, device=device)
+    frames = torch.zeros((), device=device)
+    samples: list[tuple[np.ndarray, np.ndarray]] = []
+    with torch.no_grad(), autocast:
+        for batch in torch_batches(shard, batch_size, transform, device):
+            pred = net(batch["image"]).argmax(1)
+            conf += confusion_matrix(pred, batch["label"], n_class)
+            frames += len(pred)
+            if len(samples) < n_samples:
+                samples += _overlay_samples(
+                    batch["image"], pred, transform, n_samples - len(samples)
+                )
+    return conf, frames, samples
+
+
+def _checkpoint_and_report(
+    config, rank, model, optimizer, scheduler, global_step, metrics, conf, transform
+) -> None:
+    """Rank 0 writes the checkpoint (DDP keeps the weights identical); every rank reports."""
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            spec = ModelSpec(
+                model=config["model"],
+                n_class=config["n_class"],
+                transform=transform,
+                class_names=labels.CLASS_NAMES,
+                info={
+                    "epoch": metrics["epoch"],
+                    "val_miou": metrics["val_miou"],
+                    **config["provenance"],
+                },
+            )
+            save_model_dir(tmp, model, spec)
+            save_train_state(Path(tmp), optimizer, scheduler, metrics["epoch"], global_step)
+            (Path(tmp) / METRICS_FILE).write_text(
+                json.dumps({**metrics, "val_confusion": conf.cpu().tolist()}, indent=1)
+            )
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _maybe_fail_once(config: dict, rank: int, step: int) -> None:
+    """Chaos testing: kill this worker's process once, at a given step, to exercise Ray
+    Train's restart-from-checkpoint. A marker in run storage makes it happen only once."""
+    from pipelines.storage import resolve
+
+    at = config.get("fail_once_at_step")
+    if at is None or rank != 0 or step != at:
+        return
+    marker = resolve(config["storage"]).join(config["run_name"], FAIL_MARKER)
+    if marker.exists():
+        return
+    marker.write_text(f"failed at step {step}\n")
+    log.warning("chaos: killing rank %d at step %d", rank, step)
+    os._exit(1)
+
+
+def _overlay_samples(images, pred, transform: FrameTransform, n: int) -> list:
+    mean = torch.tensor(transform.mean, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(transform.std, device=images.device).view(1, 3, 1, 1) * 255
+    raw = (images[:n].float() * std + mean).clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [(img, m) for img, m in zip(raw, pred[:n].byte().cpu().numpy(), strict=True)]
+
+
+class EpochLogger:
+    """Rank 0's per-epoch MLflow record: metrics by step, the confusion matrix and overlays."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.run_id = run_id
+
+    def log_epoch(self, epoch: int, metrics: dict, conf, samples) -> None:
+        from mlflow.entities import Metric
+
+        from pipelines.pictures import confusion_png, grid, overlay
+
+        now = int(time.time() * 1000)
+        values = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=values)
+        self.client.log_image(
+            self.run_id,
+            _png_to_array(confusion_png(conf.cpu().numpy())),
+            artifact_file=f"confusion/epoch_{epoch:03d}.png",
+        )
+        if samples:
+            picture = grid([overlay(img, m) for img, m in samples], columns=2, width=512)
+            self.client.log_image(
+                self.run_id, picture, artifact_file=f"overlays/epoch_{epoch:03d}.png"
+            )
+
+
+def _png_to_array(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
