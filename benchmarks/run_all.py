@@ -13,7 +13,7 @@ import argparse
 import datetime
 import sys
 
-from benchmarks import bench_data, bench_label, bench_models, bench_train
+from benchmarks import bench_data, bench_label, bench_learning, bench_models, bench_train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
         ("Data pipeline", bench_data.main, ["--frames", "16" if args.quick else "64"]),
         ("Training", bench_train.main, dev + small + (["--frames", "32", "--batch-size", "4", "--steps", "5"] if args.quick else [])),
         ("Labeling", bench_label.main, dev + small + (["--frames", "24", "--batch-size", "4"] if args.quick else [])),
+        ("Learning: val mIoU per epoch, recipe before and after", bench_learning.main,
+         dev + (["--variants", "before,after"] if args.quick else
+                ["--size", "1024x384", "--frame-size", "1692x855", "--crop-top", "345",
+                 "--frames", "192", "--epochs", "10", "--batch-size", "8"])),
     ]  # fmt: skip
     print(f"# benchmarks, {datetime.date.today()}, {' '.join(sys.argv[1:]) or 'defaults'}\n")
     for title, fn, fn_argv in runs:

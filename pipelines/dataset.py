@@ -45,7 +45,12 @@ def read_shards(
             f"{loc.uri}: no Parquet shards (expected *.parquet written by `python -m jobs.ingest`)"
         )
     shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed)
-    return ray.data.read_parquet(files, filesystem=loc.fs, columns=columns, shuffle=shuffle)
+    # One read task (one block) per shard file: ingest sizes the files (~256 MB), and Ray's own
+    # estimate merges small files into one block, which streaming_split then hands whole to a
+    # single worker.
+    return ray.data.read_parquet(
+        files, filesystem=loc.fs, columns=columns, shuffle=shuffle, override_num_blocks=len(files)
+    )
 
 
 def build_dataset(

@@ -40,7 +40,7 @@ from pipelines.predictor import ModelSpec, load_model_dir, save_model_dir, unwra
 log = logging.getLogger("jobs.train")
 
 TRAIN_STATE_FILE = "train_state.pt"
-METRICS_FILE = "metrics.json"  # the epoch's metrics and validation confusion matrix
+METRICS_FILE = "metrics.json"  # the epoch's metrics, validation confusion matrix, frames by rank
 FAIL_MARKER = ".fail-once-done"
 
 RECIPES = ("default", "reference")
@@ -215,6 +215,39 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
             dist.broadcast(b, src)
 
 
+def sum_over_ranks(conf: torch.Tensor, stats: torch.Tensor, frames: torch.Tensor) -> list[int]:
+    """``conf`` and ``stats`` summed over all ranks, in place; returns the frames each rank
+    scored. Scores come from the summed confusion matrix, never from averaged rank scores."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [int(frames)]
+    dist.all_reduce(conf)
+    dist.all_reduce(stats)
+    by_rank = [torch.zeros_like(frames) for _ in range(dist.get_world_size())]
+    dist.all_gather(by_rank, frames)
+    return [int(n) for n in by_rank]
+
+
+def check_replicas_agree(model: nn.Module) -> None:
+    """Raise unless every rank holds the same weights and buffers (a float64 checksum,
+    compared by all-reduce min/max): validation must score one model, the checkpointed one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    total = torch.stack([t.double().sum() for t in tensors]).sum()
+    lo, hi = total.clone(), total.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo != hi:
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: the ranks hold different weights or BatchNorm statistics "
+            f"before validation (checksums {float(lo)!r} .. {float(hi)!r})"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # The training loop, run by every Ray Train worker.
 # --------------------------------------------------------------------------------------------
@@ -303,14 +336,13 @@ def train_loop_per_worker(config: dict) -> None:
         # buffers (what is checkpointed); the confusion matrices are summed ------------------
         net = unwrap(model).eval()
         broadcast_buffers(net)
+        check_replicas_agree(net)
         conf, val_frames, samples = evaluate_shard(
             net, val_shard, per_worker_batch, transform, device, n_class, autocast,
             n_samples=4 if rank == 0 else 0,
         )  # fmt: skip
         stats = torch.stack([loss_sum, seen, val_frames]).double()
-        if world > 1:
-            torch.distributed.all_reduce(conf)
-            torch.distributed.all_reduce(stats)
+        by_rank = sum_over_ranks(conf, stats, val_frames)
         metrics = {
             "epoch": epoch,
             "train_loss": float(stats[0] / max(1.0, float(stats[1]))),
@@ -319,8 +351,10 @@ def train_loop_per_worker(config: dict) -> None:
             "val_frames": int(stats[2]),  # every validation frame, scored once across ranks
             **flat_metrics(scores(conf.cpu().numpy()), "val_"),
         }
+        details = {"val_confusion": conf.cpu().tolist(),
+                   "val_frames_by_rank": by_rank}  # fmt: skip
         _checkpoint_and_report(config, rank, model, optimizer, scheduler, global_step, metrics,
-                               conf, transform)  # fmt: skip
+                               details, transform)  # fmt: skip
         if tracker is not None:
             tracker.log_epoch(epoch, metrics, conf, samples)
         if rank == 0:
@@ -364,7 +398,7 @@ def evaluate_shard(
 
 
 def _checkpoint_and_report(
-    config, rank, model, optimizer, scheduler, global_step, metrics, conf, transform
+    config, rank, model, optimizer, scheduler, global_step, metrics, details, transform
 ) -> None:
     """Rank 0 writes the checkpoint (DDP keeps the weights identical); every rank reports."""
     import tempfile
@@ -387,9 +421,7 @@ def _checkpoint_and_report(
             )
             save_model_dir(tmp, model, spec)
             save_train_state(Path(tmp), optimizer, scheduler, metrics["epoch"], global_step)
-            (Path(tmp) / METRICS_FILE).write_text(
-                json.dumps({**metrics, "val_confusion": conf.cpu().tolist()}, indent=1)
-            )
+            (Path(tmp) / METRICS_FILE).write_text(json.dumps({**metrics, **details}, indent=1))
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 

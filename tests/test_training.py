@@ -218,3 +218,66 @@ def test_backbone_weights_are_checked_against_the_model(tmp_path):
     junk.write_bytes(b"not a torch file")
     with pytest.raises(BackboneWeightsError, match="not a torch.save state_dict"):
         load_backbone_weights(str(junk), "fcn8s_resnet101", 8)
+
+
+def _replica_worker(rank: int, world: int, port: int, broadcast: bool, out) -> None:
+    import torch.distributed as dist
+
+    from pipelines.training import broadcast_buffers, check_replicas_agree, sum_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        torch.manual_seed(0)  # the same weights on both ranks, as DDP keeps them
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+        torch.manual_seed(10 + rank)  # each rank's own last training batch
+        model(torch.randn(2, 3, 8, 8))  # updates this rank's running statistics
+        if broadcast:
+            broadcast_buffers(model)
+        try:
+            check_replicas_agree(model)
+            out.put((rank, "agree", model[1].running_mean.tolist()))
+        except RuntimeError as e:
+            out.put((rank, "differ", str(e)))
+        # Each rank's part of a validation split: rank r scored r + 2 frames, all class r.
+        conf = torch.zeros(3, 3, dtype=torch.int64)
+        conf[rank, rank] = 10 * (rank + 1)
+        stats = torch.tensor([1.0, 2.0, rank + 2.0], dtype=torch.float64)
+        by_rank = sum_over_ranks(conf, stats, torch.tensor(float(rank + 2)))
+        out.put((rank, "sum", (conf.tolist(), stats.tolist(), by_rank)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_validation_replicas_agree_only_after_the_buffer_broadcast(broadcast):
+    """Two gloo ranks whose BatchNorm statistics drifted apart in their last step: after
+    broadcast_buffers every rank holds rank 0's, and check_replicas_agree (run before every
+    validation) passes; without the broadcast it refuses to validate. Then the validation
+    parts are summed over the ranks (confusion matrix, loss and frame counts)."""
+    import torch.multiprocessing as mp
+
+    from .conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_replica_worker, args=(r, 2, port, broadcast, out)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=120) for _ in range(4)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    results = sorted(r for r in got if r[1] != "sum")
+    # Both ranks end with the sum of both parts, and know who scored what.
+    summed = ([[10, 0, 0], [0, 20, 0], [0, 0, 0]], [2.0, 4.0, 5.0], [2, 3])
+    assert [r[2] for r in got if r[1] == "sum"] == [summed, summed]
+    if broadcast:
+        assert [r[1] for r in results] == ["agree", "agree"]
+        assert results[0][2] == results[1][2]
+    else:
+        assert [r[1] for r in results] == ["differ", "differ"]
+        assert "different weights or BatchNorm statistics" in results[0][2]
