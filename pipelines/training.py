@@ -195,10 +195,15 @@ def save_train_state(directory: Path, optimizer, scheduler, epoch: int, step: in
     )
 
 
-def restore_train_state(directory: Path, optimizer, scheduler) -> tuple[int, int]:
-    """Optimizer (momentum buffers) and schedule position from a checkpoint; returns the
-    (next epoch, global step). Loaded as data (``weights_only``): nothing is unpickled."""
-    state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+def load_train_state(directory: Path) -> dict:
+    """A checkpoint's optimizer and schedule state, loaded as data (``weights_only``):
+    nothing is unpickled."""
+    return torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def restore_train_state(state: dict, optimizer, scheduler) -> tuple[int, int]:
+    """Optimizer (momentum buffers) and schedule position from :func:`load_train_state`;
+    returns the (next epoch, global step)."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["epoch"] + 1, state["global_step"]
@@ -273,9 +278,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     # -- model, optimizer, schedule; resumed from the last checkpoint when there is one -----
     checkpoint = ray.train.get_checkpoint()
+    train_state = None
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        with checkpoint.as_directory() as d:  # one download (S3) for model and train state
             model, _ = load_model_dir(d)
+            train_state = load_train_state(Path(d))
     else:
         opts = {}
         if config.get("backbone_weights_ref") is not None:
@@ -296,9 +303,8 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = max(1, (config["train_frames"] // world) // per_worker_batch)
     optimizer, scheduler = make_optimizer(model, recipe, steps_per_epoch * config["epochs"])
     start_epoch, global_step = 0, 0
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start_epoch, global_step = restore_train_state(Path(d), optimizer, scheduler)
+    if train_state is not None:
+        start_epoch, global_step = restore_train_state(train_state, optimizer, scheduler)
     criterion = make_loss(recipe)
 
     tracker = None

@@ -16,6 +16,7 @@ from pipelines.predictor import load_model_dir, save_model_dir
 from pipelines.training import (
     RecipeError,
     epoch_seed,
+    load_train_state,
     make_loss,
     make_optimizer,
     make_recipe,
@@ -182,7 +183,7 @@ def test_resume_continues_schedule_and_momentum_exactly(tmp_path, test_transform
     model, _ = load_model_dir(tmp_path)
     set_trainable(model, learn_upsampling=False)
     opt, sched = make_optimizer(model, recipe, total_steps=6)
-    assert restore_train_state(tmp_path, opt, sched) == (1, 2)
+    assert restore_train_state(load_train_state(tmp_path), opt, sched) == (1, 2)
     assert sched.get_last_lr() == [recipe.lr * (1 - 2 / 6) ** 0.9, 2 * recipe.lr * (1 - 2 / 6) ** 0.9,
                                    recipe.lr * (1 - 2 / 6) ** 0.9]  # fmt: skip
     steps(model, opt, sched, data[2:])
