@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     print(
         f"\nDemo finished in {total:.0f}s. Everything is under {root}:\n"
-        f"  data            {raw} -> shards {shards} (manifest.json beside them)\n"
+        f"  data            {raw} -> dataset {shards} (current.json names the version)\n"
         f"  MLflow          {tracking_uri}: experiment {EXPERIMENT!r}, run {run_name!r}"
         f" ({champion.run_id})\n"
         f"  model           models:/{MODEL_NAME}/{champion.version} (alias champion)\n"

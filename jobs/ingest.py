@@ -1,11 +1,14 @@
-"""Ingest raw drive data into Parquet shards (train/, val/) plus manifest.json.
+"""Ingest raw drive data into a new version of a Parquet dataset (train/, val/, manifest.json).
 
     python -m jobs.ingest --source URI --dest URI [--size 1024x384] [--crop-top 690]
-        [--val-fraction 0.1] [--seed N]
+        [--val-fraction 0.1] [--seed N] [--keep-versions N]
 
 The source is an ApolloScape-layout tree (ColorImage*/...jpg with Label*/..._bin.png) or a CSV
-of ``image,label[,drive]`` paths. Bad records never stop the ingest: each is listed in the
-manifest with its reason. Exits non-zero only when nothing valid remains.
+of ``image,label[,drive]`` paths. Each run writes DEST/versions/NAME/ and commits it by
+replacing DEST/current.json, last. Bad records never stop the ingest: each is listed in the
+manifest with its reason. Exit status: 0 committed; 1 nothing valid (not committed); 3 some
+records stayed unreadable after retries (storage trouble, not bad data; not committed unless
+--allow-unreadable): re-run.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import argparse
 import sys
 
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
-from pipelines.frames import FrameTransform
-from pipelines.ingest import run_ingest
+from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, FrameTransform
+from pipelines.ingest import IngestError, Limits, run_ingest
+from pipelines.storage import Retry
 from pipelines.synthetic import parse_size
 
 
@@ -55,12 +59,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the drive split")
     p.add_argument("--shard-mb", type=float, default=256, help="target Parquet shard size in MB")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="larger source files are rejected, from the listing, before they are read",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images/labels are rejected, from their header, before they are decoded",
+    )
+    p.add_argument(
+        "--read-retries",
+        type=int,
+        default=Retry().attempts,
+        help="attempts per source file on storage errors (backoff 0.5 s doubling to 8 s)",
+    )
+    p.add_argument(
+        "--keep-versions",
+        type=int,
+        default=None,
+        help="after committing, remove all but the newest N versions (default: keep all)",
+    )
+    p.add_argument(
+        "--allow-unreadable",
+        action="store_true",
+        help="commit even if some records stayed unreadable after retries",
+    )
+    p.add_argument("--slow-write", type=float, default=0.0, help=argparse.SUPPRESS)  # chaos
     return p
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
+    for flag in ("max_bytes", "max_pixels", "read_retries", "keep_versions"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise IngestError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     transform = FrameTransform(
         width=args.size[0],
         height=args.size[1],
@@ -76,16 +114,33 @@ def main(argv: list[str] | None = None) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         shard_bytes=int(args.shard_mb * 2**20),
+        limits=Limits(args.max_bytes, args.max_pixels, Retry(attempts=args.read_retries)),
+        keep_versions=args.keep_versions,
+        allow_unreadable=args.allow_unreadable,
+        slow_write=args.slow_write,
     )
     print(result.summary())
     manifest = result.manifest
-    for r in manifest["rejected"][:10]:
-        print(f"  rejected {r['image'] or r['label']}: {r['reason']}")
-    if len(manifest["rejected"]) > 10:
-        print(f"  ... and {len(manifest['rejected']) - 10} more in {args.dest}/manifest.json")
+    where = f"{result.version_uri}/manifest.json"
+    for kind in ("rejected", "unreadable"):
+        for r in manifest[kind][:10]:
+            print(f"  {kind} {r['image'] or r['label']}: {r['reason']}")
+        if len(manifest[kind]) > 10:
+            print(f"  ... and {len(manifest[kind]) - 10} more {kind} in {where}")
+    for name in result.pruned:
+        print(f"  removed old version {name}")
     if result.valid == 0:
         print("error: nothing valid to ingest (see the reasons above)", file=sys.stderr)
         return 1
+    if not result.committed:
+        print(
+            f"error: {result.unreadable} records could not be read after "
+            f"{args.read_retries} attempts (storage errors, listed above); the version was "
+            "written but not committed, the current one is unchanged. Re-run when storage "
+            "is healthy, or pass --allow-unreadable.",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 

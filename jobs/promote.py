@@ -19,8 +19,7 @@ from datetime import datetime, timezone
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
 from pipelines import registry, tracking
 from pipelines.evaluate import evaluate
-from pipelines.ingest import manifest_sha256, read_manifest
-from pipelines.storage import resolve
+from pipelines.versions import resolve_dataset
 
 NOT_PROMOTED = 1
 
@@ -46,14 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def record(client, name: str, version: str, result: dict, eval_data: str, digest: str) -> None:
+def record(client, name: str, version: str, result: dict, data) -> None:
     tags = {
         "eval_miou": f"{result['miou']:.6f}",
         "eval_pixel_acc": f"{result['pixel_acc']:.6f}",
         "eval_iou": json.dumps({k: round(v, 6) for k, v in result["iou"].items()}),
         "eval_frames": str(result["frames"]),
-        "eval_data": eval_data,
-        "eval_data_manifest_sha256": digest,
+        "eval_data": data.root,
+        "eval_data_version": data.name,
+        "eval_data_manifest_sha256": data.manifest_sha256,
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for k, v in tags.items():
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.eval_data:
         raise registry.RegistryError("--eval-data is required (unless --rollback)")
 
-    read_manifest(args.eval_data)  # a clear error now, not after loading models
+    # Resolved once, before models load (a clear error now), and used for both models: a
+    # version committed meanwhile never splits the comparison.
+    data = resolve_dataset(args.eval_data)
     candidate = registry.resolve_version(f"models:/{args.model}/{args.candidate}", client)
     holder = registry.alias_holder(args.model, args.alias, client)
     if holder == candidate.version:
@@ -92,13 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     quiet_ray_data()
-    eval_data = resolve(args.eval_data).uri
-    digest = manifest_sha256(args.eval_data)
     results = {}
     for version in [candidate.version] + ([holder] if holder else []):
         ref = registry.ModelRef(args.model, version)
-        results[version] = evaluate(registry.load_predictor(ref), args.eval_data, args.split)
-        record(client, args.model, version, results[version], eval_data, digest)
+        results[version] = evaluate(registry.load_predictor(ref), data.uri, args.split)
+        record(client, args.model, version, results[version], data)
 
     cand = results[candidate.version]
     rows = [
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 "-" if h is None else f"{c - h:+.4f}",
             )
         )
-    print(f"evaluated on {eval_data} [{args.split}], {cand['frames']} frames")
+    print(f"evaluated on {data.uri} [{args.split}], {cand['frames']} frames")
     print(table(rows))
 
     gain = cand["miou"] - results[holder]["miou"] if holder else None

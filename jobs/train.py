@@ -14,7 +14,7 @@ import argparse
 import hashlib
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from pipelines import labels, tracking
 from pipelines.augment import Augment
 from pipelines.dataset import build_dataset, shard_files, split_config
 from pipelines.frames import FrameTransform
-from pipelines.ingest import MANIFEST_NAME, manifest_sha256, read_manifest
 from pipelines.storage import resolve
 from pipelines.training import (
     RECIPES,
@@ -33,6 +32,7 @@ from pipelines.training import (
     make_recipe,
     train_loop_per_worker,
 )
+from pipelines.versions import DatasetVersion, resolve_dataset
 from pipelines.weights import BackboneWeightsError, load_backbone_weights
 
 
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--data",
         required=True,
-        help="ingested dataset URI (folder with train/, val/ and manifest.json; local or s3://)",
+        help="ingested dataset (the --dest of jobs.ingest: its current version is used, "
+        "resolved once; or a versions/NAME folder to pin one); local or s3://",
     )
     g.add_argument(
         "--model",
@@ -256,12 +257,26 @@ def code_version() -> str:
 # --------------------------------------------------------------------------------------------
 # The driver.
 # --------------------------------------------------------------------------------------------
+def pin_data(cfg: TrainConfig, tracking_uri: str) -> DatasetVersion:
+    """The dataset version this run trains on, resolved once: the current one for a new run;
+    for a resumed run the one it started on (in its params), so a version committed meanwhile
+    never mixes into the training of one model."""
+    data = resolve_dataset(cfg.data)
+    tracking.check_tracking(tracking_uri)
+    started_on = tracking.run_param(cfg.experiment, cfg.run_name, "data_version_uri", tracking_uri)
+    if started_on and started_on != data.uri:
+        print(f"resuming on the dataset version the run started on: {started_on}", flush=True)
+        data = resolve_dataset(started_on)
+    return data
+
+
 def preflight(cfg: TrainConfig, tracking_uri: str) -> tuple[dict, dict | None]:
-    """Every check that can fail before a worker starts. Returns the data manifest and the
-    backbone weights (checked against the model) when ``--backbone-weights`` is given."""
+    """Every check that can fail before a worker starts (``cfg.data`` is a resolved version).
+    Returns the data manifest and the backbone weights (checked against the model) when
+    ``--backbone-weights`` is given."""
     import ray
 
-    manifest = read_manifest(cfg.data)
+    manifest = resolve_dataset(cfg.data).manifest
     for split in ("train", "val"):
         if not shard_files(cfg.data, split):
             raise ConfigError(
@@ -323,13 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = tracking.configure()
     where = init_ray(min_cpus=int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     quiet_ray_data()
+    data = pin_data(cfg, tracking_uri)
+    cfg = replace(cfg, data=data.uri)  # workers and datasets get the version folder
     manifest, backbone = preflight(cfg, tracking_uri)
     transform = FrameTransform.from_dict(manifest["transform"])
-    data_loc, storage = resolve(cfg.data), resolve(cfg.storage)
+    storage = resolve(cfg.storage)
     provenance = {
-        "data": data_loc.uri,
-        "data_manifest": data_loc.join(MANIFEST_NAME).uri,
-        "data_manifest_sha256": manifest_sha256(cfg.data),
+        "data": data.root,
+        "data_version": data.name,
+        "data_version_uri": data.uri,
+        "data_manifest": data.manifest_uri,
+        "data_manifest_sha256": data.manifest_sha256,
         "code_version": code_version(),
         "run_name": cfg.run_name,
     }
@@ -441,6 +460,8 @@ def register(cfg: TrainConfig, checkpoint, metrics: dict, provenance: dict):
         "val_miou": f"{metrics['val_miou']:.6f}",
         "epoch": str(metrics["epoch"]),
         "run_name": cfg.run_name,
+        "data": provenance["data"],
+        "data_version": provenance["data_version"],
         "data_manifest": provenance["data_manifest"],
         "data_manifest_sha256": provenance["data_manifest_sha256"],
         "code_version": provenance["code_version"],

@@ -16,7 +16,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from pipelines.augment import Augment, decode_batch
 from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
-from pipelines.storage import resolve
+from pipelines.versions import resolve_dataset
 
 
 class DataError(UserError):
@@ -24,7 +24,9 @@ class DataError(UserError):
 
 
 def shard_files(data_uri: str, split: str) -> list[str]:
-    loc = resolve(data_uri).join(split)
+    """The shard files of one split of a dataset version. Jobs pass the version folder they
+    resolved once at start; a dataset root resolves to its current version here."""
+    loc = resolve_dataset(data_uri).location.join(split)
     return [i.path for i in loc.list_files((".parquet",))]
 
 
@@ -38,8 +40,8 @@ def read_shards(
     import ray
     from ray.data import FileShuffleConfig
 
-    loc = resolve(data_uri).join(split)
-    files = shard_files(data_uri, split)
+    loc = resolve_dataset(data_uri).location.join(split)
+    files = [i.path for i in loc.list_files((".parquet",))]
     if not files:
         raise DataError(
             f"{loc.uri}: no Parquet shards (expected *.parquet written by `python -m jobs.ingest`)"

@@ -9,10 +9,10 @@ import torch
 from pipelines.dataset import build_dataset
 from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
-from pipelines.ingest import read_manifest
 from pipelines.labels import CLASS_NAMES
 from pipelines.metrics import confusion_matrix, scores
 from pipelines.predictor import Predictor
+from pipelines.versions import resolve_dataset
 
 
 class EvaluationError(UserError):
@@ -21,13 +21,16 @@ class EvaluationError(UserError):
 
 def evaluate(predictor: Predictor, data_uri: str, split: str = "val", batch_size: int = 8) -> dict:
     """Scores (pixel acc, mean class acc, mIoU, fwIoU, per-class IoU) and ``frames`` of the
-    predictor on one split of an ingested dataset.
+    predictor on one split of an ingested dataset (a version folder; a dataset root is
+    resolved to its current version).
 
     The shards hold frames already cropped and resized by ingest, so the dataset's transform
     must be the model's: otherwise the model would be scored on inputs it never sees when
     serving, and the comparison would be meaningless.
     """
-    data = FrameTransform.from_dict(read_manifest(data_uri)["transform"]).geometry
+    version = resolve_dataset(data_uri)
+    data_uri = version.uri
+    data = FrameTransform.from_dict(version.manifest["transform"]).geometry
     model = predictor.transform.geometry
     if data != model:
         raise EvaluationError(

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Input limits shared by ingest and labeling. A 3384x2710 Apollo frame is 9.2 MP and its JPEG
+# 1-3 MB: anything far larger is a mistake, and decoding it would run a worker out of memory.
+DEFAULT_MAX_PIXELS = 60_000_000
+DEFAULT_MAX_BYTES = 64 * 2**20
 
 
 class FrameError(UserError):
@@ -180,7 +184,7 @@ def decode_rgb(data: bytes, *, max_pixels: int | None = None, what: str = "image
     return np.asarray(img)
 
 
-def decode_label(data: bytes, *, what: str = "label") -> np.ndarray:
+def decode_label(data: bytes, *, max_pixels: int | None = None, what: str = "label") -> np.ndarray:
     """Apollo label PNG bytes -> (H, W) uint8 ids.
 
     The ids are the palette *indices* of a ``P`` image (or the values of an ``L`` image); they
@@ -191,6 +195,12 @@ def decode_label(data: bytes, *, what: str = "label") -> np.ndarray:
         raise FrameError(f"{what} is an empty (zero-byte) file")
     try:
         img = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise FrameError(f"{what} is not a readable PNG ({type(e).__name__})") from None
+    w, h = img.size  # from the header: checked before the pixels are decoded
+    if max_pixels is not None and w * h > max_pixels:
+        raise FrameError(f"{what} is {w}x{h} = {w * h} pixels, more than the limit {max_pixels}")
+    try:
         img.load()
     except Exception as e:
         raise FrameError(f"{what} is not a readable PNG ({type(e).__name__})") from None
@@ -203,6 +213,8 @@ def decode_label(data: bytes, *, what: str = "label") -> np.ndarray:
 
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

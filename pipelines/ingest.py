@@ -1,9 +1,13 @@
 """Ingest raw drive data into Parquet shards: discover image/label pairs, validate, crop + resize,
 map label ids, split train/val by drive, write shards with Ray Data, and a manifest.
 
-Nothing is lost: every candidate record found ends up either in a shard or in the manifest's
-``rejected`` list with its reason (``found == valid + rejected``). Label ids that are not in the
+Nothing is lost: every candidate record found ends up in a shard, in the manifest's ``rejected``
+list with its reason (the record is bad), or in its ``unreadable`` list (storage still failed
+after retries: the record may be fine, and the version is not committed, see
+:func:`run_ingest`): ``found == valid + rejected + unreadable``. Label ids that are not in the
 label map become the ignore index and are counted in ``unknown_ids``.
+
+Each ingest writes a new dataset version and commits it last (:mod:`pipelines.versions`).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import labels
 from pipelines.errors import UserError
 from pipelines.frames import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
     FrameError,
     FrameTransform,
     decode_label,
@@ -34,9 +41,23 @@ from pipelines.frames import (
     encode_jpeg,
     encode_png,
 )
-from pipelines.storage import Location, resolve
+from pipelines.storage import (
+    DEFAULT_RETRY,
+    Location,
+    ObjectTooLarge,
+    Retry,
+    TransientStorageError,
+    resolve,
+)
+from pipelines.versions import (
+    MANIFEST_NAME,
+    commit_version,
+    new_version_name,
+    prune_versions,
+    read_pointer,
+    version_location,
+)
 
-MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 SHARD_COLUMNS = (
     "image_id",
@@ -48,6 +69,19 @@ SHARD_COLUMNS = (
     "source_label",
     "drive",
 )
+SHARD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image", pa.binary()),  # JPEG, model input size
+        ("label", pa.binary()),  # PNG, training ids
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("source_image", pa.string()),
+        ("source_label", pa.string()),
+        ("drive", pa.string()),
+    ]
+)
+assert tuple(SHARD_SCHEMA.names) == SHARD_COLUMNS
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 LABEL_SUFFIX = "_bin.png"
 
@@ -75,6 +109,8 @@ class Candidate:
     drive: str
     image_id: str
     reason: str | None = None  # set when rejected before processing
+    image_size: int = -1  # bytes, from the listing; -1 when not listed (CSV sources)
+    label_size: int = -1
 
     def as_row(self) -> dict:
         return {
@@ -83,6 +119,8 @@ class Candidate:
             "source_label": self.label or "",
             "drive": self.drive,
             "reason": self.reason or "",
+            "image_size": self.image_size,
+            "label_size": self.label_size,
         }
 
 
@@ -106,7 +144,9 @@ def discover_tree(source: Location) -> Discovery:
     images: dict[tuple, str] = {}
     label_paths: dict[tuple, str] = {}
     ignored: list[str] = []
+    sizes: dict[str, int] = {}
     for info in source.list_files():
+        sizes[info.path] = info.size if info.size is not None else -1
         rel = source.relative(info.path)
         m = _IMAGE_RE.search(rel)
         if m:
@@ -133,6 +173,8 @@ def discover_tree(source: Location) -> Discovery:
                 drive=_drive_of(road or None, rest),
                 image_id=f"{road}/{rest}" if road else rest,
                 reason=reason,
+                image_size=sizes[image] if image else -1,
+                label_size=sizes[label] if label else -1,
             )
         )
     return Discovery(candidates, ignored)
@@ -223,10 +265,12 @@ def split_drives(drives: Iterable[str], val_fraction: float, seed: int) -> dict[
     return out
 
 
-def process_pair(image: bytes, label: bytes, transform: FrameTransform) -> dict:
+def process_pair(
+    image: bytes, label: bytes, transform: FrameTransform, max_pixels: int | None = None
+) -> dict:
     """Validate and convert one pair. Raises :class:`FrameError` with the reason to reject."""
-    frame = decode_rgb(image, what="image")
-    ids = decode_label(label, what="label")
+    frame = decode_rgb(image, max_pixels=max_pixels, what="image")
+    ids = decode_label(label, max_pixels=max_pixels, what="label")
     if frame.shape[:2] != ids.shape:
         raise FrameError(
             f"image is {frame.shape[1]}x{frame.shape[0]} but label is "
@@ -245,59 +289,127 @@ def process_pair(image: bytes, label: bytes, transform: FrameTransform) -> dict:
     }
 
 
+# One schema for every processed block, even an empty one or one whose rows were all rejected
+# (a block built from pandas without rows has no columns, and the shuffle that groups rows into
+# files refuses to concatenate it with the others).
+PROCESSED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_image", pa.string()),
+        ("source_label", pa.string()),
+        ("drive", pa.string()),
+        ("split", pa.string()),
+        ("reason", pa.string()),  # why the record is not in a shard; "" when it is
+        ("unreadable", pa.bool_()),  # storage failed (transiently) after retries: not bad data
+        ("image", pa.binary()),
+        ("label", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("class_pixels", pa.list_(pa.int64())),
+        ("ignore_pixels", pa.int64()),
+        ("unknown_ids", pa.string()),
+        ("nbytes", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one record may be: checked from the listing (bytes) and the image header
+    (pixels) before anything large is read or decoded."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    retry: Retry = DEFAULT_RETRY
+
+
 def _process_batch(
-    batch: pd.DataFrame, transform: FrameTransform, locate: Location
-) -> pd.DataFrame:
+    batch: pd.DataFrame, transform: FrameTransform, locate: Location, limits: Limits
+) -> pa.Table:
     """Ray Data stage: read + process each candidate of the batch; failures become reasons."""
     out = []
     for row in batch.to_dict("records"):
-        rec = dict(row)
-        rec.update(
-            image=b"",
-            label=b"",
-            height=0,
-            width=0,
-            class_pixels=[0] * labels.N_CLASSES,
-            ignore_pixels=0,
-            unknown_ids="{}",
-            nbytes=0,
-        )
+        rec = {
+            **{k: row[k] for k in ("image_id", "source_image", "source_label", "drive", "split")},
+            "reason": row["reason"],
+            "unreadable": False,
+            "image": b"",
+            "label": b"",
+            "height": 0,
+            "width": 0,
+            "class_pixels": [0] * labels.N_CLASSES,
+            "ignore_pixels": 0,
+            "unknown_ids": "{}",
+            "nbytes": 0,
+        }
         if not rec["reason"]:
             try:
-                image = _read(locate, rec["source_image"], "image")
-                label = _read(locate, rec["source_label"], "label")
-                rec.update(process_pair(image, label, transform))
+                image = _read(locate, rec["source_image"], "image", row["image_size"], limits)
+                label = _read(locate, rec["source_label"], "label", row["label_size"], limits)
+                rec.update(process_pair(image, label, transform, limits.max_pixels))
                 rec["nbytes"] = len(rec["image"]) + len(rec["label"])
             except FrameError as e:
                 rec["reason"] = str(e)
+            except TransientStorageError as e:
+                rec["reason"], rec["unreadable"] = str(e), True
         out.append(rec)
-    return pd.DataFrame(out)
+    return pa.Table.from_pylist(out, schema=PROCESSED_SCHEMA)
 
 
-def _read(anchor: Location, uri: str, what: str) -> bytes:
+def _read(anchor: Location, uri: str, what: str, listed_size: int, limits: Limits) -> bytes:
+    """Read one source file. Bad or missing files become :class:`FrameError` (the record is
+    rejected); storage that still fails after retries raises :class:`TransientStorageError`
+    (the record is unreadable this time, not bad)."""
+    if listed_size > limits.max_bytes:
+        raise FrameError(
+            f"{what} is {listed_size} bytes, over the --max-bytes limit {limits.max_bytes}"
+        )
     try:
-        return anchor.at_uri(uri).read_bytes()
-    except Exception as e:  # storage errors become a reason, never a crash of the ingest
+        return anchor.at_uri(uri).read_bytes(max_bytes=limits.max_bytes, retry=limits.retry)
+    except ObjectTooLarge as e:
+        raise FrameError(f"{what}: {e}") from None
+    except TransientStorageError:
+        raise
+    except Exception as e:  # missing, permission denied: the record is bad, the ingest goes on
         raise FrameError(f"{what} could not be read ({type(e).__name__}: {e})") from None
+
+
+def _valid_rows(batch: pa.Table, file_of: dict[str, str]) -> pa.Table:
+    """Ray Data stage: the valid rows of a block with the shard file (relative to the
+    version folder) each goes to; an explicit schema even when no row is valid."""
+    ok = pc.equal(batch["reason"], "")
+    valid = batch.filter(ok).select(list(SHARD_COLUMNS))
+    files = [file_of[i] for i in valid["image_id"].to_pylist()]
+    table = valid.append_column("file", pa.array(files, pa.string()))
+    return table.cast(SHARD_SCHEMA.append(pa.field("file", pa.string())))
 
 
 @dataclass
 class IngestResult:
     manifest: dict
-    dest: str
+    dest: str  # the dataset root
+    version: str
+    version_uri: str
+    committed: bool  # current.json now names this version
+    pruned: list[str] = field(default_factory=list)
 
     @property
     def valid(self) -> int:
         return self.manifest["counts"]["valid"]
+
+    @property
+    def unreadable(self) -> int:
+        return self.manifest["counts"]["unreadable"]
 
     def summary(self) -> str:
         c = self.manifest["counts"]
         unknown = self.manifest["unknown_ids"]
         return (
             f"ingest: found {c['found']} records, wrote {c['train']} train + {c['val']} val "
-            f"frames, rejected {c['rejected']}"
+            f"frames, rejected {c['rejected']}, unreadable {c['unreadable']}"
             + (f", unknown label ids {sorted(int(k) for k in unknown)}" if unknown else "")
-            + f" -> {self.dest}"
+            + f" -> {self.version_uri}"
+            + (" (committed: the current version)" if self.committed else " (NOT committed)")
         )
 
 
@@ -309,18 +421,30 @@ def run_ingest(
     val_fraction: float = 0.1,
     seed: int = 0,
     shard_bytes: int = 256 * 2**20,
+    limits: Limits | None = None,
+    keep_versions: int | None = None,
+    allow_unreadable: bool = False,
     progress: bool = True,
+    slow_write: float = 0.0,
 ) -> IngestResult:
-    """Ingest ``source`` (Apollo tree or CSV) into ``dest``/{train,val}/*.parquet + manifest.
+    """Ingest ``source`` (Apollo tree or CSV) into a new version of the dataset at ``dest``:
+    ``dest/versions/NAME/{train,val}/*.parquet`` + ``manifest.json``, then ``dest/current.json``
+    pointing at it (the commit, last). Nothing already under ``dest`` changes before the
+    commit, so a crash at any point leaves the previous version current and whole.
 
-    Re-running on the same source gives the same shards and manifest (splits are overwritten,
-    rows in :func:`shard_order_key` order).
+    Not committed when nothing is valid, or when records stayed unreadable after retries (a
+    storage outage would otherwise shrink the training set): re-run, or pass
+    ``allow_unreadable``. Re-running on the same source gives the same shards and manifest
+    (rows in :func:`shard_order_key` order). ``keep_versions``: afterwards remove all but the
+    newest that many versions. ``slow_write``: chaos testing, seconds to pause after each
+    shard file.
     """
     import ray
-    from ray.data.expressions import col
 
     t0 = time.time()
+    limits = limits or Limits()
     dest_loc = resolve(dest)
+    previous = read_pointer(dest_loc)  # also a clear error now if dest holds a bad pointer
     found = discover(source)
     found.candidates.sort(key=lambda c: c.image_id)
     splits = split_drives((c.drive for c in found.candidates), val_fraction, seed)
@@ -335,11 +459,13 @@ def run_ingest(
             _process_batch,
             batch_size=4,
             batch_format="pandas",
-            fn_kwargs={"transform": transform, "locate": resolve(source)},
+            fn_kwargs={"transform": transform, "locate": resolve(source), "limits": limits},
         )
         .materialize()
     )
     meta = processed.drop_columns(["image", "label"]).to_pandas()
+    if len(meta) != len(rows):  # every record comes back: as a row or with its reason
+        raise RuntimeError(f"ingest processed {len(meta)} of {len(rows)} records")
     ok = meta["reason"] == ""
 
     # Size shards from the real encoded sizes: ~shard_bytes each, at least one row.
@@ -353,9 +479,10 @@ def run_ingest(
     # id, not the id itself: sorted ids are consecutive video frames of one camera, and
     # every file and every run of rows in it would hold one drive; training reads files and
     # rows in streams, so each stream must already mix drives.
+    name = new_version_name()
+    version_loc = version_location(dest_loc, name)
     file_of: dict[str, str] = {}
     for split in SPLITS:
-        dest_loc.join(split).delete()  # a re-run never duplicates, a stale split never survives
         ids = sorted(
             meta.loc[ok & (meta["split"] == split), "image_id"],
             key=lambda i: shard_order_key(i, seed),
@@ -365,14 +492,16 @@ def run_ingest(
         )
     if file_of:
         (
-            processed.filter(expr=col("reason") == "")
-            .select_columns(list(SHARD_COLUMNS))
-            .map_batches(_add_file, batch_format="pyarrow", fn_kwargs={"file_of": file_of})
+            processed.map_batches(
+                _valid_rows, batch_format="pyarrow", fn_kwargs={"file_of": file_of}
+            )
             # One shuffle partition per file: the default (200 aggregators) made a small
             # ingest spend ~10 s starting them.
             .groupby("file", num_partitions=len(set(file_of.values())))
             .map_groups(
-                _write_shard, batch_format="pyarrow", fn_kwargs={"dest": dest_loc, "seed": seed}
+                _write_shard,
+                batch_format="pyarrow",
+                fn_kwargs={"dest": version_loc, "seed": seed, "slow_write": slow_write},
             )
             .materialize()
         )
@@ -388,20 +517,24 @@ def run_ingest(
         rows_per_file=rows_per_file,
         seconds=time.time() - t0,
     )
+    manifest["version"] = name
+    manifest["previous_version"] = previous["version"] if previous else None
+    manifest["limits"] = {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels}
     # Reconcile with what storage really holds (Parquet footers), not with what was asked for.
-    written = {split: count_rows(dest_loc.join(split)) for split in SPLITS}
+    written = {split: count_rows(version_loc.join(split)) for split in SPLITS}
     if any(manifest["counts"][s] != written[s] for s in SPLITS):
         raise RuntimeError(
-            f"{dest_loc.uri}: shards hold {written} rows, manifest says {manifest['counts']}"
+            f"{version_loc.uri}: shards hold {written} rows, manifest says {manifest['counts']}"
         )
-    dest_loc.join(MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))  # class order kept
-    return IngestResult(manifest=manifest, dest=dest_loc.uri)
-
-
-def _add_file(batch: pa.Table, file_of: dict[str, str]) -> pa.Table:
-    """Ray Data stage: the shard file (relative to the destination) of each row."""
-    files = [file_of[i] for i in batch["image_id"].to_pylist()]
-    return batch.append_column("file", pa.array(files, pa.string()))
+    data = json.dumps(manifest, indent=2).encode()  # class order kept
+    version_loc.join(MANIFEST_NAME).write_bytes(data)  # the version is complete ...
+    committed = manifest["counts"]["valid"] > 0 and (
+        allow_unreadable or manifest["counts"]["unreadable"] == 0
+    )
+    if committed:  # ... and this makes it the one readers get
+        commit_version(dest_loc, name, hashlib.sha256(data).hexdigest()[:16])
+    pruned = prune_versions(dest_loc, keep_versions) if keep_versions else []
+    return IngestResult(manifest, dest_loc.uri, name, version_loc.uri, committed, pruned)
 
 
 def shard_order_key(image_id: str, seed: int) -> str:
@@ -410,15 +543,15 @@ def shard_order_key(image_id: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}/{image_id}".encode()).hexdigest()
 
 
-def _write_shard(group: pa.Table, dest: Location, seed: int) -> pa.Table:
+def _write_shard(group: pa.Table, dest: Location, seed: int, slow_write: float) -> pa.Table:
     """Ray Data stage: write the rows of one shard file, in :func:`shard_order_key` order."""
     name = group["file"][0].as_py()
     keys = [shard_order_key(i, seed) for i in group["image_id"].to_pylist()]
     table = group.take(np.argsort(keys, kind="stable")).select(list(SHARD_COLUMNS))
-    loc = dest.join(name)
-    loc.parent().mkdir()
-    with loc.fs.open_output_stream(loc.path) as f:
-        pq.write_table(table, f)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    dest.join(name).write_bytes(buf.getvalue().to_pybytes())  # one put, retried on outages
+    time.sleep(slow_write)
     return pa.table({"file": [name], "rows": [table.num_rows]})
 
 
@@ -444,7 +577,8 @@ def build_manifest(
     seconds: float,
 ) -> dict:
     ok = meta["reason"] == ""
-    rejected = meta.loc[~ok].sort_values("image_id")
+    unreadable = meta.loc[~ok & meta["unreadable"]].sort_values("image_id")
+    rejected = meta.loc[~ok & ~meta["unreadable"]].sort_values("image_id")
     unknown: Counter[int] = Counter()
     unknown_frames: Counter[int] = Counter()
     for text in meta.loc[ok, "unknown_ids"]:
@@ -464,7 +598,8 @@ def build_manifest(
     counts = {
         "found": int(len(meta)),
         "valid": int(ok.sum()),
-        "rejected": int((~ok).sum()),
+        "rejected": len(rejected),
+        "unreadable": len(unreadable),
         "train": int((ok & (meta["split"] == "train")).sum()),
         "val": int((ok & (meta["split"] == "val")).sum()),
         "ignored_files": len(ignored_files),
@@ -489,32 +624,17 @@ def build_manifest(
         "unknown_ids": {
             str(k): {"pixels": v, "frames": unknown_frames[k]} for k, v in sorted(unknown.items())
         },
-        "rejected": [
-            {
-                "image_id": r.image_id,
-                "image": r.source_image,
-                "label": r.source_label,
-                "reason": r.reason,
-            }
-            for r in rejected.itertuples()
-        ],
+        "rejected": _records(rejected),
+        # Storage failed after retries: not bad data; a re-run reads them again.
+        "unreadable": _records(unreadable),
         "ignored_files": ignored_files,
         "seconds": round(seconds, 2),
     }
 
 
-def manifest_sha256(data_uri: str) -> str:
-    """The first 16 hex digits of the manifest's SHA-256: which exact ingest a model was
-    trained or evaluated on (recorded as tags)."""
-    return hashlib.sha256(resolve(data_uri).join(MANIFEST_NAME).read_bytes()).hexdigest()[:16]
-
-
-def read_manifest(data_uri: str) -> dict:
-    """The manifest of an ingested dataset, or a clear error when there is none."""
-    loc = resolve(data_uri).join(MANIFEST_NAME)
-    if not loc.exists():
-        raise IngestError(
-            f"{resolve(data_uri).uri}: no {MANIFEST_NAME} (expected the output folder of "
-            "`python -m jobs.ingest`)"
-        )
-    return json.loads(loc.read_text())
+def _records(frame: pd.DataFrame) -> list[dict]:
+    return [
+        {"image_id": r.image_id, "image": r.source_image, "label": r.source_label,
+         "reason": r.reason}
+        for r in frame.itertuples()
+    ]  # fmt: skip

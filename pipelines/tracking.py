@@ -129,6 +129,17 @@ def find_run(experiment_id: str, run_name: str, uri: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def run_param(experiment: str, run_name: str, key: str, uri: str) -> str | None:
+    """A param of the newest run called ``run_name`` in the experiment named ``experiment``,
+    or None (no such experiment, run or param). Creates nothing."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    run_id = find_run(exp.experiment_id, run_name, uri) if exp else None
+    return client.get_run(run_id).data.params.get(key) if run_id else None
+
+
 def _secret_values() -> list[str]:
     return [v for k in SECRET_ENV_VARS if (v := os.environ.get(k)) and len(v) >= 4]
 

@@ -69,8 +69,13 @@ def test_eval_dataset_is_exactly_the_shards(local_shards, ray_cluster):
 
 
 def test_missing_shards_are_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="no Parquet shards"):
-        read_shards(str(tmp_path), "train")
+    from pipelines.versions import DatasetError
+
+    with pytest.raises(DatasetError, match="no manifest.json"):
+        read_shards(str(tmp_path), "train")  # not a dataset at all
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match="train: no Parquet shards"):
+        read_shards(str(tmp_path), "train")  # a dataset without that split
 
 
 def test_augment_keeps_shape_and_label_values():

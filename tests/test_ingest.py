@@ -1,10 +1,11 @@
-"""Ingest: synthetic and real label data, local and S3, bad input, idempotency."""
+"""Ingest: synthetic and real label data, local and S3, bad input, idempotency, dataset
+versions (commit last, readers pinned, killed ingests), input limits."""
 
-import json
 import re
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -12,23 +13,31 @@ from PIL import Image
 from jobs import ingest as ingest_job
 from pipelines import labels
 from pipelines.frames import FrameTransform, decode_label, decode_png_mask, decode_rgb
-from pipelines.ingest import SHARD_COLUMNS, IngestError, discover, run_ingest, split_drives
+from pipelines.ingest import (
+    SHARD_COLUMNS,
+    IngestError,
+    Limits,
+    discover,
+    run_ingest,
+    split_drives,
+)
 from pipelines.storage import resolve
 from pipelines.synthetic import frame_paths, label_png, render_frame, write_tree
+from pipelines.versions import resolve_dataset
 
 from .conftest import CROP_TOP, FRAME_H, FRAME_W, SHARED_DATA
 
 
 def read_split(uri: str, split: str):
-    loc = resolve(uri).join(split)
+    loc = resolve_dataset(uri).location.join(split)
     files = [i.path for i in loc.list_files((".parquet",))]
     return pq.ParquetDataset(files, filesystem=loc.fs).read().to_pandas() if files else None
 
 
 def test_synthetic_tree_local(local_shards, test_transform):
-    manifest = json.loads(resolve(local_shards).join("manifest.json").read_text())
+    manifest = resolve_dataset(local_shards).manifest
     c = manifest["counts"]
-    assert c["found"] == c["valid"] + c["rejected"] == 24
+    assert c["found"] == c["valid"] + c["rejected"] + c["unreadable"] == 24
     assert c["train"] + c["val"] == 24 and c["val"] > 0
     assert not set(manifest["drives"]["train"]) & set(manifest["drives"]["val"])
     assert FrameTransform.from_dict(manifest["transform"]) == test_transform
@@ -154,7 +163,9 @@ def test_rerun_is_idempotent(tmp_path, ray_cluster, synthetic_tree, test_transfo
         assert len(rows2[s]) == len(rows1[s])  # no duplicates
         assert rows2[s]["image_id"].tolist() == rows1[s]["image_id"].tolist()
         assert rows2[s]["label"].tolist() == rows1[s]["label"].tolist()
-    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert second.manifest["previous_version"] == first.version != second.version
+    volatile = ("seconds", "version", "previous_version")
+    strip = lambda m: {k: v for k, v in m.items() if k not in volatile}  # noqa: E731
     assert strip(first.manifest) == strip(second.manifest)
 
 
@@ -178,7 +189,7 @@ def test_ingest_to_s3_and_read_back_with_ray_data(
         ]
     )
     assert code == 0
-    manifest = json.loads(resolve(s3_prefix).join("manifest.json").read_text())
+    manifest = resolve_dataset(s3_prefix).manifest
     assert manifest["counts"]["valid"] == 24
     total = 0
     for split in ("train", "val"):
@@ -246,6 +257,7 @@ def test_real_apollo_labels_with_generated_frames(tmp_path, ray_cluster):
         "found": 3,
         "valid": 3,
         "rejected": 0,
+        "unreadable": 0,
         "train": 3,
         "val": 0,
         "ignored_files": 0,
@@ -334,3 +346,261 @@ def test_config_file_and_flag_override(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown option 'sizes'"):
         parse_args(ingest_job.build_parser(), ["--config", str(cfg)])
+
+
+# -- broken deliveries -------------------------------------------------------------------------
+def break_pair(p, kind: int) -> str:
+    """Break one written pair in one of five ways; returns the expected reason fragment."""
+    kind %= 5
+    if kind == 0:
+        p.image.write_bytes(b"")
+        return "empty \\(zero-byte\\)"
+    if kind == 1:
+        p.label.unlink()
+        return "label missing"
+    if kind == 2:
+        data = p.image.read_bytes()
+        p.image.write_bytes(data[: len(data) // 3])
+        return "truncated or corrupt"
+    if kind == 3:
+        p.label.write_bytes(b"<html>503 Service Unavailable</html>")
+        return "not a readable PNG"
+    p.image.unlink()
+    return "image missing"
+
+
+def broken_delivery(root, good: int, broken: int) -> dict[str, str]:
+    """``good`` pairs over two records and one record folder (road03/Record001) holding only
+    broken pairs. Returns {path of the broken record: expected reason}."""
+    write_tree(root, good, records=2, width=FRAME_W, height=FRAME_H, seed=3)
+    pairs = write_tree(root, broken, records=1, width=FRAME_W, height=FRAME_H, seed=4,
+                       road="road03")  # fmt: skip
+    expected = {}
+    for i, p in enumerate(pairs):
+        why = break_pair(p, i)
+        expected[str(p.label if why == "image missing" else p.image)] = why
+    return expected
+
+
+def ingest_cli(source, dest, *extra: str) -> list[str]:
+    return ["--source", str(source), "--dest", str(dest), "--size", "128x64",
+            "--crop-top", str(CROP_TOP), *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("good, broken", [(6, 20), (1, 30)], ids=["broken-folder", "all-but-one"])
+def test_broken_deliveries_are_reported_not_fatal(tmp_path, ray_cluster, capsys, good, broken):
+    """A whole record folder of broken pairs (whole Ray blocks of rejected rows), and a
+    delivery where every record but one is broken: each broken record is named with its
+    reason, the valid ones are written and committed, exit 0."""
+    expected = broken_delivery(tmp_path / "src", good, broken)
+    code = ingest_job.main(ingest_cli(tmp_path / "src", tmp_path / "out"))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    data = resolve_dataset(str(tmp_path / "out"))
+    c = data.manifest["counts"]
+    assert (c["found"], c["valid"], c["rejected"], c["unreadable"]) == (good + broken, good,
+                                                                         broken, 0)  # fmt: skip
+    rejected = {(r["image"] or r["label"]): r["reason"] for r in data.manifest["rejected"]}
+    assert rejected.keys() == expected.keys()
+    for path, why in expected.items():
+        assert re.search(why, rejected[path]), (path, rejected[path])
+    assert f"rejected {broken}" in out.out and "(committed: the current version)" in out.out
+    rows = sum(len(t) for t in (read_split(str(tmp_path / "out"), s) for s in ("train", "val"))
+               if t is not None)  # fmt: skip
+    assert rows == good
+
+
+def test_processing_stages_keep_one_schema_for_empty_and_rejected_blocks(test_transform):
+    """The shuffle that groups rows into files needs every block to have the same schema:
+    a block with no rows, or with only rejected rows, included."""
+    import pandas as pd
+
+    from pipelines.ingest import PROCESSED_SCHEMA, SHARD_SCHEMA, Limits, _process_batch, _valid_rows
+
+    columns = ["image_id", "source_image", "source_label", "drive", "split", "reason",
+               "image_size", "label_size"]  # fmt: skip
+    anchor = resolve(".")
+    empty = _process_batch(pd.DataFrame(columns=columns), test_transform, anchor, Limits())
+    assert empty.schema == PROCESSED_SCHEMA and empty.num_rows == 0
+    rejected = pd.DataFrame(
+        [["a", "", "/x_bin.png", "d", "train", "image missing", -1, 10]], columns=columns
+    )
+    block = _process_batch(rejected, test_transform, anchor, Limits())
+    assert block.schema == PROCESSED_SCHEMA and block["reason"].to_pylist() == ["image missing"]
+    for b in (empty, block):
+        valid = _valid_rows(b, {})
+        assert valid.num_rows == 0
+        assert valid.schema == SHARD_SCHEMA.append(pa.field("file", pa.string()))
+
+
+# -- versions ----------------------------------------------------------------------------------
+def test_reingest_is_a_new_version_and_readers_stay_pinned(
+    tmp_path, ray_cluster, synthetic_tree, test_transform
+):
+    from pipelines.dataset import shard_files
+    from pipelines.versions import list_versions
+
+    small = tmp_path / "small"
+    write_tree(small, 4, records=2, width=FRAME_W, height=FRAME_H, seed=9)
+    dest = str(tmp_path / "data")
+    first = run_ingest(str(small), dest, transform=test_transform, val_fraction=0.5,
+                       progress=False)  # fmt: skip
+    pinned = resolve_dataset(dest)  # what a job resolved at its start
+    assert pinned.name == first.version and first.committed
+
+    def ids(uri: str) -> list[str]:  # the files the training and evaluation readers get
+        files = [f for s in ("train", "val") for f in shard_files(uri, s)]
+        return sorted(pq.ParquetDataset(files).read(columns=["image_id"])["image_id"].to_pylist())
+
+    before = ids(pinned.uri)
+    assert len(before) == 4
+    second = run_ingest(str(synthetic_tree), dest, transform=test_transform, val_fraction=0.25,
+                        progress=False)  # fmt: skip
+    assert second.manifest["previous_version"] == first.version
+    assert resolve_dataset(dest).name == second.version
+    assert ids(pinned.uri) == before  # the running job still reads exactly its version
+    assert len(ids(dest)) == 24  # a new job gets the new one
+    assert [v.name for v in list_versions(resolve(dest))] == [first.version, second.version]
+
+    third = run_ingest(str(small), dest, transform=test_transform, val_fraction=0.5,
+                       keep_versions=1, progress=False)  # fmt: skip
+    assert third.pruned == [first.version, second.version]
+    assert [v.name for v in list_versions(resolve(dest))] == [third.version]
+    assert ids(dest) == before
+
+
+@pytest.mark.slow
+def test_ingest_killed_while_writing_leaves_previous_version(
+    tmp_path, ray_cluster, synthetic_tree, test_transform
+):
+    """SIGKILL of the whole process group of an ingest in the middle of writing shards: the
+    destination still resolves to the previous version, and training reads exactly its
+    frames."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.dataset import build_dataset
+    from pipelines.versions import list_versions
+
+    from .conftest import ROOT
+
+    small = tmp_path / "small"
+    write_tree(small, 4, records=2, width=FRAME_W, height=FRAME_H, seed=9)
+    dest = tmp_path / "data"
+    first = run_ingest(str(small), str(dest), transform=test_transform, val_fraction=0.5,
+                       progress=False)  # fmt: skip
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # ~3 rows per shard file and a pause after each: the kill lands between shard files.
+    argv = ingest_cli(synthetic_tree, dest, "--shard-mb", "0.01", "--slow-write", "20")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", *argv], cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            new = [v for v in list_versions(resolve(dest)) if v.name != first.version]
+            if new and resolve(dest).join("versions", new[0].name).list_files((".parquet",)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, "the ingest never started writing"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    [partial] = [v for v in list_versions(resolve(dest)) if v.name != first.version]
+    assert not partial.complete and not partial.current
+
+    data = resolve_dataset(str(dest))
+    assert data.name == first.version
+    seen = sorted(r["image_id"] for s in ("train", "val")
+                  for r in build_dataset(data.uri, s).take_all())  # fmt: skip
+    expected = sorted(read_split(str(dest), "train")["image_id"].tolist()
+                      + read_split(str(dest), "val")["image_id"].tolist())  # fmt: skip
+    assert seen == expected and len(seen) == 4
+
+
+# -- input limits ------------------------------------------------------------------------------
+def test_input_limits_reject_before_reading(tmp_path, ray_cluster, test_transform):
+    """A 50 GB "frame" (sparse: the listing says 50 GB) is rejected from its listed size
+    without being read, a label over the pixel limit from its PNG header."""
+    src = tmp_path / "src"
+    write_tree(src, 3, records=1, width=FRAME_W, height=FRAME_H, seed=5)
+    huge = frame_paths(src, "road02", 7, 5, "huge")
+    huge.image.parent.mkdir(parents=True)
+    huge.label.parent.mkdir(parents=True)
+    with open(huge.image, "wb") as f:
+        f.truncate(50 * 2**30)
+    huge.label.write_bytes(label_png(np.zeros((FRAME_H, FRAME_W), np.uint8)))
+    wide = frame_paths(src, "road02", 7, 5, "wide")
+    Image.fromarray(render_frame(np.random.default_rng(0), FRAME_W, FRAME_H)[0]).save(wide.image)
+    wide.label.write_bytes(label_png(np.zeros((2000, 3000), np.uint8)))  # 6 MP, a few KB
+    result = run_ingest(
+        str(src), str(tmp_path / "out"), transform=test_transform, val_fraction=0.0,
+        limits=Limits(max_bytes=2**20, max_pixels=1_000_000), progress=False,
+    )  # fmt: skip
+    reasons = {r["image_id"].rsplit("/", 1)[-1]: r["reason"] for r in result.manifest["rejected"]}
+    assert reasons.keys() == {"huge_Camera_5", "wide_Camera_5"}, reasons
+    assert f"is {50 * 2**30} bytes, over the --max-bytes limit {2**20}" in reasons["huge_Camera_5"]
+    assert "label is 3000x2000 = 6000000 pixels, more than the limit" in reasons["wide_Camera_5"]
+    assert result.valid == 3 and result.manifest["limits"]["max_bytes"] == 2**20
+
+
+# -- storage outages ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_s3_outage_mid_ingest(tmp_path, ray_cluster, test_transform, capsys, monkeypatch):
+    """The source's S3 server refuses every connection for 10 s in the middle of an ingest.
+    With the default retries the ingest rides it out: every record valid, committed. With a
+    retry budget shorter than the outage, the records it could not read are named as
+    unreadable (not rejected), the ingest exits 3 and does not commit: the previous version
+    stays current; the re-run commits everything."""
+    from .faults import outage_server
+
+    local = tmp_path / "local"
+    write_tree(local, 6, records=2, width=FRAME_W, height=FRAME_H, seed=11)
+    dest = str(tmp_path / "data")
+
+    def upload(srv) -> str:
+        src = srv.location("s3://lanes/raw")
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            src.join(str(path.relative_to(local))).write_bytes(path.read_bytes())
+        return src.uri
+
+    with outage_server(outage_after_gets=4, outage_seconds=10) as srv:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", srv.endpoint)
+        source = upload(srv)
+        first = run_ingest(source, dest, transform=test_transform, val_fraction=0.5,
+                           progress=False)  # fmt: skip
+        assert srv.outages_started == 1 and srv.outages_ended == 1
+    c = first.manifest["counts"]
+    assert (c["valid"], c["rejected"], c["unreadable"], first.committed) == (6, 0, 0, True)
+
+    with outage_server(outage_after_gets=4, outage_seconds=10) as srv:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", srv.endpoint)
+        source = upload(srv)
+        argv = ingest_cli(source, dest, "--val-fraction", "0.5", "--read-retries", "2")
+        code = ingest_job.main(argv)
+        out = capsys.readouterr()
+        assert srv.outages_started == 1
+        assert code == 3, out.out + out.err
+        assert "could not be read after 2 attempts" in out.err and "NOT committed" in out.out
+        assert resolve_dataset(dest).name == first.version  # the previous version is current
+        unread = [line for line in out.out.splitlines() if line.startswith("  unreadable ")]
+        assert unread and all("s3://lanes/raw/" in line for line in unread), out.out
+        # The written (uncommitted) version names them too, as unreadable, not as bad data.
+        from pipelines.versions import list_versions, version_location
+
+        newest = list_versions(resolve(dest))[-1]
+        assert newest.complete and not newest.current
+        m = resolve_dataset(version_location(resolve(dest), newest.name).uri).manifest
+        assert m["counts"]["unreadable"] == len(unread) and m["counts"]["rejected"] == 0
+        assert m["counts"]["valid"] + len(unread) == 6
+        srv.wait_outage_end()
+        assert ingest_job.main(argv) == 0
+        capsys.readouterr()
+    latest = resolve_dataset(dest)
+    assert latest.name != first.version and latest.manifest["counts"]["valid"] == 6
