@@ -2,24 +2,28 @@
 
     python -m jobs.label --input URI --output URI --model models:/NAME@champion
 
-Input: a prefix of raw frames (*.jpg / *.png, any size) or ingested shards (a folder with
-manifest.json). Output: Parquet under OUTPUT/labeled_date=YYYY-MM-DD/ (schema in the README).
-Only inputs without a row for the same model version are labeled, so it can run on a schedule.
+Input: a prefix of raw frames (*.jpg / *.png, any size) or an ingested dataset. Output: Parquet
+under OUTPUT/labeled_date=YYYY-MM-DD/ (schema in the README). Only inputs without a row for the
+same model version are labeled, so it can run on a schedule; runs that overlap are safe (a lease
+on OUTPUT: the second exits 0 naming the holder, or waits with --wait-for-lease). Exit status:
+0 done (or nothing to do, or another run holds the lease); 3 some frames were deferred after
+storage errors (they are labeled by the next run); 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
 
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
 from pipelines import labeling, tracking
+from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipelines.labeling import LabelingError
+from pipelines.lease import LEASE_NAME, Lease, LeaseHeld, new_run_id
 from pipelines.registry import resolve_version, version_transform
-from pipelines.storage import resolve
+from pipelines.storage import Retry, resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +61,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=labeling.DEFAULT_MAX_PIXELS,
-        help="larger frames become error rows",
+        default=DEFAULT_MAX_PIXELS,
+        help="larger frames become error rows (from the header, before decoding)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="larger files become error rows (from the listing, never read)",
+    )
+    p.add_argument(
+        "--read-retries",
+        type=int,
+        default=Retry().attempts,
+        help="attempts per frame on storage errors (backoff 0.5 s doubling to 8 s); a frame "
+        "still failing is deferred to the next run, not recorded as an error",
+    )
+    p.add_argument(
+        "--chunk-frames",
+        type=int,
+        default=2000,
+        help="frames per commit: a long backlog is committed in pieces, so a run that is "
+        "stopped keeps what it finished",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds; no new chunk starts after this (set it below the scheduler's "
+        "deadline: the job stops itself and commits what it finished)",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=600,
+        help="seconds a run's lease on OUTPUT lasts without a heartbeat (renewed every "
+        "ttl/3); after a crash the next run waits this long at most",
+    )
+    p.add_argument(
+        "--wait-for-lease",
+        type=float,
+        default=0,
+        help="seconds to wait when another run holds the lease (default: exit 0 at once)",
     )
     p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file")
     p.add_argument(
@@ -69,19 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
     args = parse_args(build_parser(), argv)
-    if args.batch_size < 1:
-        raise LabelingError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag in ("batch_size", "chunk_frames", "read_retries", "max_bytes", "max_pixels"):
+        if getattr(args, flag) < 1:
+            raise LabelingError(f"--{flag.replace('_', '-')} must be >= 1")
     t0 = time.time()
     tracking_uri = tracking.configure()
     tracking.check_tracking(tracking_uri)
-    ref = resolve_version(args.model)
+    ref = resolve_version(args.model)  # the alias is resolved once: one version per run
     transform = version_transform(ref)
     output = resolve(args.output)
 
-    recovered = labeling.recover(output)
+    run = new_run_id()
+    lease = Lease(output.join(LEASE_NAME), run, ttl=args.lease_ttl)
+    try:
+        lease.acquire(wait=args.wait_for_lease)
+    except LeaseHeld as e:
+        print(f"another labeling run is writing to this output; this run does nothing: {e}")
+        return 0
+    try:
+        return label(args, lease, ref, transform, output, tracking_uri, t0)
+    finally:
+        lease.release()
+
+
+def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: float) -> int:
+    import ray
+
+    if lease.took_over is not None:
+        print(f"took over the expired lease of run {lease.took_over.run}")
+    recovered = labeling.recover(output, lease)
     if any(recovered.values()):
         print(
             f"recovered earlier runs: {recovered['completed']} commits completed, "
@@ -98,20 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     done = labeling.already_labeled(output, ref.name, ref.version)
     todo = [r for r in inputs.rows if r["source"] not in done]
     skipped = len(inputs.rows) - len(todo)
+    for path in inputs.ignored[:5]:
+        print(f"  ignored (not a .jpg/.jpeg/.png frame): {path}")
+    totals = {"ok": 0, "error": 0}
+    deferred: list[str] = []
+    left = len(todo)
 
-    def summary(labeled: int, errors: int) -> str:
+    def summary() -> str:
         return (
-            f"label: found {len(inputs.rows)} frames, labeled {labeled}, errors {errors}, "
-            f"skipped {skipped} (already labeled by {ref.name} v{ref.version})"
+            f"label: found {len(inputs.rows)} frames, labeled {totals['ok']}, errors "
+            f"{totals['error']}, skipped {skipped} (already labeled by {ref.name} "
+            f"v{ref.version}), deferred {len(deferred)}, left {left}"
             + (f", ignored {len(inputs.ignored)} non-image files" if inputs.ignored else "")
             + f" -> {output.uri} [{time.time() - t0:.1f}s]"
         )
 
-    for path in inputs.ignored[:5]:
-        print(f"  ignored (not a .jpg/.jpeg/.png frame): {path}")
     if not todo:
         print("nothing new to label; nothing written")
-        print(summary(0, 0))
+        print(summary())
         return 0
 
     init_ray()
@@ -119,27 +184,58 @@ def main(argv: list[str] | None = None) -> int:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 if args.use_gpu is None else args.use_gpu
     actors = args.actors or max(1, gpus)
-    labeled_at = datetime.now(timezone.utc)
     print(
-        f"labeling {len(todo)} frames with {ref.uri} on {actors} {'GPU' if use_gpu else 'CPU'} actor(s)",
+        f"labeling {len(todo)} frames with {ref.uri} on {actors} {'GPU' if use_gpu else 'CPU'} "
+        f"actor(s), {args.chunk_frames} per commit",
         flush=True,
     )
+    for n, start in enumerate(range(0, len(todo), args.chunk_frames)):
+        if args.time_limit is not None and time.time() - t0 > args.time_limit:
+            print(f"--time-limit {args.time_limit:g}s reached: {left} frames left for the next run")
+            break
+        chunk = todo[start : start + args.chunk_frames]
+        labeled_at = datetime.now(timezone.utc)
+        ds = pipeline(
+            args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu, labeled_at
+        )
+        staging = labeling.new_staging(output, lease.run, n)
+        part = staging.join(f"labeled_date={labeled_at:%Y-%m-%d}")
+        ds.write_parquet(part.path, filesystem=part.fs, min_rows_per_file=args.rows_per_file)
+        result = labeling.reconcile(staging, {r["source"] for r in chunk})
+        if args.crash_at == "after-write":
+            import os
+
+            os._exit(137)
+        crash_after = 1 if args.crash_at == "mid-commit" else None
+        labeling.finish_chunk(output, staging, result, lease, crash_after)
+        totals["ok"] += result.ok
+        totals["error"] += result.error
+        deferred += result.deferred
+        left -= len(chunk)
+    for source in deferred[:10]:
+        print(f"  deferred (storage errors after retries; labeled by the next run): {source}")
+    print(summary())
+    return 3 if deferred else 0
+
+
+def pipeline(args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu, labeled_at):
+    """The Ray Data pipeline for one chunk: load (CPU) -> predict (actors) -> encode (CPU)."""
+    import ray
 
     if inputs.kind == "shards":
-        todo_sources = {r["source"] for r in todo}
-        root = resolve(args.input)
+        wanted = {r["source"] for r in chunk}
+        root = resolve(inputs.uri)  # the version resolved once, in list_inputs
         files = [i.path for i in root.list_files((".parquet",))]
         ds = (
             ray.data.read_parquet(
                 files, filesystem=root.fs, columns=["image_id", "source_image", "image"]
             )
             .rename_columns({"source_image": "source"})
-            .filter(lambda r: r["source"] in todo_sources)
+            .filter(lambda r: r["source"] in wanted)
         )
     else:
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
-    anchor = resolve(args.input)
-    ds = (
+        ds = ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk), 64)))
+    return (
         ds.map_batches(
             labeling.load_frames,
             batch_size=4,
@@ -147,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             fn_kwargs={
                 "kind": inputs.kind,
                 "transform": transform,
-                "anchor": anchor,
+                "anchor": resolve(inputs.uri),
                 "max_pixels": args.max_pixels,
+                "max_bytes": args.max_bytes,
+                "retry": Retry(attempts=args.read_retries),
             },
         )
         .map_batches(
@@ -177,35 +275,6 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
     )
-
-    staging = labeling.new_staging(output)
-    part = staging.join(f"labeled_date={labeled_at:%Y-%m-%d}")
-    ds.write_parquet(part.path, filesystem=part.fs, min_rows_per_file=args.rows_per_file)
-
-    # Reconcile before committing: every input to label has exactly one row.
-    counts = {"ok": 0, "error": 0}
-    for info in staging.list_files((".parquet",)):
-        with staging.fs.open_input_file(info.path) as f:
-            for status in pq_column(f, "status"):
-                counts[status] += 1
-    if counts["ok"] + counts["error"] != len(todo):
-        raise RuntimeError(
-            f"wrote {counts} rows for {len(todo)} inputs; staging kept at {staging.uri}"
-        )
-    if args.crash_at == "after-write":
-        import os
-
-        os._exit(137)
-    staging.join(labeling.WRITTEN_MARKER).write_text(json.dumps(counts))
-    labeling.commit(output, staging, crash_after=1 if args.crash_at == "mid-commit" else None)
-    print(summary(counts["ok"], counts["error"]))
-    return 0
-
-
-def pq_column(f, name: str) -> list:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(f, columns=[name])[name].to_pylist()
 
 
 if __name__ == "__main__":

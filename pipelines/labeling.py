@@ -7,20 +7,25 @@ Bookkeeping that makes it schedulable:
 
 - *incremental*: an input already in the output for the same model version (as ``ok`` or
   ``error``) is skipped; a re-run with nothing new writes nothing;
-- *atomic*: a run writes under ``OUTPUT/_staging/RUN/`` (ignored by Parquet readers: the
-  leading underscore), marks it complete with ``_WRITTEN``, then moves its files into
-  ``OUTPUT/labeled_date=YYYY-MM-DD/``. The next run finishes a commit that was cut off and
+- *atomic*: a run writes each chunk under ``OUTPUT/_staging/RUN-CHUNK/`` (ignored by Parquet
+  readers: the leading underscore), marks it complete with ``_WRITTEN``, then moves its files
+  into ``OUTPUT/labeled_date=YYYY-MM-DD/``. The next run finishes a commit that was cut off and
   discards a staging folder that was never completed, so every input ends up with exactly one
-  row per model version.
+  row per model version;
+- *overlap-safe*: only the holder of the output's lease (:mod:`pipelines.lease`) writes,
+  recovers or commits; a run that finds the lease held exits, one that finds it expired takes
+  it over and cleans up after the dead holder;
+- *transient vs permanent*: a frame that cannot be decoded is an ``error`` row (never tried
+  again for that model version); a frame whose read still fails after retries (throttling,
+  an outage) gets no row at all and is labeled by the next run.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
@@ -28,14 +33,28 @@ import pyarrow.parquet as pq
 
 from pipelines import labels
 from pipelines.errors import UserError
-from pipelines.frames import FrameError, FrameTransform, decode_rgb, encode_png
-from pipelines.ingest import MANIFEST_NAME
-from pipelines.storage import Location, resolve
+from pipelines.frames import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    FrameError,
+    FrameTransform,
+    decode_rgb,
+    encode_png,
+)
+from pipelines.lease import Lease
+from pipelines.storage import (
+    DEFAULT_RETRY,
+    Location,
+    ObjectTooLarge,
+    Retry,
+    TransientStorageError,
+    resolve,
+)
+from pipelines.versions import MANIFEST_NAME, POINTER_NAME, resolve_dataset
 
 RAW_SUFFIXES = (".jpg", ".jpeg", ".png")
 STAGING = "_staging"
 WRITTEN_MARKER = "_WRITTEN"
-DEFAULT_MAX_PIXELS = 60_000_000  # 3384x2710 frames are 9.2 MP; larger is a mistake, not a frame
 
 #: The output schema (also documented in the README).
 OUTPUT_SCHEMA = pa.schema(
@@ -67,14 +86,16 @@ class Inputs:
     rows: list[dict]  # image_id, source (and shard file/row for shards)
     ignored: list[str] = field(default_factory=list)  # files under --input that are not frames
     transform: FrameTransform | None = None  # shards: the transform they were ingested with
+    uri: str = ""  # shards: the dataset version folder (resolved once); raw: the prefix
 
 
 def list_inputs(input_uri: str) -> Inputs:
-    """Raw frames under a prefix, or the rows of ingested shards (a folder with
-    ``manifest.json``)."""
+    """Raw frames under a prefix, or the rows of an ingested dataset (its current version,
+    resolved once, or a pinned version folder)."""
     root = resolve(input_uri)
-    if root.join(MANIFEST_NAME).exists():
-        manifest = json.loads(root.join(MANIFEST_NAME).read_text())
+    if root.join(MANIFEST_NAME).exists() or root.join(POINTER_NAME).exists():
+        version = resolve_dataset(input_uri)
+        manifest, root = version.manifest, version.location
         rows = []
         for info in root.list_files((".parquet",)):
             with root.fs.open_input_file(info.path) as f:
@@ -85,7 +106,8 @@ def list_inputs(input_uri: str) -> Inputs:
                     table["image_id"].to_pylist(), table["source_image"].to_pylist(), strict=True
                 )
             ]
-        return Inputs("shards", rows, transform=FrameTransform.from_dict(manifest["transform"]))
+        transform = FrameTransform.from_dict(manifest["transform"])
+        return Inputs("shards", rows, transform=transform, uri=version.uri)
     if not root.is_dir():
         raise LabelingError(
             f"--input {root.uri}: no such folder (expected frames or ingested shards)"
@@ -95,34 +117,60 @@ def list_inputs(input_uri: str) -> Inputs:
         uri = root.at_path(info.path).uri
         if info.path.lower().endswith(RAW_SUFFIXES):
             rows.append(
-                {"image_id": posixpath.splitext(root.relative(info.path))[0], "source": uri}
+                {
+                    "image_id": posixpath.splitext(root.relative(info.path))[0],
+                    "source": uri,
+                    "bytes": info.size if info.size is not None else -1,  # from the listing
+                }
             )
         else:
             ignored.append(uri)
-    return Inputs("raw", rows, ignored)
+    return Inputs("raw", rows, ignored, uri=root.uri)
 
 
 # -- output bookkeeping -------------------------------------------------------------------------
 def committed_files(output: Location) -> list[str]:
-    return [
-        i.path
-        for i in output.list_files((".parquet",))
-        if not output.relative(i.path).startswith(STAGING + "/")
-    ]
+    """The committed ``.parquet`` files, sorted, as Arrow's dataset discovery finds them: any
+    part of the path below ``output`` that starts with ``_`` or ``.`` is skipped (``_staging/``,
+    a ``_lease.json``, ``_WRITTEN``, hidden files); other files than ``.parquet`` too, so that a
+    stray file never breaks a scan. A missing output has none."""
+    import pyarrow.dataset as pads
+
+    try:
+        # An explicit schema: discovery lists, and reads no file to infer one.
+        found = pads.dataset(
+            output.path, schema=OUTPUT_SCHEMA, filesystem=output.fs, format="parquet",
+            partitioning="hive", ignore_prefixes=["_", "."],
+        )  # fmt: skip
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in found.files if p.lower().endswith(".parquet"))
 
 
 def already_labeled(output: Location, model_name: str, model_version: str) -> set[str]:
-    """Sources with a row (ok or error) for this model version in the committed output."""
-    done: set[str] = set()
-    for path in committed_files(output):
-        with output.fs.open_input_file(path) as f:
-            t = pq.read_table(f, columns=["source", "model_name", "model_version"])
-        for s, n, v in zip(
-            *(t[c].to_pylist() for c in ("source", "model_name", "model_version")), strict=True
-        ):
-            if n == model_name and v == model_version:
-                done.add(s)
-    return done
+    """Sources with a row (ok or error) for this model version in the committed output.
+
+    One scan of the ``source`` column, filtered on the version, over the files that
+    :func:`committed_files` lists (same discovery, same ignore rules): Arrow reads the files in
+    parallel and skips row groups whose statistics exclude the version.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in ("source", "model_name", "model_version")])
+    try:
+        found = pads.dataset(
+            output.path, schema=schema, filesystem=output.fs, format="parquet",
+            partitioning="hive", ignore_prefixes=["_", "."],
+        )  # fmt: skip
+    except FileNotFoundError:  # no output yet
+        return set()
+    # Discovery's fragments keep each file's size from the listing (no extra request per file
+    # on S3, as a list of paths would need).
+    fragments = [f for f in found.get_fragments() if f.path.lower().endswith(".parquet")]
+    dataset = pads.FileSystemDataset(fragments, schema, found.format, found.filesystem)
+    wanted = (pc.field("model_name") == model_name) & (pc.field("model_version") == model_version)
+    return set(dataset.to_table(columns=["source"], filter=wanted)["source"].to_pylist())
 
 
 def read_output(output_uri: str) -> pa.Table:
@@ -139,14 +187,20 @@ def read_output(output_uri: str) -> pa.Table:
     ).to_table()  # fmt: skip
 
 
-def recover(output: Location) -> dict[str, int]:
-    """Finish commits that were cut off; discard staging folders that were never completed."""
+def recover(output: Location, lease: Lease) -> dict[str, int]:
+    """Finish commits that were cut off; discard staging folders that were never completed.
+
+    Only the lease holder may call it: every other run's lease has then expired (or was
+    released), so no staging folder here is still being written by a live run."""
+    lease.check()
     staging = output.join(STAGING)
     result = {"completed": 0, "discarded": 0}
     if not staging.is_dir():
         return result
     runs = sorted({staging.relative(p).split("/")[0] for p in staging.walk_dirs()})
     for run in runs:
+        if run.startswith(lease.run):
+            continue
         run_loc = staging.join(run)
         if run_loc.join(WRITTEN_MARKER).exists():
             commit(output, run_loc)
@@ -180,9 +234,8 @@ def commit(output: Location, run_loc: Location, crash_after: int | None = None) 
     return moved
 
 
-def new_staging(output: Location) -> Location:
-    run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    return output.join(STAGING, run)
+def new_staging(output: Location, run: str, chunk: int) -> Location:
+    return output.join(STAGING, f"{run}-{chunk:05d}")
 
 
 # -- Ray Data stages ----------------------------------------------------------------------------
@@ -192,28 +245,39 @@ def load_frames(
     kind: str,
     transform: FrameTransform,
     anchor: Location,
-    max_pixels: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    retry: Retry = DEFAULT_RETRY,
 ) -> dict:
     """CPU stage: read, validate and prepare frames. A bad frame becomes an error row with a
-    zero placeholder (batches need one shape), never an exception."""
+    zero placeholder (batches need one shape), never an exception; a frame storage could not
+    deliver after retries is marked ``deferred`` (no row: the next run tries again)."""
     n = len(batch["source"])
     prepared = np.zeros((n, transform.height, transform.width, 3), dtype=np.uint8)
     heights, widths = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
+    deferred = np.zeros(n, dtype=bool)
     for i in range(n):
         try:
             if kind == "shards":
                 frame = decode_rgb(bytes(batch["image"][i]), what="shard image")
             else:
-                frame = decode_rgb(
-                    anchor.at_uri(batch["source"][i]).read_bytes(), max_pixels=max_pixels
+                listed = int(batch["bytes"][i])
+                if listed > max_bytes:  # from the listing: never read
+                    raise FrameError(f"frame is {listed} bytes, over the limit {max_bytes}")
+                data = anchor.at_uri(batch["source"][i]).read_bytes(
+                    max_bytes=max_bytes, retry=retry
                 )
+                frame = decode_rgb(data, max_pixels=max_pixels)
             heights[i], widths[i] = frame.shape[:2]
             # Shard images were cropped and resized at ingest: they are model input already.
             prepared[i] = frame if kind == "shards" else transform.prepare_image(frame)
-        except FrameError as e:
+        except (FrameError, ObjectTooLarge) as e:
             errors[i] = str(e)
-        except Exception as e:  # storage errors: the row says why, the job goes on
+        except TransientStorageError as e:
+            errors[i], deferred[i] = str(e), True
+            print(f"deferred to the next run: {e}", flush=True)
+        except Exception as e:  # missing, permission denied: the row says why
             errors[i] = f"could not read frame ({type(e).__name__}: {e})"
     return {
         "image_id": batch["image_id"],
@@ -222,6 +286,7 @@ def load_frames(
         "height": heights,
         "width": widths,
         "error": errors,
+        "deferred": deferred,
     }
 
 
@@ -240,7 +305,7 @@ class Segmenter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
         masks = np.zeros(batch["prepared"].shape[:3], dtype=np.uint8)
-        if ok.any():
+        if ok.any():  # error and deferred rows carry a zero placeholder: not predicted
             masks[ok] = self.predictor.predict_prepared(batch["prepared"][ok])
         out = {k: v for k, v in batch.items() if k != "prepared"}
         out["small_mask"] = masks
@@ -257,9 +322,12 @@ def encode_results(
     apollo: bool,
     labeled_at: datetime,
 ) -> pa.Table:
-    """CPU stage: masks back to the frame size, PNG-encoded, in the output schema."""
+    """CPU stage: masks back to the frame size, PNG-encoded, in the output schema. Deferred
+    frames get no row."""
     cols: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
     for i in range(len(batch["source"])):
+        if batch["deferred"][i]:
+            continue
         error = str(batch["error"][i])
         h, w = int(batch["height"][i]), int(batch["width"][i])
         mask = apollo_png = pixels = None
@@ -287,3 +355,45 @@ def encode_results(
         for k, v in row.items():
             cols[k].append(v)
     return pa.table(cols, schema=OUTPUT_SCHEMA)
+
+
+# -- one chunk: stage, reconcile, commit ---------------------------------------------------------
+@dataclass(frozen=True)
+class ChunkResult:
+    ok: int
+    error: int
+    deferred: list[str]  # sources with no row: storage failed after retries
+
+
+def reconcile(staging: Location, expected: set[str]) -> ChunkResult:
+    """What a chunk's staging folder really holds, checked against the sources it was asked
+    to label: at most one row each, none foreign; the missing ones were deferred."""
+    seen: set[str] = set()
+    counts = {"ok": 0, "error": 0}
+    for info in staging.list_files((".parquet",)):
+        with staging.fs.open_input_file(info.path) as f:
+            t = pq.read_table(f, columns=["source", "status"])
+        for source, status in zip(t["source"].to_pylist(), t["status"].to_pylist(), strict=True):
+            if source in seen or source not in expected:
+                raise RuntimeError(
+                    f"{staging.uri}: {'two rows' if source in seen else 'an unexpected row'} "
+                    f"for {source}; staging kept for inspection"
+                )
+            seen.add(source)
+            counts[status] += 1
+    return ChunkResult(counts["ok"], counts["error"], sorted(expected - seen))
+
+
+def finish_chunk(
+    output: Location,
+    staging: Location,
+    result: ChunkResult,
+    lease: Lease,
+    crash_after: int | None = None,
+) -> int:
+    """Mark a reconciled staging folder complete and move it into the output, holding the
+    lease (checked right before: a run that lost it must not commit). Returns files moved."""
+    lease.check()
+    marker = {"ok": result.ok, "error": result.error, "deferred": len(result.deferred)}
+    staging.join(WRITTEN_MARKER).write_text(json.dumps(marker))
+    return commit(output, staging, crash_after=crash_after)

@@ -174,7 +174,7 @@ def test_run_killed_halfway_then_rerun_ends_with_one_row_per_input(
     s = labeling_setup
     argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
             "--max-pixels", str(MAX_PIXELS), "--rows-per-file", "3"]  # fmt: skip
-    _killed_run(argv, crash_at, _gcs())
+    _killed_run([*argv, "--lease-ttl", "6"], crash_at, _gcs())
     output = resolve(s["output"])
     assert output.join(STAGING).exists()
     visible = read_output(s["output"]).to_pylist()
@@ -183,8 +183,15 @@ def test_run_killed_halfway_then_rerun_ends_with_one_row_per_input(
     else:
         assert 0 < len(visible) < len(s["expected"])  # one file of several moved
 
+    # The dead run's lease has not expired yet: a run now leaves everything alone.
+    staged = sorted(i.path for i in output.list_files())
     status, out = run_label(capsys, *argv)
+    assert status == 0 and "this run does nothing" in out and "is held by run" in out, out
+    assert sorted(i.path for i in output.list_files()) == staged
+    # One that waits takes the lease over once it expires, and cleans up.
+    status, out = run_label(capsys, *argv, "--wait-for-lease", "60")
     assert status == 0, out
+    assert "took over the expired lease of run" in out
     table = read_output(s["output"]).to_pylist()
     assert sorted(r["source"] for r in table) == sorted(
         f"{s['input']}/{rel}" for rel in s["expected"]
@@ -202,3 +209,75 @@ def _gcs() -> str:
     import ray
 
     return ray.get_runtime_context().gcs_address
+
+
+@pytest.mark.slow
+def test_overlapping_runs_end_with_one_row_per_frame(labeling_setup):
+    """Two scheduled runs started together on the same input: one holds the lease and labels
+    (in several commits); the other exits 0 naming it, or waits and then finds nothing new.
+    Every frame ends with exactly one row, none labeled twice, none lost."""
+    s = labeling_setup
+    argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
+            "--max-pixels", str(MAX_PIXELS), "--rows-per-file", "3", "--chunk-frames", "5"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": _gcs()}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jobs.label", *argv, *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for extra in ([], ["--wait-for-lease", "300"])
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    written = [counts(o)[1] + counts(o)[2] for o in outs if SUMMARY.search(o)]
+    assert sum(written) == len(s["expected"]), outs  # labeled once, by one of them
+    assert any("this run does nothing" in o or "nothing new to label" in o for o in outs), outs
+    table = read_output(s["output"]).to_pylist()
+    assert sorted(r["source"] for r in table) == sorted(
+        f"{s['input']}/{rel}" for rel in s["expected"]
+    )
+    assert not resolve(s["output"]).join(STAGING).list_files()
+
+
+@pytest.mark.slow
+def test_storage_outage_defers_frames_to_the_next_run(
+    register_version, ray_cluster, tmp_path, capsys, monkeypatch
+):
+    """The S3 server goes away for 10 s in the middle of a run whose retry budget is shorter:
+    the frames it could not read get no row (not a permanent error) and exit status 3; the
+    next run labels them."""
+    from .faults import outage_server
+
+    register_version(MODEL)
+    with outage_server(outage_after_gets=3, outage_seconds=10) as srv:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", srv.endpoint)
+        prefix = "s3://lanes/incoming"
+        expected = write_inputs(prefix)
+        argv = ["--input", prefix, "--output", str(tmp_path / "out"),
+                "--model", f"models:/{MODEL}/latest", "--max-pixels", str(MAX_PIXELS)]  # fmt: skip
+        status, out = run_label(capsys, *argv, "--read-retries", "1")
+        assert srv.outages_started == 1
+        assert status == 3, out
+        found, labeled, errors, _ = counts(out)
+        deferred = int(re.search(r"deferred (\d+)", out)[1])
+        assert deferred > 0 and labeled + errors + deferred == found == len(expected), out
+        rows = read_output(str(tmp_path / "out")).to_pylist()
+        assert len(rows) == labeled + errors
+        for row in rows:  # only bad files are error rows: the outage left no trace
+            why = expected[row["source"].removeprefix(prefix + "/")]
+            assert (row["status"] == "error") == bool(why), row["error"]
+
+        srv.wait_outage_end()
+        status, out = run_label(capsys, *argv)
+        assert status == 0, out
+        _, labeled2, errors2, skipped2 = counts(out)
+        assert (labeled2 + errors2, skipped2) == (deferred, labeled + errors), out
+    table = read_output(str(tmp_path / "out")).to_pylist()
+    assert sorted(r["source"] for r in table) == sorted(f"{prefix}/{rel}" for rel in expected)
+    assert sorted(r["source"] for r in table if r["status"] == "error") == sorted(
+        f"{prefix}/{rel}" for rel, why in expected.items() if why
+    )
