@@ -13,7 +13,14 @@ import argparse
 import datetime
 import sys
 
-from benchmarks import bench_data, bench_label, bench_learning, bench_models, bench_train
+from benchmarks import (
+    bench_already_labeled,
+    bench_data,
+    bench_label,
+    bench_learning,
+    bench_models,
+    bench_train,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         ("Data pipeline", bench_data.main, ["--frames", "16" if args.quick else "64"]),
         ("Training", bench_train.main, dev + small + (["--frames", "32", "--batch-size", "4", "--steps", "5"] if args.quick else [])),
         ("Labeling", bench_label.main, dev + small + (["--frames", "24", "--batch-size", "4"] if args.quick else [])),
+        ("Labeling bookkeeping: already_labeled, serial reads before, dataset scan after",
+         bench_already_labeled.main, ["--quick"] if args.quick else []),
         ("Learning: val mIoU per epoch, recipe before and after", bench_learning.main,
          dev + (["--variants", "before,after"] if args.quick else
                 ["--size", "1024x384", "--frame-size", "1692x855", "--crop-top", "345",
