@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from jobs import promote
 from pipelines.evaluate import evaluate
 from pipelines.registry import ModelRef, load_predictor
+from pipelines.versions import resolve_dataset
 
 MODEL = "lanes-promote-test"
 
@@ -95,7 +96,7 @@ def test_bad_input_is_one_line(tmp_path, local_shards, register_version, ray_clu
     assert f"{MODEL}@champion: no previous holder" in error("--model", MODEL, "--rollback")
     # Shards ingested with another geometry than the model's: refused, not silently scored.
     other = tmp_path / "other"
-    shutil.copytree(local_shards, other)
+    shutil.copytree(resolve_dataset(local_shards).uri, other)  # a pinned copy of the version
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["transform"]["width"] *= 2
     (other / "manifest.json").write_text(json.dumps(manifest))
