@@ -257,30 +257,31 @@ def code_version() -> str:
 # --------------------------------------------------------------------------------------------
 # The driver.
 # --------------------------------------------------------------------------------------------
-def pin_data(cfg: TrainConfig, tracking_uri: str) -> DatasetVersion:
-    """The dataset version this run trains on, resolved once: the current one for a new run;
-    for a resumed run the one it started on (in its params), so a version committed meanwhile
-    never mixes into the training of one model."""
-    data = resolve_dataset(cfg.data)
+def resumed_data(
+    cfg: TrainConfig, data: DatasetVersion, tracking_uri: str
+) -> DatasetVersion | None:
+    """For a resumed run whose dataset has a newer version now, the version it started on (in
+    its params), so that a version committed meanwhile never mixes into the training of one
+    model; else None."""
     tracking.check_tracking(tracking_uri)
     started_on = tracking.run_param(cfg.experiment, cfg.run_name, "data_version_uri", tracking_uri)
-    if started_on and started_on != data.uri:
-        print(f"resuming on the dataset version the run started on: {started_on}", flush=True)
-        data = resolve_dataset(started_on)
-    return data
+    if not started_on or started_on == data.uri:
+        return None
+    print(f"resuming on the dataset version the run started on: {started_on}", flush=True)
+    return resolve_dataset(started_on)
 
 
-def preflight(cfg: TrainConfig, tracking_uri: str) -> tuple[dict, dict | None]:
-    """Every check that can fail before a worker starts (``cfg.data`` is a resolved version).
-    Returns the data manifest and the backbone weights (checked against the model) when
-    ``--backbone-weights`` is given."""
+def preflight(cfg: TrainConfig, data: DatasetVersion) -> tuple[dict, dict | None]:
+    """Every check on the data and arguments that can fail before a worker starts (before
+    MLflow is touched, so that a bad argument is one line). Returns the data manifest and the
+    backbone weights (checked against the model) when ``--backbone-weights`` is given."""
     import ray
 
-    manifest = resolve_dataset(cfg.data).manifest
+    manifest = data.manifest
     for split in ("train", "val"):
-        if not shard_files(cfg.data, split):
+        if not shard_files(data.uri, split):
             raise ConfigError(
-                f"{resolve(cfg.data).join(split).uri}: no Parquet shards; "
+                f"{data.location.join(split).uri}: no Parquet shards; "
                 + (
                     "ingest with --val-fraction > 0 and at least two drives"
                     if split == "val"
@@ -300,7 +301,6 @@ def preflight(cfg: TrainConfig, tracking_uri: str) -> tuple[dict, dict | None]:
                 f"the Ray cluster has {gpus:g}; drop --use-gpu, lower --num-workers, or pass "
                 "--skip-gpu-check if GPU workers autoscale from zero"
             )
-    tracking.check_tracking(tracking_uri)
     backbone = None
     if cfg.backbone_weights:
         n_class = manifest.get("n_class", labels.N_CLASSES)
@@ -338,9 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = tracking.configure()
     where = init_ray(min_cpus=int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     quiet_ray_data()
-    data = pin_data(cfg, tracking_uri)
+    data = resolve_dataset(cfg.data)  # resolved once: the version this run trains on
+    manifest, backbone = preflight(cfg, data)
+    started_on = resumed_data(cfg, data, tracking_uri)
+    if started_on is not None:
+        data = started_on
+        manifest, backbone = preflight(cfg, data)
     cfg = replace(cfg, data=data.uri)  # workers and datasets get the version folder
-    manifest, backbone = preflight(cfg, tracking_uri)
     transform = FrameTransform.from_dict(manifest["transform"])
     storage = resolve(cfg.storage)
     provenance = {

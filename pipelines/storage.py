@@ -452,9 +452,19 @@ class Location:
         return self._retrying("size", once, retry)
 
     def write_bytes(self, data: bytes, *, retry: Retry | None = DEFAULT_RETRY) -> None:
-        """Write the whole object; transient failures are retried (a put is idempotent)."""
+        """Write the whole object, atomically: a reader sees the old object or the new one,
+        never a part (an S3 put is atomic; locally a temporary file renamed into place).
+        Transient failures are retried (a put is idempotent)."""
 
         def once() -> None:
+            if self.scheme == "file":
+                tmp = self._local_temp(data)
+                try:
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                return
             self.parent().mkdir()
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)

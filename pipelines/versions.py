@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -128,32 +126,14 @@ def read_pointer(dest: Location) -> dict | None:
 
 
 def commit_version(dest: Location, name: str, manifest_sha256: str) -> None:
-    """Make ``name`` the current version: one small object replaced atomically (S3 puts are
-    atomic; locally a rename), so a reader sees the old pointer or the new one, never half."""
+    """Make ``name`` the current version: one small object replaced atomically (see
+    :meth:`Location.write_bytes`), so a reader sees the old pointer or the new one, never half."""
     pointer = {
         "version": name,
         "manifest_sha256": manifest_sha256,
         "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_atomic(dest.join(POINTER_NAME), json.dumps(pointer, indent=2).encode())
-
-
-def _write_atomic(loc: Location, data: bytes) -> None:
-    if loc.scheme != "file":
-        loc.write_bytes(data)
-        return
-    loc.parent().mkdir()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=loc.parent().path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, loc.path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    dest.join(POINTER_NAME).write_bytes(json.dumps(pointer, indent=2).encode())
 
 
 @dataclass(frozen=True)
