@@ -57,13 +57,16 @@ def copy_tree(src: str, dest: str) -> None:
 
 
 def copy_dropping_one_val_frame(src: str, dest: str) -> int:
-    """Copy an ingested dataset without its first validation frame, so that the validation
-    split is odd and cannot divide evenly over two workers, and with one validation file per
-    frame, so that both workers get some (one file is one block, and a block goes to one
-    worker). Returns the val frame count."""
+    """Copy the current version of an ingested dataset to ``dest`` as a pinned dataset folder
+    (manifest.json beside train/ and val/), without its first validation frame, so that the
+    validation split is odd and cannot divide evenly over two workers, and with one validation
+    file per frame, so that both workers get some (one file is one block, and a block goes to
+    one worker). Returns the val frame count."""
     import pyarrow.parquet as pq
 
-    src_loc, dest_loc = resolve(src), resolve(dest)
+    from pipelines.versions import resolve_dataset
+
+    src_loc, dest_loc = resolve_dataset(src).location, resolve(dest)
     manifest = json.loads(src_loc.join("manifest.json").read_text())
     [val_file] = [i.path for i in src_loc.join("val").list_files((".parquet",))]
     for info in src_loc.list_files():
