@@ -39,7 +39,9 @@ POINTER_NAME = "current.json"
 VERSIONS_DIR = "versions"
 # Incomplete versions younger than this may still be being written by a running ingest.
 STALE_INCOMPLETE = timedelta(hours=24)
-_NAME_RE = re.compile(r"^v(\d{8}T\d{6}Z)-[0-9a-f]{6}$")
+# Microseconds in the name: two ingests in one second must still sort in start order, or
+# pruning keeps the wrong "newest". Names without them (before 2026-11-26) still parse.
+_NAME_RE = re.compile(r"^v(\d{8}T\d{6})(\d{6})?Z-[0-9a-f]{6}$")
 
 
 class DatasetError(UserError):
@@ -66,9 +68,10 @@ class DatasetVersion:
 
 
 def new_version_name(now: datetime | None = None) -> str:
-    """Sortable by start time; the random tail keeps two ingests started in one second apart."""
+    """Sortable by start time (to the microsecond); the random tail keeps two ingests on two
+    machines started in the same microsecond apart."""
     now = now or datetime.now(timezone.utc)
-    return f"v{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"v{now:%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(3)}"
 
 
 def version_location(dest: Location, name: str) -> Location:
@@ -161,7 +164,7 @@ def list_versions(dest: Location) -> list[VersionInfo]:
 def _started(name: str) -> datetime:
     m = _NAME_RE.match(name)
     assert m, name
-    return datetime.strptime(m[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(m[1], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
 
 
 def prune_versions(dest: Location, keep: int, now: datetime | None = None) -> list[str]:

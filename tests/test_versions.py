@@ -96,3 +96,14 @@ def test_local_commit_leaves_no_temporary_files(tmp_path):
     commit_version(dest, name, "abc")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [POINTER_NAME, "versions"]
     assert json.loads((tmp_path / "data" / POINTER_NAME).read_text())["version"] == name
+
+
+def test_versions_started_in_one_second_keep_start_order(dest):
+    """Ingests run back to back (a scheduled re-ingest, a test) start within one second: the
+    names must still sort in start order, or pruning removes the newest and keeps an older one."""
+    started = [NOW + timedelta(microseconds=100_000 * i) for i in range(6)]
+    names = [make_version(dest, t) for t in started]
+    assert [v.name for v in list_versions(dest)] == names
+    commit_version(dest, names[-1], "sha")
+    assert prune_versions(dest, keep=2, now=NOW) == names[:4]
+    assert [v.name for v in list_versions(dest)] == names[4:]
