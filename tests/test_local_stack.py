@@ -61,6 +61,14 @@ def user_shell(command: str, stack: dict, timeout: int = 900) -> subprocess.Comp
     )  # fmt: skip
 
 
+def user_shell_started(command: str, stack: dict) -> subprocess.Popen:
+    """:func:`user_shell` started in the background; ``communicate()`` for its output."""
+    return subprocess.Popen(
+        ["bash", "-c", f"source {stack['state']}/env.sh && {command}"],
+        cwd=ROOT, env=stack["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, local_shards):
     ports = local_stack["ports"]
@@ -80,14 +88,22 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
     wrong = user_shell("RAY_AUTH_TOKEN=not-the-token ray job list", local_stack, timeout=120)
     assert wrong.returncode != 0
 
-    # The README's command, typed as a user does.
-    submit = user_shell(
-        "ray job submit --working-dir . -- python -m jobs.train "
-        f"--data {local_shards} --storage {local_stack['state']}/checkpoints "
-        "--experiment stack --register-as lanes-stack --num-workers 2 --batch-size 4 "
-        "--epochs 1 --run-name stack-run --no-augment",
+    # A job that fails (checked below) is submitted first, to run beside the training job: it
+    # fails in its first seconds, so the test does not wait for a job start of its own.
+    with user_shell_started(
+        "ray job submit --working-dir . -- python -m jobs.train --data /nonexistent "
+        "--storage /tmp/x --experiment stack --register-as lanes-stack",
         local_stack,
-    )
+    ) as bad:
+        # The README's command, typed as a user does.
+        submit = user_shell(
+            "ray job submit --working-dir . -- python -m jobs.train "
+            f"--data {local_shards} --storage {local_stack['state']}/checkpoints "
+            "--experiment stack --register-as lanes-stack --num-workers 2 --batch-size 4 "
+            "--epochs 1 --run-name stack-run --no-augment",
+            local_stack,
+        )
+        bad_stdout, bad_stderr = bad.communicate(timeout=300)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
     assert "succeeded" in submit.stdout + submit.stderr
     assert "registered models:/lanes-stack/1" in submit.stdout
@@ -105,11 +121,5 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
     assert (local_stack["state"] / "checkpoints" / "stack-run").is_dir()
 
     # A job that fails is reported as failed, with the job's one-line error.
-    bad = user_shell(
-        "ray job submit --working-dir . -- python -m jobs.train --data /nonexistent "
-        "--storage /tmp/x --experiment stack --register-as lanes-stack",
-        local_stack,
-        timeout=300,
-    )
     assert bad.returncode != 0
-    assert "error: /nonexistent: no manifest.json" in bad.stdout + bad.stderr
+    assert "error: /nonexistent: no manifest.json" in bad_stdout + bad_stderr

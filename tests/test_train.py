@@ -1,5 +1,5 @@
-"""The training job: preflight errors, learning, a 2-worker DDP run from S3 with MLflow
-registration, and fault tolerance (a worker crash, and the whole job dying)."""
+"""The training job: preflight errors, learning, and one 2-worker DDP run from S3 through fault
+tolerance (the whole job dying, then a worker crash in the resumed job) to MLflow registration."""
 
 import json
 import os
@@ -135,6 +135,41 @@ def poly_lr_logged(run_id: str, steps_per_epoch: int, epochs: int, base: float =
         assert m.value == pytest.approx(expected, abs=1e-12), (m.step, m.value, expected)
 
 
+# The registered model works in a plain Python process: no Ray, any N, any frame size.
+PYFUNC_CHECK = """
+import sys, numpy as np, mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+m = mlflow.pyfunc.load_model("models:/lanes-test/1")
+for n, h, w in [(1, 300, 500), (3, 428, 846)]:
+    x = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    y = m.predict(x)
+    assert y.shape == (n, h, w) and y.dtype == np.uint8, (y.shape, y.dtype)
+    assert int(y.max()) < 8 and (y[:, :172] == 0).all()  # cropped sky rows are background
+assert "ray" not in sys.modules
+print("pyfunc ok")
+"""
+
+
+@pytest.fixture
+def background():
+    """``background(argv, **popen_kwargs) -> Popen`` (text, stdout and stderr piped): a process
+    that runs beside the test; one still running when the test ends is killed."""
+    procs = []
+
+    def start(argv: list[str], **kwargs) -> subprocess.Popen:
+        procs.append(
+            subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+            )
+        )
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        with proc:  # closes its pipes and waits for it
+            proc.kill()
+
+
 # -- preflight: clear errors before any worker starts --------------------------------------------
 def test_bad_arguments_fail_before_workers_start(
     tmp_path, local_shards, mlflow_store, ray_cluster, capsys, monkeypatch
@@ -201,19 +236,57 @@ def test_config_file_with_flag_override(tmp_path):
 
 # -- real runs ---------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_worker_run_from_s3_registers_model(
-    local_shards, s3_prefix, mlflow_store, ray_cluster, capsys
+def test_two_worker_run_from_s3_survives_failures_and_registers_model(
+    local_shards, s3_prefix, mlflow_store, ray_cluster, capsys, background
 ):
+    """A 2-worker run with data and checkpoints on S3, through both kinds of failure:
+
+    1. No restarts allowed: the job dies in epoch 2 (epoch 1 is checkpointed); its MLflow run
+       is marked FAILED.
+    2. Run again with the same --run-name and --storage (one restart allowed now, and the chaos
+       marker removed so that a worker is killed again mid-epoch): the job resumes from the
+       epoch-1 checkpoint and continues the same MLflow run, and Ray Train restarts the killed
+       worker's group from the last checkpoint.
+    3. The run then has every epoch exactly once, its metrics, pictures and checkpoints, and a
+       registered model that works without Ray.
+    """
     data, storage = f"{s3_prefix}/shards", f"{s3_prefix}/checkpoints"
     val_frames = copy_dropping_one_val_frame(local_shards, data)
     assert val_frames % 2 == 1
-    assert train.main(train_args(data, storage, "s3-run")) == 0
+    # 18 train frames, 9 per worker, 2 per worker step -> 4 steps per epoch; step 6 is in
+    # epoch 2 (epoch 1 is checkpointed).
+    argv = train_args(data, storage, "s3-run", "--fail-once-at-step", "6", "--max-failures", "0")
+    marker = resolve(storage).join("s3-run", FAIL_MARKER)
+
+    # 1. The whole job dies.
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: training failed after 0 restart(s)" in err
+    assert "re-run the same command (--run-name s3-run) to resume" in err
+    [run] = runs_named("s3-run")
+    assert run.info.status == "FAILED"
+    assert epochs_logged(run.info.run_id) == [0]
+
+    # 2. Resumed, and a worker crash in the resumed job.
+    assert marker.read_text() == "failed at step 6\n"
+    marker.delete()
+    argv[argv.index("--max-failures") + 1] = "1"
+    assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "registered models:/lanes-test/1" in out
+    # The registered model in a plain Python process (PYFUNC_CHECK): it runs beside the checks
+    # below, and is checked last.
+    pyfunc = background([sys.executable, "-c", PYFUNC_CHECK, mlflow_store], cwd=ROOT)
+    # The marker is written just before the worker kills itself: the crash happened.
+    assert marker.read_text() == "failed at step 6\n"
+    [again] = runs_named("s3-run")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert epochs_logged(run.info.run_id) == [0, 1]  # epoch 0 not trained twice
+    poly_lr_logged(run.info.run_id, steps_per_epoch=4, epochs=2)
+    assert mlflow.active_run() is None
+    run = again
 
-    [run] = runs_named("s3-run")
-    assert run.info.status == "FINISHED"
-    assert epochs_logged(run.info.run_id) == [0, 1]
+    # 3. What the run recorded.
     metrics = run.data.metrics
     for key in (
         "train_loss",
@@ -241,6 +314,7 @@ def test_two_worker_run_from_s3_registers_model(
     assert run.data.params["data"] == data
 
     version = MlflowClient().get_model_version("lanes-test", "1")
+    assert version.run_id == run.info.run_id
     tags = version.tags
     assert float(tags["val_miou"]) == pytest.approx(metrics["best_val_miou"], abs=1e-6)
     assert tags["data_manifest"] == f"{data}/manifest.json"
@@ -265,85 +339,9 @@ def test_two_worker_run_from_s3_registers_model(
     # BatchNorm statistics (broadcast before validation).
     assert_confusion_is_single_process(storage, "s3-run", data, epoch=1)
 
-    # The registered model works in a plain Python process: no Ray, any N, any frame size.
-    script = f"""
-import sys, numpy as np, mlflow
-mlflow.set_tracking_uri({mlflow_store!r})
-m = mlflow.pyfunc.load_model("models:/lanes-test/1")
-for n, h, w in [(1, 300, 500), (3, 428, 846)]:
-    x = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-    y = m.predict(x)
-    assert y.shape == (n, h, w) and y.dtype == np.uint8, (y.shape, y.dtype)
-    assert int(y.max()) < 8 and (y[:, :172] == 0).all()  # cropped sky rows are background
-assert "ray" not in sys.modules
-print("pyfunc ok")
-"""
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "pyfunc ok" in proc.stdout
-
-
-@pytest.mark.slow
-def test_worker_crash_restarts_from_checkpoint(tmp_path, local_shards, mlflow_store, ray_cluster):
-    """A worker killed mid-epoch: Ray Train restarts the group from the last checkpoint; the
-    run still has every epoch exactly once, in one MLflow run."""
-    storage = str(tmp_path / "ckpt")
-    # 18 train frames, 9 per worker, 2 per worker step -> 4 steps per epoch; step 6 is in
-    # epoch 2 (epoch 1 is checkpointed).
-    argv = train_args(
-        local_shards,
-        storage,
-        "crash",
-        "--epochs",
-        "3",
-        "--fail-once-at-step",
-        "6",
-        "--max-failures",
-        "1",
-    )
-    assert train.main(argv) == 0
-    # The marker is written just before the worker kills itself: the crash happened.
-    assert (tmp_path / "ckpt" / "crash" / FAIL_MARKER).read_text() == "failed at step 6\n"
-    [run] = runs_named("crash")
-    assert run.info.status == "FINISHED"
-    assert epochs_logged(run.info.run_id) == [0, 1, 2]
-    poly_lr_logged(run.info.run_id, steps_per_epoch=4, epochs=3)
-
-
-@pytest.mark.slow
-def test_rerun_after_whole_job_died_resumes_same_run(
-    tmp_path, local_shards, mlflow_store, ray_cluster, capsys
-):
-    """No restarts allowed: the job dies in epoch 2. The same command again resumes from the
-    epoch-1 checkpoint and continues the same MLflow run."""
-    storage = str(tmp_path / "ckpt")
-    argv = train_args(
-        local_shards,
-        storage,
-        "dies",
-        "--epochs",
-        "2",
-        "--fail-once-at-step",
-        "6",
-        "--max-failures",
-        "0",
-    )
-    assert train.main(argv) == 1
-    err = capsys.readouterr().err
-    assert "error: training failed after 0 restart(s)" in err
-    assert "re-run the same command (--run-name dies) to resume" in err
-    [run] = runs_named("dies")
-    assert run.info.status == "FAILED"
-    assert epochs_logged(run.info.run_id) == [0]
-    assert train.main(argv) == 0
-    [again] = runs_named("dies")
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert epochs_logged(run.info.run_id) == [0, 1]  # epoch 0 not trained twice
-    poly_lr_logged(run.info.run_id, steps_per_epoch=4, epochs=2)
-    assert MlflowClient().get_model_version("lanes-test", "1").run_id == run.info.run_id
-    assert mlflow.active_run() is None
+    stdout, stderr = pyfunc.communicate(timeout=300)
+    assert pyfunc.returncode == 0, stderr[-2000:]
+    assert "pyfunc ok" in stdout
 
 
 def test_checkpoint_spec_round_trip(tmp_path):
