@@ -19,6 +19,7 @@ from benchmarks import (
     bench_label,
     bench_learning,
     bench_models,
+    bench_read_parquet,
     bench_train,
 )
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         ("Data pipeline", bench_data.main, ["--frames", "16" if args.quick else "64"]),
         ("Training", bench_train.main, dev + small + (["--frames", "32", "--batch-size", "4", "--steps", "5"] if args.quick else [])),
         ("Labeling", bench_label.main, dev + small + (["--frames", "24", "--batch-size", "4"] if args.quick else [])),
+        ("Reading shards: Ray Data's V2 Parquet datasource against V1", bench_read_parquet.main,
+         ["--quick"] if args.quick else []),
         ("Labeling bookkeeping: already_labeled, serial reads before, dataset scan after",
          bench_already_labeled.main, ["--quick"] if args.quick else []),
         ("Learning: val mIoU per epoch, recipe before and after", bench_learning.main,

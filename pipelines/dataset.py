@@ -37,7 +37,6 @@ def read_shards(
 
     ``shuffle_seed``: read the shard files in a random order, a new one on every pass over
     the data (Ray Data reseeds with the execution index), from this seed."""
-    import ray
     from ray.data import FileShuffleConfig
 
     loc = resolve_dataset(data_uri).location.join(split)
@@ -50,9 +49,26 @@ def read_shards(
     # One read task (one block) per shard file: ingest sizes the files (~256 MB), and Ray's own
     # estimate merges small files into one block, which streaming_split then hands whole to a
     # single worker.
-    return ray.data.read_parquet(
+    return read_parquet_files(
         files, filesystem=loc.fs, columns=columns, shuffle=shuffle, override_num_blocks=len(files)
     )
+
+
+def read_parquet_files(files: list[str], **kwargs):
+    """``ray.data.read_parquet`` of an explicit list of files, with Ray Data's V1 Parquet
+    datasource. The V2 one (Ray 2.60's default) adds a listing stage of its own tasks that
+    costs ~5 s on every execution (every epoch's pass, every evaluation) even for one small
+    local file, against ~0.1 s (benchmarks/bench_read_parquet.py); the list is already
+    known here, so there is nothing to list. The choice is made when the dataset is created."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(files, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = before
 
 
 def build_dataset(
