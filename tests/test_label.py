@@ -154,55 +154,56 @@ def test_bad_model_reference_is_one_line(tmp_path, mlflow_store, capsys):
         assert "Traceback" not in err
 
 
-def _killed_run(argv: list[str], crash_at: str, ray_address: str) -> None:
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
+def _killed_run(argv: list[str], crash_at: str, ray_address: str) -> str:
+    """A labeling run in its own process, killed (exit 137) at ``crash_at``; its output."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.label", *argv, "--crash-at", crash_at],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 137, proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crash_at", ["after-write", "mid-commit"])
-def test_run_killed_halfway_then_rerun_ends_with_one_row_per_input(
-    labeling_setup, capsys, crash_at
-):
-    """Killed after writing its staging files (not yet marked complete) or in the middle of
-    moving them into place: nothing half-written is visible, and the next run ends with
-    exactly one row per input."""
+def test_runs_killed_halfway_then_rerun_end_with_one_row_per_input(labeling_setup, capsys):
+    """A run killed after writing its staging files (not yet marked complete), then the next
+    one killed in the middle of moving its files into place: nothing half-written is ever
+    visible, each run takes over the dead one's lease once it expires and cleans up after it,
+    and the last ends with exactly one row per input."""
     s = labeling_setup
     argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
             "--max-pixels", str(MAX_PIXELS), "--rows-per-file", "3"]  # fmt: skip
-    _killed_run([*argv, "--lease-ttl", "6"], crash_at, _gcs())
     output = resolve(s["output"])
+    # 1. Killed after writing: never committed, nothing visible.
+    _killed_run([*argv, "--lease-ttl", "6"], "after-write", _gcs())
     assert output.join(STAGING).exists()
-    visible = read_output(s["output"]).to_pylist()
-    if crash_at == "after-write":
-        assert visible == []  # never committed: nothing visible
-    else:
-        assert 0 < len(visible) < len(s["expected"])  # one file of several moved
+    assert read_output(s["output"]).to_pylist() == []
 
     # The dead run's lease has not expired yet: a run now leaves everything alone.
     staged = sorted(i.path for i in output.list_files())
     status, out = run_label(capsys, *argv)
     assert status == 0 and "this run does nothing" in out and "is held by run" in out, out
     assert sorted(i.path for i in output.list_files()) == staged
-    # One that waits takes the lease over once it expires, and cleans up.
+
+    # 2. One that waits takes the lease over once it expires, discards the dead run's staging
+    # and labels everything, but is killed after moving one file of several into place.
+    out = _killed_run([*argv, "--lease-ttl", "6", "--wait-for-lease", "60"], "mid-commit", _gcs())
+    assert "took over the expired lease of run" in out
+    assert "1 incomplete staging folders discarded" in out
+    visible = read_output(s["output"]).to_pylist()
+    assert 0 < len(visible) < len(s["expected"])  # one file of several moved
+
+    # 3. The next one completes that commit (its files were all written) and finds nothing new.
     status, out = run_label(capsys, *argv, "--wait-for-lease", "60")
     assert status == 0, out
     assert "took over the expired lease of run" in out
+    assert "1 commits completed" in out and "nothing new to label" in out
     table = read_output(s["output"]).to_pylist()
     assert sorted(r["source"] for r in table) == sorted(
         f"{s['input']}/{rel}" for rel in s["expected"]
     )
     assert not output.join(STAGING).list_files()
-    if crash_at == "after-write":
-        assert "1 incomplete staging folders discarded" in out
-        assert counts(out)[1:] == (6, 8, 0)  # everything labeled now
-    else:
-        assert "1 commits completed" in out
-        assert "nothing new to label" in out
 
 
 def _gcs() -> str:
