@@ -6,7 +6,8 @@ Input: a prefix of raw frames (*.jpg / *.png, any size) or an ingested dataset. 
 under OUTPUT/labeled_date=YYYY-MM-DD/ (schema in the README). Only inputs without a row for the
 same model version are labeled, so it can run on a schedule; runs that overlap are safe (a lease
 on OUTPUT: the second exits 0 naming the holder, or waits with --wait-for-lease). Exit status:
-0 done (or nothing to do, or another run holds the lease); 3 some frames were deferred after
+0 done (or nothing to do, or another run holds the lease); 1 stalled (no chunk committed for
+--stall-minutes); 3 some frames were deferred after
 storage errors (they are labeled by the next run); 2 bad input.
 """
 
@@ -18,7 +19,8 @@ import time
 from datetime import datetime, timezone
 
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
-from pipelines import labeling, tracking
+from pipelines import capacity, labeling, tracking, watchdog
+from pipelines.dataset import read_parquet_files
 from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipelines.labeling import LabelingError
 from pipelines.lease import LEASE_NAME, Lease, LeaseHeld, new_run_id
@@ -104,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seconds to wait when another run holds the lease (default: exit 0 at once)",
     )
+    p.add_argument(
+        "--cluster-cpus",
+        type=float,
+        help="CPUs an autoscaling cluster can scale to (default: the CPUs it has now); the "
+        "model actors are fitted to leave one for reading frames",
+    )
+    p.add_argument(
+        "--stall-minutes",
+        type=float,
+        default=30.0,
+        help="fail the run when no chunk is committed for this long",
+    )
     p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file")
     p.add_argument(
         "--crash-at", choices=("after-write", "mid-commit"), help=argparse.SUPPRESS
@@ -114,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    for flag in ("batch_size", "chunk_frames", "read_retries", "max_bytes", "max_pixels"):
+    for flag in ("batch_size", "chunk_frames", "read_retries", "max_bytes", "max_pixels",
+                 "stall_minutes"):  # fmt: skip
         if getattr(args, flag) < 1:
             raise LabelingError(f"--{flag.replace('_', '-')} must be >= 1")
     t0 = time.time()
@@ -133,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return label(args, lease, ref, transform, output, tracking_uri, t0)
+    except watchdog.Stalled as e:
+        print(f"error: {e}; committed chunks stay, the next run labels the rest", file=sys.stderr)
+        return 1
     finally:
         lease.release()
 
 
 def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: float) -> int:
-    import ray
 
     if lease.took_over is not None:
         print(f"took over the expired lease of run {lease.took_over.run}")
@@ -162,10 +179,8 @@ def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: flo
     for path in inputs.ignored[:5]:
         print(f"  ignored (not a .jpg/.jpeg/.png frame): {path}")
     totals = {"ok": 0, "error": 0}
-    deferred: list[str] = []
-    left = len(todo)
 
-    def summary() -> str:
+    def summary(deferred: list[str], left: int) -> str:
         return (
             f"label: found {len(inputs.rows)} frames, labeled {totals['ok']}, errors "
             f"{totals['error']}, skipped {skipped} (already labeled by {ref.name} "
@@ -176,19 +191,45 @@ def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: flo
 
     if not todo:
         print("nothing new to label; nothing written")
-        print(summary())
+        print(summary([], 0))
         return 0
 
     init_ray()
     quiet_ray_data()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cluster = capacity.cluster(args.cluster_cpus)
+    gpus = int(cluster.gpus)
     use_gpu = gpus > 0 if args.use_gpu is None else args.use_gpu
-    actors = args.actors or max(1, gpus)
+    actors, note = capacity.fit_actor_pool(
+        cluster, args.actors or max(1, gpus), use_gpu=use_gpu, explicit=args.actors is not None
+    )
+    if note:
+        print(note, flush=True)
     print(
         f"labeling {len(todo)} frames with {ref.uri} on {actors} {'GPU' if use_gpu else 'CPU'} "
         f"actor(s), {args.chunk_frames} per commit",
         flush=True,
     )
+    dog = watchdog.Watchdog(
+        args.stall_minutes * 60,
+        "labeling",
+        hint=f"The cluster has {cluster.describe()}; raise --stall-minutes or lower "
+        "--chunk-frames if chunks are just slow",
+    )
+    with dog:
+        deferred, left = label_chunks(args, lease, inputs, todo, ref, transform, output,
+                                      tracking_uri, actors, use_gpu, totals, dog, t0)  # fmt: skip
+    for source in deferred[:10]:
+        print(f"  deferred (storage errors after retries; labeled by the next run): {source}")
+    print(summary(deferred, left))
+    return 3 if deferred else 0
+
+
+def label_chunks(args, lease, inputs, todo, ref, transform, output, tracking_uri, actors,
+                 use_gpu, totals, dog, t0) -> tuple[list[str], int]:  # fmt: skip
+    """Label ``todo`` in chunks of ``--chunk-frames``, each committed on its own. Returns the
+    deferred sources and the count left for the next run."""
+    deferred: list[str] = []
+    left = len(todo)
     for n, start in enumerate(range(0, len(todo), args.chunk_frames)):
         if args.time_limit is not None and time.time() - t0 > args.time_limit:
             print(f"--time-limit {args.time_limit:g}s reached: {left} frames left for the next run")
@@ -212,10 +253,8 @@ def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: flo
         totals["error"] += result.error
         deferred += result.deferred
         left -= len(chunk)
-    for source in deferred[:10]:
-        print(f"  deferred (storage errors after retries; labeled by the next run): {source}")
-    print(summary())
-    return 3 if deferred else 0
+        dog.beat(f"chunk {n + 1} committed")
+    return deferred, left
 
 
 def pipeline(args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu, labeled_at):
@@ -227,7 +266,7 @@ def pipeline(args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu,
         root = resolve(inputs.uri)  # the version resolved once, in list_inputs
         files = [i.path for i in root.list_files((".parquet",))]
         ds = (
-            ray.data.read_parquet(
+            read_parquet_files(
                 files, filesystem=root.fs, columns=["image_id", "source_image", "image"]
             )
             .rename_columns({"source_image": "source"})

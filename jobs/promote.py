@@ -5,8 +5,11 @@
     python -m jobs.promote --model NAME --rollback [--alias champion]
 
 Both the candidate and the current alias holder are evaluated on the same shards with the
-training metric code; both results are recorded as tags on their versions. Exit status: 0 the
-candidate holds the alias (promoted now, or already), 1 not promoted, 2 bad input.
+training metric code; both results are recorded as tags on their versions. The alias moves by
+compare-and-swap: only if it still points at the version evaluated against (another promotion
+or a rollback may have moved it meanwhile). Exit status: 0 the candidate holds the alias
+(promoted now, or already), 1 not promoted (not better, or the alias moved meanwhile), 2 bad
+input.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 from datetime import datetime, timezone
 
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
-from pipelines import registry, tracking
+from pipelines import capacity, registry, tracking, watchdog
 from pipelines.evaluate import evaluate
 from pipelines.versions import resolve_dataset
 
@@ -38,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="champion")
     p.add_argument(
         "--min-gain", type=float, default=0.0, help="mIoU the candidate must gain over the holder"
+    )
+    p.add_argument(
+        "--stall-minutes",
+        type=float,
+        default=30.0,
+        help="give up (exit 1) when evaluation makes no progress for this long",
     )
     p.add_argument(
         "--rollback", action="store_true", help="point the alias back to its previous holder"
@@ -94,11 +103,26 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     quiet_ray_data()
+    cluster = capacity.cluster()
+    capacity.check_reader(cluster)
     results = {}
-    for version in [candidate.version] + ([holder] if holder else []):
-        ref = registry.ModelRef(args.model, version)
-        results[version] = evaluate(registry.load_predictor(ref), data.uri, args.split)
-        record(client, args.model, version, results[version], data)
+    dog = watchdog.Watchdog(
+        args.stall_minutes * 60,
+        "evaluation",
+        hint=f"The cluster has {cluster.describe()}; raise --stall-minutes if scoring is just slow",
+    )
+    try:
+        with dog:
+            for version in [candidate.version] + ([holder] if holder else []):
+                ref = registry.ModelRef(args.model, version)
+                dog.beat(f"loading v{version}")
+                results[version] = evaluate(
+                    registry.load_predictor(ref), data.uri, args.split, progress=dog.beat
+                )
+                record(client, args.model, version, results[version], data)
+    except watchdog.Stalled as e:
+        print(f"error: {e}; the alias was not moved", file=sys.stderr)
+        return NOT_PROMOTED
 
     cand = results[candidate.version]
     rows = [
@@ -132,11 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     gain = cand["miou"] - results[holder]["miou"] if holder else None
     promote = holder is None or (gain > 0 and gain >= args.min_gain)
     if promote:
-        registry.move_alias(args.model, args.alias, candidate.version, client)
-        why = (
-            "no previous holder" if holder is None else f"mIoU gain {gain:+.4f} >= {args.min_gain}"
-        )
-        decision = f"promoted v{candidate.version} to {args.alias} ({why})"
+        # Compare-and-swap: evaluation took minutes, and the alias may have moved meanwhile.
+        try:
+            registry.move_alias(args.model, args.alias, candidate.version, client, expected=holder)
+        except registry.AliasMoved as e:
+            promote = False
+            decision = (
+                f"not promoted: {e}, while v{candidate.version} was evaluated against "
+                f"{'v' + holder if holder else 'no holder'}; re-run to evaluate against the new holder"
+            )
+        else:
+            why = (
+                "no previous holder"
+                if holder is None
+                else f"mIoU gain {gain:+.4f} >= {args.min_gain}"
+            )
+            decision = f"promoted v{candidate.version} to {args.alias} ({why})"
     else:
         decision = f"kept v{holder} as {args.alias}: candidate mIoU gain {gain:+.4f} does not beat min gain {args.min_gain}"
     client.set_model_version_tag(args.model, candidate.version, f"promotion_{args.alias}", decision)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import fcn_models
 from jobs._cli import ConfigError, cli, init_ray, parse_args, quiet_ray_data
-from pipelines import labels, tracking
+from pipelines import capacity, labels, tracking, watchdog
 from pipelines.augment import Augment
 from pipelines.dataset import build_dataset, shard_files, split_config
 from pipelines.frames import FrameTransform
@@ -45,7 +45,9 @@ class TrainConfig:
     model: str = "fcn8s_resnet101"
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # default: 1, lowered to fit a small cluster
+    cluster_cpus: float | None = None  # an autoscaling cluster's limit (default: what it has)
+    stall_minutes: float = 30.0
     epochs: int = 10
     batch_size: int = 16
     recipe: str = "default"
@@ -104,7 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="one GPU per worker (NCCL); otherwise CPU workers (gloo)",
     )
     g.add_argument(
-        "--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per training worker"
+        "--cpus-per-worker",
+        type=float,
+        help="logical CPUs reserved per training worker (default: 1, lowered when the cluster "
+        "is too small to also run the data pipeline; given, it is kept or the job fails)",
+    )
+    g.add_argument(
+        "--cluster-cpus",
+        type=float,
+        help="CPUs an autoscaling cluster can scale to (default: the CPUs it has now)",
+    )
+    g.add_argument(
+        "--stall-minutes",
+        type=float,
+        default=30.0,
+        help="fail the job when no training or validation step completes for this long "
+        "(waiting for resources, a stuck data pipeline)",
     )
     g.add_argument(
         "--skip-gpu-check",
@@ -196,6 +213,10 @@ def load_config(argv: list[str] | None) -> TrainConfig:
         raise ConfigError(f"--num-workers must be >= 1, got {cfg.num_workers}")
     if cfg.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.cpus_per_worker is not None and cfg.cpus_per_worker <= 0:
+        raise ConfigError(f"--cpus-per-worker must be > 0, got {cfg.cpus_per_worker:g}")
+    if cfg.stall_minutes <= 0:
+        raise ConfigError(f"--stall-minutes must be > 0, got {cfg.stall_minutes:g}")
     if cfg.batch_size < cfg.num_workers:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is smaller than --num-workers {cfg.num_workers}: "
@@ -336,8 +357,15 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(argv)
     tracking_uri = tracking.configure()
-    where = init_ray(min_cpus=int(cfg.num_workers * cfg.cpus_per_worker) + 2)
+    where = init_ray(min_cpus=int(cfg.num_workers * (cfg.cpus_per_worker or 1.0)) + 2)
     quiet_ray_data()
+    cpus, note = capacity.fit_training(
+        capacity.cluster(cfg.cluster_cpus), cfg.num_workers, cfg.cpus_per_worker or 1.0,
+        explicit=cfg.cpus_per_worker is not None,
+    )  # fmt: skip
+    if note:
+        print(note, flush=True)
+    cfg = replace(cfg, cpus_per_worker=cpus)
     data = resolve_dataset(cfg.data)  # resolved once: the version this run trains on
     manifest, backbone = preflight(cfg, data)
     started_on = resumed_data(cfg, data, tracking_uri)
@@ -372,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    progress = watchdog.progress_actor()  # rank 0 reports each step; the driver watches
     loop_config = {
         **asdict(cfg),
         "recipe": asdict(recipe_of(cfg)),
@@ -383,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "provenance": provenance,
+        "progress": progress,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -398,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=storage.path,
-            storage_filesystem=storage.fs,
+            storage_filesystem=storage.patient_fs,  # checkpoint uploads ride out outages
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_miou",
@@ -414,25 +444,40 @@ def main(argv: list[str] | None = None) -> int:
         },
         dataset_config=split_config(),
     )
+    resume = (
+        f"Checkpoints are kept in {storage.join(cfg.run_name).uri}: re-run the same "
+        f"command (--run-name {cfg.run_name}) to resume from the last one."
+    )
+    dog = watchdog.Watchdog(
+        cfg.stall_minutes * 60,
+        "training",
+        poll=lambda: ray.get(progress.last.remote(), timeout=30),
+        hint=f"The cluster has {capacity.cluster().describe()}: if the job waits for "
+        "resources, lower --num-workers or add nodes; if steps are just slow, raise "
+        "--stall-minutes",
+    )
     try:
-        result = trainer.fit()
+        with dog:
+            result = trainer.fit()
+    except watchdog.Stalled as e:
+        end_run_quietly("FAILED")
+        print(f"error: {e}\n{resume}", file=sys.stderr)
+        return 1
     except ray.train.TrainingFailedError as e:
         # The workers' own tracebacks are already in the log above; say what it means.
-        mlflow.end_run(status="FAILED")
+        end_run_quietly("FAILED")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(
-            f"error: training failed after {cfg.max_failures} restart(s): {first}\n"
-            f"Checkpoints are kept in {storage.join(cfg.run_name).uri}: re-run the same "
-            f"command (--run-name {cfg.run_name}) to resume from the last one.",
+            f"error: training failed after {cfg.max_failures} restart(s): {first}\n{resume}",
             file=sys.stderr,
         )
         return 1
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        end_run_quietly("FAILED")
         raise
     best = _best_checkpoint(result)
     if best is None:
-        mlflow.end_run(status="FAILED")
+        end_run_quietly("FAILED")
         print("error: training produced no checkpoint", file=sys.stderr)
         return 1
     checkpoint, best_metrics = best
@@ -445,6 +490,21 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     return 0
+
+
+def end_run_quietly(status: str) -> None:
+    """Mark the MLflow run ended; a tracking server that is down must not hide the error (or
+    the resume message) that follows."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status=status)
+    except Exception as e:  # noqa: BLE001
+        print(
+            f"warning: could not mark the MLflow run {status} ({type(e).__name__}); "
+            "it stays RUNNING until the run is resumed",
+            file=sys.stderr,
+        )
 
 
 def _best_checkpoint(result):

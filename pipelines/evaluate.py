@@ -3,6 +3,8 @@ promotion; training evaluates inside its DDP loop with the same :mod:`pipelines.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -19,10 +21,17 @@ class EvaluationError(UserError):
     """A model and a dataset that cannot be compared."""
 
 
-def evaluate(predictor: Predictor, data_uri: str, split: str = "val", batch_size: int = 8) -> dict:
+def evaluate(
+    predictor: Predictor,
+    data_uri: str,
+    split: str = "val",
+    batch_size: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Scores (pixel acc, mean class acc, mIoU, fwIoU, per-class IoU) and ``frames`` of the
     predictor on one split of an ingested dataset (a version folder; a dataset root is
-    resolved to its current version).
+    resolved to its current version). ``progress`` is called after each batch (a watchdog's
+    ``beat``).
 
     The shards hold frames already cropped and resized by ingest, so the dataset's transform
     must be the model's: otherwise the model would be scored on inputs it never sees when
@@ -47,6 +56,8 @@ def evaluate(predictor: Predictor, data_uri: str, split: str = "val", batch_size
         label = torch.as_tensor(np.array(batch["label"]))  # a copy: Ray's arrays are read-only
         conf += confusion_matrix(torch.from_numpy(pred), label, n_class)
         frames += len(pred)
+        if progress is not None:
+            progress(f"{frames} frames of {data_uri}/{split} scored")
     if frames == 0:
         raise EvaluationError(f"{data_uri}/{split}: no frames to evaluate")
     result = scores(conf.numpy(), predictor.spec.class_names or CLASS_NAMES)

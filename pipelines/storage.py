@@ -248,10 +248,17 @@ def s3_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+# The AWS SDK's own attempts per request for long-running writers (Location.patient_fs):
+# with its exponential backoff they span a short outage or a burst of throttling.
+PATIENT_SDK_ATTEMPTS = 12
+
+
 @cache
-def _s3_pyarrow(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+def _s3_pyarrow(endpoint: str | None, region: str, sdk_attempts: int = 0) -> pafs.S3FileSystem:
     # Keys are left to the AWS SDK's default chain; only where to go is passed explicitly.
     kwargs: dict = {"region": region}
+    if sdk_attempts:
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts)
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         # A local endpoint (MinIO, moto) has no virtual-host bucket DNS.
@@ -322,6 +329,16 @@ class Location:
         if self.scheme == "s3":
             return _s3_pyarrow(self.endpoint, self.region)
         return pafs.LocalFileSystem()
+
+    @property
+    def patient_fs(self) -> pafs.FileSystem:
+        """:attr:`fs` for a writer that cannot retry on its own and must ride out a short
+        outage or throttling: Ray Train's checkpoint uploads (Ray issues #47939, #36690), where
+        one failed request fails the worker. On S3 every request gets
+        ``PATIENT_SDK_ATTEMPTS`` attempts with backoff; locally it is :attr:`fs`."""
+        if self.scheme == "s3":
+            return _s3_pyarrow(self.endpoint, self.region, PATIENT_SDK_ATTEMPTS)
+        return self.fs
 
     @property
     def fsspec(self):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,6 +312,7 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
         tracker = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
+    progress = config.get("progress") if rank == 0 else None  # the driver's stall watchdog
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -336,6 +339,8 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum += loss * len(batch["image"])
             seen += len(batch["image"])
             _maybe_fail_once(config, rank, global_step)
+            if progress is not None:
+                progress.beat.remote(f"epoch {epoch + 1} step {global_step}")
         train_seconds = time.perf_counter() - t0
 
         # -- validate: each rank scores its exact part of the split with rank 0's weights and
@@ -361,6 +366,8 @@ def train_loop_per_worker(config: dict) -> None:
                    "val_frames_by_rank": by_rank}  # fmt: skip
         _checkpoint_and_report(config, rank, model, optimizer, scheduler, global_step, metrics,
                                details, transform)  # fmt: skip
+        if progress is not None:
+            progress.beat.remote(f"epoch {epoch + 1} validated and checkpointed")
         if tracker is not None:
             tracker.log_epoch(epoch, metrics, conf, samples)
         if rank == 0:
@@ -371,6 +378,8 @@ def train_loop_per_worker(config: dict) -> None:
                 epoch + 1, config["epochs"], metrics["train_loss"], metrics["val_miou"],
                 metrics["val_pixel_acc"], metrics["train_images_per_s"],
             )  # fmt: skip
+    if tracker is not None:
+        tracker.close()
 
 
 def evaluate_shard(
@@ -456,13 +465,26 @@ def _overlay_samples(images, pred, transform: FrameTransform, n: int) -> list:
 
 
 class EpochLogger:
-    """Rank 0's per-epoch MLflow record: metrics by step, the confusion matrix and overlays."""
+    """Rank 0's per-epoch MLflow record (metrics by step, the confusion matrix, overlays),
+    sent by a background thread so that the tracking server's state never fails or stalls
+    training: a call that fails is retried with backoff until it goes through, in order, and
+    what waits meanwhile is kept in memory (a few pictures and numbers an epoch). ``close``
+    waits for the backlog, up to ``flush_s``, and reports what could not be sent."""
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, flush_s: float = 600.0) -> None:
         from mlflow import MlflowClient
 
+        # One short try per call here; this thread's own backoff does the waiting (MLflow's
+        # default retries would hold each call for minutes).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.run_id = run_id
+        self.flush_s = flush_s
+        self.failures = 0  # failed attempts (each retried)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._send_all, name="mlflow-logger", daemon=True)
+        self._thread.start()
 
     def log_epoch(self, epoch: int, metrics: dict, conf, samples) -> None:
         from mlflow.entities import Metric
@@ -471,17 +493,51 @@ class EpochLogger:
 
         now = int(time.time() * 1000)
         values = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
-        self.client.log_batch(self.run_id, metrics=values)
-        self.client.log_image(
-            self.run_id,
-            _png_to_array(confusion_png(conf.cpu().numpy())),
-            artifact_file=f"confusion/epoch_{epoch:03d}.png",
-        )
+        self._put(f"epoch {epoch} metrics", self.client.log_batch, self.run_id, metrics=values)
+        confusion = _png_to_array(confusion_png(conf.cpu().numpy()))
+        self._put(f"epoch {epoch} confusion matrix", self.client.log_image, self.run_id,
+                  confusion, artifact_file=f"confusion/epoch_{epoch:03d}.png")  # fmt: skip
         if samples:
             picture = grid([overlay(img, m) for img, m in samples], columns=2, width=512)
-            self.client.log_image(
-                self.run_id, picture, artifact_file=f"overlays/epoch_{epoch:03d}.png"
-            )
+            self._put(f"epoch {epoch} overlays", self.client.log_image, self.run_id, picture,
+                      artifact_file=f"overlays/epoch_{epoch:03d}.png")  # fmt: skip
+
+    def _put(self, what: str, call, *args, **kwargs) -> None:
+        self._queue.put((what, call, args, kwargs))
+
+    def _send_all(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            what, call, args, kwargs = item
+            delay = 1.0
+            while True:
+                try:
+                    call(*args, **kwargs)
+                    break
+                except Exception as e:  # noqa: BLE001 - the server's state must not end training
+                    self.failures += 1
+                    log.warning("MLflow: %s not recorded yet (%s: %s); retrying in %.0f s",
+                                what, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", delay)  # fmt: skip
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            self._queue.task_done()
+
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def close(self) -> None:
+        """Wait for the backlog (up to ``flush_s``); what is still unsent is named in the log
+        (the epoch's metrics are in its checkpoint's metrics.json too)."""
+        deadline = time.monotonic() + self.flush_s
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.pending():
+            log.error("MLflow: %d records of this run could not be sent in %.0f s; they are "
+                      "lost from the run (each epoch's metrics stay in its checkpoint)",
+                      self.pending(), self.flush_s)  # fmt: skip
+        self._queue.put(None)
 
 
 def _png_to_array(data: bytes) -> np.ndarray:

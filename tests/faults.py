@@ -41,6 +41,8 @@ API:
   start line is printed, so a request sent after ``wait_outage_start`` returns is refused);
   ``sync()``: wait until the server's lines about every request made so far have been read
   (call it before looking at ``gets``); ``gets``: object GETs seen so far;
+  ``wait_write(fragment, timeout=60, after=0)``: wait for a PUT/POST of an object whose path
+  contains ``fragment``, in ``lines[after:]`` (to start an outage in the middle of an upload);
   ``lose_next_answer()``: the next PUT/DELETE of an object is applied but answered 500 (an
   answer lost after the write); ``outages_started``/``outages_ended``: counts; ``lines``:
   everything the server printed; ``stop()``: idempotent.
@@ -120,6 +122,20 @@ class OutageServer:
         token = uuid.uuid4().hex
         self._request("GET", f"/__outage_server__/sync/{token}", timeout)
         self._wait_line(lambda: f"sync {token}" in self.lines, f"sync {token}", timeout)
+
+    def wait_write(self, fragment: str, timeout: float = 60.0, after: int = 0) -> str:
+        """Wait for a PUT/POST of an object whose path contains ``fragment``, among the lines
+        from index ``after`` on (``len(srv.lines)`` before the action: only new writes);
+        returns its line."""
+
+        def found() -> str | None:
+            return next(
+                (ln for ln in self.lines[after:] if ln.startswith("write ") and fragment in ln),
+                None,
+            )
+
+        self._wait_line(lambda: found() is not None, f"write of {fragment}", timeout)
+        return found()
 
     def wait_outage_start(self, n: int = 1, timeout: float = 30.0) -> float:
         return self._wait("outage start", n, timeout)

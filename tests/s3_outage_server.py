@@ -26,6 +26,7 @@ Lines on stdout (flushed), for the parent to follow::
 
     ready port=P
     get n=N /bucket/key        (each object GET, counted from 1)
+    write METHOD /bucket/key   (each object PUT/POST, before it is applied)
     armed                      (SIGUSR2 received)
     lost answer METHOD /bucket/key
     sync TOKEN
@@ -156,6 +157,8 @@ def faulty(
         if conditional:
             with conditional_lock:
                 return _complete(app, environ, start_response)
+        if method in ("PUT", "POST") and is_object:
+            say(f"write {method} {path}")  # a multipart upload: one line per part
         if method != "GET" or not is_object:
             return app(environ, start_response)
         with lock:

@@ -1,5 +1,6 @@
-"""The local stack as a user runs it: infra/local/start.sh (Ray head with token authentication
-and an MLflow server, separate processes), `ray job submit` typed as in the README, then
+"""The local stack as a user runs it: infra/local/start.sh (a 2-CPU Ray head with token
+authentication and an MLflow server, separate processes; S3 is an outage server the test
+controls), `ray job submit` typed as in the README, faults injected into the running job, then
 infra/local/stop.sh."""
 
 import json
@@ -7,6 +8,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from .conftest import ROOT, free_port
+from .faults import start_outage_server
 
 START, STOP = ROOT / "infra/local/start.sh", ROOT / "infra/local/stop.sh"
 
@@ -35,18 +39,22 @@ def local_stack():
         "RAY_DASHBOARD_PORT": free_port(),
         "MLFLOW_PORT": free_port(),
     }
-    env = {**os.environ, "LANE_STACK_DIR": str(state), **{k: str(v) for k, v in ports.items()}}
+    # The stack's S3 (checkpoints) is an outage server the test can take away for a while.
+    s3 = start_outage_server(outage_seconds=10)
+    env = {**os.environ, "LANE_STACK_DIR": str(state), **{k: str(v) for k, v in ports.items()},
+           "AWS_ENDPOINT_URL_S3": s3.endpoint}  # fmt: skip
     # The test session's own settings must not leak into the stack or its clients.
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     try:
         start = subprocess.run(
-            [str(START), "--num-cpus", "4"], env=env, capture_output=True, text=True, timeout=300
+            [str(START), "--num-cpus", "2"], env=env, capture_output=True, text=True, timeout=300
         )
         assert start.returncode == 0, start.stdout + start.stderr
-        yield {"state": state, "env": env, "ports": ports, "start_output": start.stdout}
+        yield {"state": state, "env": env, "ports": ports, "start_output": start.stdout, "s3": s3}
     finally:
         subprocess.run([str(STOP)], env=env, capture_output=True, timeout=120)
+        s3.stop()
         leftover = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True)
         shutil.rmtree(state, ignore_errors=True)
         assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"
@@ -61,16 +69,52 @@ def user_shell(command: str, stack: dict, timeout: int = 900) -> subprocess.Comp
     )  # fmt: skip
 
 
-def user_shell_started(command: str, stack: dict) -> subprocess.Popen:
-    """:func:`user_shell` started in the background; ``communicate()`` for its output."""
+def user_shell_started(command: str, stack: dict, merge: bool = False) -> subprocess.Popen:
+    """:func:`user_shell` started in the background; ``communicate()`` for its output
+    (``merge``: stderr into stdout)."""
     return subprocess.Popen(
         ["bash", "-c", f"source {stack['state']}/env.sh && {command}"],
-        cwd=ROOT, env=stack["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=stack["env"], stdout=subprocess.PIPE, text=True,
+        stderr=subprocess.STDOUT if merge else subprocess.PIPE,
     )  # fmt: skip
+
+
+class Lines:
+    """A background process's merged output, read as it comes (``wait_for`` a line)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines = proc, []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.proc.poll() is None or self._thread.is_alive(), self.text()[-4000:]
+            assert time.monotonic() < deadline, (
+                f"no {text!r} in {timeout} s:\n{self.text()[-4000:]}"
+            )
+            time.sleep(0.5)
+
+    def finish(self, timeout: float) -> str:
+        self.proc.wait(timeout=timeout)
+        self._thread.join(timeout=30)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.lines)
 
 
 @pytest.mark.slow
 def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, local_shards):
+    """The user's report: a 2-CPU head and 2 training workers. The job fits itself (half a CPU
+    per worker, one left for the data pipeline) and trains with checkpoints on S3, through a
+    restart of the stack's MLflow server (the epoch's records wait and are sent once it is
+    back) and then 10 s without S3 in the middle of a checkpoint upload."""
     ports = local_stack["ports"]
     dashboard = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}"
     assert f"Ray dashboard  {dashboard}" in local_stack["start_output"]
@@ -96,19 +140,40 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
         local_stack,
     ) as bad:
         # The README's command, typed as a user does.
-        submit = user_shell(
+        submit = Lines(user_shell_started(
             "ray job submit --working-dir . -- python -m jobs.train "
-            f"--data {local_shards} --storage {local_stack['state']}/checkpoints "
+            f"--data {local_shards} --storage s3://lanes/checkpoints "
             "--experiment stack --register-as lanes-stack --num-workers 2 --batch-size 4 "
-            "--epochs 1 --run-name stack-run --no-augment",
-            local_stack,
-        )
+            "--epochs 2 --run-name stack-run --no-augment",
+            local_stack, merge=True,
+        ))  # fmt: skip
         bad_stdout, bad_stderr = bad.communicate(timeout=300)
-    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
-    assert "succeeded" in submit.stdout + submit.stderr
-    assert "registered models:/lanes-stack/1" in submit.stdout
+        # The run exists in MLflow: take the server away until the first epoch's records
+        # fail to go out, then bring it back.
+        submit.wait_for("starting run 'stack-run'", timeout=300)
+        stop_mlflow = subprocess.run(
+            ["bash", "-c", f"p=$(cat {local_stack['state']}/mlflow.pid); pkill -P $p; kill $p"],
+            timeout=30,
+        )
+        assert stop_mlflow.returncode == 0
+        submit.wait_for("MLflow: epoch 0 metrics not recorded yet", timeout=600)
+        s3 = local_stack["s3"]
+        seen = len(s3.lines)
+        restart = user_shell(f"{START} --restart-mlflow", local_stack, timeout=120)
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+        # The S3 server goes away for 10 s in the middle of the next checkpoint's upload
+        # (epoch 1's model.pt): the upload rides it out, or the group restarts from epoch 0's.
+        s3.wait_write("/model.pt", timeout=600, after=seen)
+        s3.trigger()
+        s3.wait_outage_end(timeout=60)
+        out = submit.finish(timeout=900)
+    assert submit.proc.returncode == 0, out[-6000:]
+    assert "succeeded" in out
+    assert "registered models:/lanes-stack/1" in out
+    # Fitted to the 2-CPU head instead of waiting forever for a third CPU.
+    assert "the cluster has 2 CPUs (the Ray cluster): 2 workers x 0.5 CPU (not 1)" in out
 
-    # The job tracked into the stack's MLflow server, not a local file.
+    # The job tracked into the stack's MLflow server, not a local file; both epochs recorded.
     server = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
     # registry_uri too: it defaults to the process-wide one earlier tests set to sqlite.
     client = MlflowClient(tracking_uri=server, registry_uri=server)
@@ -116,9 +181,19 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
     assert float(version.tags["val_miou"]) >= 0
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "stack-run"
-    assert "val_miou" in run.data.metrics
+    for key in ("val_miou", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "confusion")}
+    assert pictures == {"confusion/epoch_000.png", "confusion/epoch_001.png"}
     assert (local_stack["state"] / "mlflow.db").exists()
-    assert (local_stack["state"] / "checkpoints" / "stack-run").is_dir()
+    # Both epochs' checkpoints are complete on S3 (model, train state, metrics).
+    ckpts = local_stack["s3"].location("s3://lanes/checkpoints/stack-run")
+    metrics = sorted(json.loads(ckpts.at_path(i.path).read_text())["epoch"]
+                     for i in ckpts.list_files(("metrics.json",)))  # fmt: skip
+    assert metrics == [0, 1]
+    for info in ckpts.list_files(("metrics.json",)):
+        folder = ckpts.at_path(info.path).parent()
+        assert folder.join("model.pt").exists() and folder.join("train_state.pt").exists()
 
     # A job that fails is reported as failed, with the job's one-line error.
     assert bad.returncode != 0

@@ -203,6 +203,17 @@ def test_bad_arguments_fail_before_workers_start(
             train_args(local_shards, storage, "i", "--backbone-weights", str(not_resnet)),
             f"--backbone-weights: {not_resnet} does not fit fcn8s_resnet101",
         ),
+        # Too small a cluster (the session's has 4 CPUs): fail at once instead of waiting.
+        (
+            train_args(local_shards, storage, "j", "--cpus-per-worker", "2"),
+            "--num-workers 2 x --cpus-per-worker 2 + 1 CPU for the data pipeline need 5 CPUs; "
+            "the cluster has 4 CPUs (the Ray cluster)",
+        ),
+        (
+            train_args(local_shards, storage, "k", "--cluster-cpus", "1"),
+            "the cluster has 1 CPUs (--cluster-cpus). Add nodes: a training job needs at "
+            "least 1.25 CPUs",
+        ),
     ]
     for argv, message in cases:
         assert train.main(argv) == 2, message
@@ -219,7 +230,7 @@ def test_bad_arguments_fail_before_workers_start(
     with pytest.raises(SystemExit) as e:
         train.main(train_args(local_shards, storage, "f") + ["--model", "unet"])
     assert e.value.code == 2 and "invalid choice: 'unet'" in capsys.readouterr().err
-    for name in "aeghi":  # nothing started
+    for name in "aeghijk":  # nothing started
         assert runs_named(name) == [], name
     assert not (tmp_path / "ckpt").exists()
 

@@ -20,14 +20,18 @@ S3_PORT="${S3_PORT:-9000}"
 WITH_S3=0
 ARTIFACTS=""
 RAY_CPUS=""
+RESTART_MLFLOW=0
 
 usage() {
   cat <<USAGE
 usage: infra/local/start.sh [--s3] [--artifacts URI] [--num-cpus N]
+       infra/local/start.sh --restart-mlflow
   --s3             also start a local S3 server (moto) on 127.0.0.1:$S3_PORT with bucket 'lanes'
   --artifacts URI  where the MLflow server stores artifacts (default: $STATE/mlartifacts;
                    s3://lanes/mlartifacts with --s3)
   --num-cpus N     logical CPUs of the Ray head (default: all cores, at least 4)
+  --restart-mlflow restart only the MLflow server of the running stack (same store, port and
+                   artifacts; running jobs buffer their records meanwhile)
 USAGE
 }
 
@@ -36,6 +40,7 @@ while [ $# -gt 0 ]; do
     --s3) WITH_S3=1 ;;
     --artifacts) ARTIFACTS="$2"; shift ;;
     --num-cpus) RAY_CPUS="$2"; shift ;;
+    --restart-mlflow) RESTART_MLFLOW=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -43,7 +48,11 @@ while [ $# -gt 0 ]; do
 done
 
 [ -x "$BIN/ray" ] || { echo "error: $BIN/ray not found; run 'make venv' first" >&2; exit 2; }
-if [ -f "$STATE/ray.started" ]; then
+if [ "$RESTART_MLFLOW" = 1 ] && [ ! -f "$STATE/mlflow.pid" ]; then
+  echo "error: no MLflow server of a local stack in $STATE (start the stack first)" >&2
+  exit 2
+fi
+if [ "$RESTART_MLFLOW" = 0 ] && [ -f "$STATE/ray.started" ]; then
   echo "error: a local stack is already running from $STATE (infra/local/stop.sh stops it)" >&2
   exit 2
 fi
@@ -55,7 +64,7 @@ if [ ! -s "$STATE/ray_auth_token" ]; then
   (umask 077 && "$BIN/python" -c 'import secrets; print(secrets.token_hex(32))' > "$STATE/ray_auth_token")
 fi
 
-{
+[ "$RESTART_MLFLOW" = 1 ] || {
   echo "# source this file: settings for clients of the local stack in $STATE"
   # The venv first on PATH: "ray" for clients, and "python" for job entrypoints (the Ray
   # head, started with this environment, runs them with its PATH).
@@ -106,13 +115,32 @@ if [ "$WITH_S3" = 1 ]; then
 fi
 
 # MLflow: runs and the registry in sqlite, artifacts served (proxied) by the server itself,
-# so clients need no access to the artifact store.
-"$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-  --backend-store-uri "sqlite:///$STATE/mlflow.db" \
-  --artifacts-destination "${ARTIFACTS:-$STATE/mlartifacts}" > "$STATE/mlflow.log" 2>&1 &
-echo $! > "$STATE/mlflow.pid"
-wait_http "http://127.0.0.1:$MLFLOW_PORT/health" mlflow "$STATE/mlflow.pid"
-echo "MLflow server  http://127.0.0.1:$MLFLOW_PORT  (store: $STATE/mlflow.db)"
+# so clients need no access to the artifact store. Its port and artifacts are remembered for
+# --restart-mlflow.
+start_mlflow() {
+  "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$STATE/mlflow.db" \
+    --artifacts-destination "$ARTIFACTS" >> "$STATE/mlflow.log" 2>&1 &
+  echo $! > "$STATE/mlflow.pid"
+  wait_http "http://127.0.0.1:$MLFLOW_PORT/health" mlflow "$STATE/mlflow.pid"
+  echo "MLflow server  http://127.0.0.1:$MLFLOW_PORT  (store: $STATE/mlflow.db)"
+}
+if [ "$RESTART_MLFLOW" = 1 ]; then
+  # shellcheck disable=SC1091
+  . "$STATE/mlflow.conf"
+  pid="$(cat "$STATE/mlflow.pid")"
+  # (it may be gone already: a crash, or a test that stopped it)
+  pkill -TERM -P "$pid" 2>/dev/null || true
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -9 "$pid" 2>/dev/null || true
+  echo "stopped MLflow server (pid $pid)"
+  start_mlflow
+  exit 0
+fi
+ARTIFACTS="${ARTIFACTS:-$STATE/mlartifacts}"
+printf 'MLFLOW_PORT=%q\nARTIFACTS=%q\n' "$MLFLOW_PORT" "$ARTIFACTS" > "$STATE/mlflow.conf"
+start_mlflow
 
 # Ray head. The environment exported above (token, MLflow URI, S3 endpoint) is inherited
 # by every Ray worker and job driver it starts. --temp-dir keeps its session files (and its

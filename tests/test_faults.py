@@ -1,0 +1,159 @@
+"""Faults injected into running jobs, with real processes on 127.0.0.1: concurrent promotions
+(and the registry lock they share)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipelines import registry
+
+from .conftest import ROOT
+
+MODEL = "lanes-faults-test"
+
+
+def _gcs() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+# -- promotion: compare-and-swap -----------------------------------------------------------------
+def test_alias_lock_excludes_waits_and_clears_a_stale_one(mlflow_store, monkeypatch):
+    client = MlflowClient()
+    client.create_registered_model(MODEL)
+    lock = registry.LOCK_NAME.format(name=MODEL, alias="champion")
+    with registry.alias_lock(MODEL, "champion", client):
+        assert client.get_registered_model(lock)  # held: the lock model exists
+        start = time.monotonic()
+        with (
+            pytest.raises(
+                registry.RegistryError, match=f"another promotion or rollback holds {lock}"
+            ),
+            registry.alias_lock(MODEL, "champion", client, wait_s=1.0),
+        ):
+            pass
+        assert time.monotonic() - start >= 1.0  # it waited before giving up
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_registered_model(lock)  # released
+    # One left behind by a killed job: removed once older than the TTL, then taken.
+    client.create_registered_model(lock)
+    monkeypatch.setattr(registry, "LOCK_TTL_S", 0.0)
+    with registry.alias_lock(MODEL, "champion", client, wait_s=0.0):
+        pass
+
+
+def test_alias_moves_only_from_the_holder_it_was_evaluated_against(mlflow_store, register_version):
+    v1, v2, v3 = (register_version(MODEL, constant_class=0, seed=s) for s in range(3))
+    client = MlflowClient()
+    assert registry.move_alias(MODEL, "champion", v1, client, expected=None) is None
+    with pytest.raises(registry.AliasMoved, match=f"moved from nothing to v{v1}"):
+        registry.move_alias(MODEL, "champion", v2, client, expected=None)
+    assert registry.move_alias(MODEL, "champion", v3, client, expected=v1) == v1
+    with pytest.raises(registry.AliasMoved, match=f"moved from v{v1} to v{v3}"):
+        registry.move_alias(MODEL, "champion", v2, client, expected=v1)
+    registry.rollback_alias(MODEL, "champion", client)
+    history = registry.alias_history(MODEL, "champion", client)
+    assert [(h["version"], h["previous"], h["how"]) for h in history] == [
+        (v1, None, "promote"),
+        (v3, v1, "promote"),
+        (v1, v3, "rollback"),
+    ]
+
+
+@pytest.mark.slow
+def test_two_promotions_at_once_one_wins_history_intact(
+    local_shards, register_version, ray_cluster, mlflow_store
+):
+    """Two promote jobs started together, each with a candidate better than the holder: both
+    evaluate against v1; the first to finish moves the alias, the other finds it moved (the
+    compare-and-swap), exits 1 and says so. Exactly one move is in the history."""
+    holder = register_version(MODEL, constant_class=1)  # all "dividing": scores next to nothing
+    candidates = [register_version(MODEL, constant_class=0, seed=s) for s in (1, 2)]  # background
+    client = MlflowClient()
+    registry.move_alias(MODEL, "champion", holder, client)
+    env = {**os.environ, "RAY_ADDRESS": _gcs()}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobs.promote",
+                "--model",
+                MODEL,
+                "--candidate",
+                c,
+                "--eval-data",
+                local_shards,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for c in candidates
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1], outs
+    winner, loser = (candidates[codes.index(0)], candidates[codes.index(1)])
+    assert f"promoted v{winner} to champion" in outs[codes.index(0)]
+    lost = outs[codes.index(1)]
+    assert f"champion was moved from v{holder} to v{winner} meanwhile" in lost, lost
+    assert f"while v{loser} was evaluated against v{holder}" in lost
+
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == winner
+    model = client.get_registered_model(MODEL)
+    assert model.tags[registry.PREVIOUS_ALIAS_TAG.format(alias="champion")] == holder
+    history = json.loads(model.tags[registry.HISTORY_TAG.format(alias="champion")])
+    assert [(h["version"], h["previous"]) for h in history] == [(holder, None), (winner, holder)]
+    tag = client.get_model_version(MODEL, loser).tags["promotion_champion"]
+    assert tag.startswith("not promoted:")
+    # The lock is gone: the next promotion or rollback goes ahead.
+    assert not client.search_registered_models(
+        f"name = '{registry.LOCK_NAME.format(name=MODEL, alias='champion')}'"
+    )
+
+
+# -- training: a job that would wait forever ends with a clear error -----------------------------
+@pytest.mark.slow
+def test_training_that_cannot_get_data_cpus_is_ended_by_its_watchdog(
+    tmp_path, local_shards, mlflow_store, ray_cluster
+):
+    """Two workers of 2 CPUs each, told the cluster can grow to 5: they take all 4 CPUs of the
+    session's cluster, and Ray Data's read tasks wait for a CPU that never comes (the user's
+    report, where the job hung with no error). The watchdog ends the job: exit 1, one error
+    naming the stall and the cluster's real size, the resume message, the MLflow run FAILED.
+    Its own process, so that its driver's exit frees the cluster for the next tests."""
+    argv = ["--data", local_shards, "--storage", str(tmp_path / "ckpt"), "--run-name", "stuck",
+            "--experiment", "faults", "--register-as", MODEL, "--num-workers", "2",
+            "--batch-size", "4", "--epochs", "1", "--no-augment",
+            "--cpus-per-worker", "2", "--cluster-cpus", "5", "--stall-minutes", "0.3"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": _gcs()}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train", *argv],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    took = time.monotonic() - start
+    err = proc.stderr
+    assert proc.returncode == 1, err[-4000:]
+    assert "error: training: no progress for 0.3 minutes (last: started); giving up." in err, err[
+        -4000:
+    ]
+    assert "The cluster has 4 CPUs (the Ray cluster)" in err  # not the 5 it was told
+    assert "re-run the same command (--run-name stuck) to resume" in err
+    assert took < 120  # 18 s of stall, plus starting and stopping
+    [run] = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("faults").experiment_id]
+    )
+    assert run.info.status == "FAILED"
