@@ -253,18 +253,33 @@ def s3_region() -> str:
 PATIENT_SDK_ATTEMPTS = 12
 
 
+class _PatientS3FileSystem(pafs.S3FileSystem):
+    """An S3FileSystem with a retry strategy that survives pickling: pyarrow's own pickle
+    drops ``retry_strategy`` (measured: an unpickled copy on a Ray worker failed an upload
+    in 2.6 s of a 10 s outage that the original rode out), so it is rebuilt from its
+    arguments."""
+
+    def __init__(self, rebuild: tuple, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._rebuild = rebuild  # _s3_pyarrow's arguments
+
+    def __reduce__(self):
+        return _s3_pyarrow, self._rebuild
+
+
 @cache
 def _s3_pyarrow(endpoint: str | None, region: str, sdk_attempts: int = 0) -> pafs.S3FileSystem:
     # Keys are left to the AWS SDK's default chain; only where to go is passed explicitly.
     kwargs: dict = {"region": region}
-    if sdk_attempts:
-        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts)
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         # A local endpoint (MinIO, moto) has no virtual-host bucket DNS.
         kwargs["force_virtual_addressing"] = False
         if endpoint.startswith("http://"):
             kwargs["scheme"] = "http"
+    if sdk_attempts:
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts)
+        return _PatientS3FileSystem((endpoint, region, sdk_attempts), **kwargs)
     return pafs.S3FileSystem(**kwargs)
 
 

@@ -112,9 +112,9 @@ class Lines:
 @pytest.mark.slow
 def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, local_shards):
     """The user's report: a 2-CPU head and 2 training workers. The job fits itself (half a CPU
-    per worker, one left for the data pipeline) and trains with checkpoints on S3, through a
-    restart of the stack's MLflow server (the epoch's records wait and are sent once it is
-    back) and then 10 s without S3 in the middle of a checkpoint upload."""
+    per worker, one left for the data pipeline) and trains with checkpoints on S3, through 10 s
+    without S3 in the middle of the checkpoint's upload and a stop and restart of the stack's
+    MLflow server (the epoch's records wait and are sent once it is back)."""
     ports = local_stack["ports"]
     dashboard = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}"
     assert f"Ray dashboard  {dashboard}" in local_stack["start_output"]
@@ -144,36 +144,38 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
             "ray job submit --working-dir . -- python -m jobs.train "
             f"--data {local_shards} --storage s3://lanes/checkpoints "
             "--experiment stack --register-as lanes-stack --num-workers 2 --batch-size 4 "
-            "--epochs 2 --run-name stack-run --no-augment",
+            "--epochs 1 --run-name stack-run --no-augment",
             local_stack, merge=True,
         ))  # fmt: skip
         bad_stdout, bad_stderr = bad.communicate(timeout=300)
-        # The run exists in MLflow: take the server away until the first epoch's records
-        # fail to go out, then bring it back.
+        # The run exists in MLflow: take the server away. Then S3 goes away for 10 s in the
+        # middle of the epoch's checkpoint upload (model.pt): the upload rides it out, or the
+        # group restarts. Then the epoch's records fail to go out, and the server comes back.
         submit.wait_for("starting run 'stack-run'", timeout=300)
+        s3 = local_stack["s3"]
+        seen = len(s3.lines)
         stop_mlflow = subprocess.run(
             ["bash", "-c", f"p=$(cat {local_stack['state']}/mlflow.pid); pkill -P $p; kill $p"],
             timeout=30,
         )
         assert stop_mlflow.returncode == 0
-        submit.wait_for("MLflow: epoch 0 metrics not recorded yet", timeout=600)
-        s3 = local_stack["s3"]
-        seen = len(s3.lines)
-        restart = user_shell(f"{START} --restart-mlflow", local_stack, timeout=120)
-        assert restart.returncode == 0, restart.stdout + restart.stderr
-        # The S3 server goes away for 10 s in the middle of the next checkpoint's upload
-        # (epoch 1's model.pt): the upload rides it out, or the group restarts from epoch 0's.
         s3.wait_write("/model.pt", timeout=600, after=seen)
         s3.trigger()
         s3.wait_outage_end(timeout=60)
+        submit.wait_for("MLflow: epoch 0 metrics not recorded yet", timeout=600)
+        restart = user_shell(f"{START} --restart-mlflow", local_stack, timeout=120)
+        assert restart.returncode == 0, restart.stdout + restart.stderr
         out = submit.finish(timeout=900)
     assert submit.proc.returncode == 0, out[-6000:]
+    # The checkpoint upload rode the outage out (Location.patient_fs, pickled to the workers):
+    # no worker failure, so no restart of the group.
+    assert "Error in training function" not in out, out[-6000:]
     assert "succeeded" in out
     assert "registered models:/lanes-stack/1" in out
     # Fitted to the 2-CPU head instead of waiting forever for a third CPU.
     assert "the cluster has 2 CPUs (the Ray cluster): 2 workers x 0.5 CPU (not 1)" in out
 
-    # The job tracked into the stack's MLflow server, not a local file; both epochs recorded.
+    # The job tracked into the stack's MLflow server, not a local file, the epoch recorded.
     server = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
     # registry_uri too: it defaults to the process-wide one earlier tests set to sqlite.
     client = MlflowClient(tracking_uri=server, registry_uri=server)
@@ -182,15 +184,15 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "stack-run"
     for key in ("val_miou", "train_loss", "lr"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
     pictures = {a.path for a in client.list_artifacts(run.info.run_id, "confusion")}
-    assert pictures == {"confusion/epoch_000.png", "confusion/epoch_001.png"}
+    assert pictures == {"confusion/epoch_000.png"}
     assert (local_stack["state"] / "mlflow.db").exists()
-    # Both epochs' checkpoints are complete on S3 (model, train state, metrics).
+    # The epoch's checkpoint is complete on S3 (model, train state, metrics).
     ckpts = local_stack["s3"].location("s3://lanes/checkpoints/stack-run")
     metrics = sorted(json.loads(ckpts.at_path(i.path).read_text())["epoch"]
                      for i in ckpts.list_files(("metrics.json",)))  # fmt: skip
-    assert metrics == [0, 1]
+    assert metrics == [0]
     for info in ckpts.list_files(("metrics.json",)):
         folder = ckpts.at_path(info.path).parent()
         assert folder.join("model.pt").exists() and folder.join("train_state.pt").exists()

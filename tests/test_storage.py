@@ -447,3 +447,31 @@ def test_store_without_conditional_writes_falls_back(caplog):
         assert sum(line.startswith("lost answer PUT") for line in srv.lines) == 1
     warnings = [r for r in caplog.records if "does not support conditional writes" in r.message]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+def test_patient_fs_rides_out_an_outage_after_pickling():
+    """Ray Train gets the checkpoint filesystem pickled, in each worker: the patient one must
+    still be patient there (pyarrow's own pickle drops the retry strategy) and carry a
+    multipart upload through a 6 s outage that starts in its middle."""
+    import pickle
+    import threading
+
+    from pipelines import storage
+
+    with outage_server(outage_seconds=6) as srv:
+        loc = srv.location("s3://lanes/ckpt/model.pt")
+        blob = pickle.dumps(loc.patient_fs)
+        storage._s3_pyarrow.cache_clear()  # as in a fresh worker process
+        fs = pickle.loads(blob)
+        data = os.urandom(40 * 2**20)  # several 10 MB parts
+        seen = len(srv.lines)
+        trigger = threading.Thread(
+            target=lambda: (srv.wait_write("/model.pt", after=seen), srv.trigger())
+        )
+        trigger.start()
+        with fs.open_output_stream(loc.path) as out:
+            out.write(data)
+        trigger.join()
+        assert srv.outages_started == 1
+        srv.wait_outage_end()
+        assert loc.read_bytes() == data

@@ -121,7 +121,7 @@ def test_training_step_learns_one_batch(local_shards, test_transform):
     """The job's own recipe (SGD, poly schedule, parameter groups, loss) fits one batch (the
     first two rows of the first shard, decoded by the pipeline's own stages) beyond what any
     model blind to the image can: its loss ends well below the entropy of the batch's class
-    frequencies, the best loss a constant per-class prediction reaches. (From scratch, 60
+    frequencies, the best loss a constant per-class prediction reaches. (From scratch, 40
     SGD steps learn where the 3% of lane pixels are *not*; telling lane classes apart takes
     hundreds: benchmarks/bench_learning.py.)"""
     table = pq.read_table(sorted(shard_files(local_shards, "train"))[0], columns=["image", "label"])
@@ -133,7 +133,7 @@ def test_training_step_learns_one_batch(local_shards, test_transform):
     model = build_model(MODEL, 8)
     recipe = make_recipe("default", MODEL, lr=0.02)  # the demo's rate
     set_trainable(model, learn_upsampling=recipe.learn_upsampling)
-    steps = 60
+    steps = 40
     optimizer, scheduler = make_optimizer(model, recipe, steps)
     criterion = make_loss(recipe)
     model.train()
