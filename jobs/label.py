@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: float) -> int:
-
     if lease.took_over is not None:
         print(f"took over the expired lease of run {lease.took_over.run}")
     recovered = labeling.recover(output, lease)

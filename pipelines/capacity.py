@@ -16,6 +16,7 @@ from pipelines.errors import UserError
 
 DATA_CPUS = 1.0  # kept free for Ray Data's read/decode tasks
 MIN_WORKER_CPUS = 0.25  # below this a share is too small to be worth scheduling
+_AUTOSCALING_HINT = " (an autoscaling cluster: pass --cluster-cpus with its limit)"
 
 
 class CapacityError(UserError):
@@ -61,12 +62,11 @@ def fit_training(
             fix = f"Lower --num-workers to at most {most}, or add nodes"
         else:
             fix = f"Add nodes: a training job needs at least {DATA_CPUS + MIN_WORKER_CPUS:g} CPUs"
-        autoscaling = " (an autoscaling cluster: pass --cluster-cpus with its limit)"
         raise CapacityError(
             f"--num-workers {workers} x --cpus-per-worker {cpus_per_worker:g} + {DATA_CPUS:g} "
             f"CPU for the data pipeline need {need:g} CPUs; the cluster has {c.describe()}. "
             + fix
-            + (autoscaling if c.source != "--cluster-cpus" else "")
+            + (_AUTOSCALING_HINT if c.source != "--cluster-cpus" else "")
         )
     note = (
         f"the cluster has {c.describe()}: {workers} workers x {fitted:g} CPU (not "
@@ -95,11 +95,7 @@ def fit_actor_pool(
         raise CapacityError(
             f"{what}; the cluster has {c.describe()}. "
             + (f"Lower --actors to {room}" if room >= 1 else "Add nodes")
-            + (
-                " (an autoscaling cluster: pass --cluster-cpus with its limit)"
-                if c.source != "--cluster-cpus" and not use_gpu
-                else ""
-            )
+            + (_AUTOSCALING_HINT if c.source != "--cluster-cpus" and not use_gpu else "")
         )
     return room, f"the cluster has {c.describe()}: {room} model actors (not {actors})"
 

@@ -245,10 +245,18 @@ def alias_history(name: str, alias: str, client: MlflowClient) -> list[dict]:
     return json.loads(model.tags.get(HISTORY_TAG.format(alias=alias), "[]"))
 
 
-def _record_move(name, alias, client, version, previous, how: str) -> None:
+def _holder(model, alias: str) -> str | None:
+    version = model.aliases.get(alias)
+    return None if version is None else str(version)
+
+
+def _record_move(model, alias, client, version, previous, how: str) -> None:
+    """Remember ``previous`` for rollback and append the move to the history, from ``model``
+    as read under the lock."""
+    name = model.name
     if previous is not None:
         client.set_registered_model_tag(name, PREVIOUS_ALIAS_TAG.format(alias=alias), previous)
-    history = alias_history(name, alias, client)
+    history = json.loads(model.tags.get(HISTORY_TAG.format(alias=alias), "[]"))
     history.append({"version": version, "previous": previous, "how": how,
                     "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
     client.set_registered_model_tag(
@@ -264,14 +272,15 @@ def move_alias(
     remembered (for rollback) and the move appended to the alias's history. Returns the
     previous holder."""
     with alias_lock(name, alias, client):
-        previous = alias_holder(name, alias, client)
+        model = client.get_registered_model(name)  # holder and history in one read
+        previous = _holder(model, alias)
         if previous != expected:
             raise AliasMoved(
                 f"{name}@{alias} was moved from {_v(expected)} to {_v(previous)} meanwhile "
                 "(by another promotion or a rollback)"
             )
         client.set_registered_model_alias(name, alias, version)
-        _record_move(name, alias, client, version, previous, "promote")
+        _record_move(model, alias, client, version, previous, "promote")
     return previous
 
 
@@ -293,7 +302,7 @@ def rollback_alias(name: str, alias: str, client: MlflowClient) -> tuple[str | N
             raise RegistryError(
                 f"{name}@{alias}: no previous holder recorded, nothing to roll back to"
             )
-        current = alias_holder(name, alias, client)
+        current = _holder(model, alias)
         client.set_registered_model_alias(name, alias, previous)
-        _record_move(name, alias, client, previous, current, "rollback")
+        _record_move(model, alias, client, previous, current, "rollback")
     return current, previous

@@ -491,12 +491,7 @@ class Location:
 
         def once() -> None:
             if self.scheme == "file":
-                tmp = self._local_temp(data)
-                try:
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
+                self._local_write(data)
                 return
             self.parent().mkdir()
             with self.fs.open_output_stream(self.path) as f:
@@ -689,6 +684,15 @@ class Location:
             os.fsync(f.fileno())
         return tmp
 
+    def _local_write(self, data: bytes) -> None:
+        """Replace this file with ``data`` atomically (a temporary file renamed into place)."""
+        tmp = self._local_temp(data)
+        try:
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     @contextmanager
     def _local_lock(self) -> Iterator[None]:
         """An exclusive flock on a hidden sidecar (``.NAME.lock``) for the duration. The lock
@@ -722,12 +726,7 @@ class Location:
             current = self._read_tagged_once()
             if current is None or current[1] != tag:
                 return False
-            tmp = self._local_temp(data)
-            try:
-                os.replace(tmp, self.path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            self._local_write(data)
             return True
 
     def _local_delete(self, tag: str) -> bool:

@@ -481,7 +481,6 @@ class EpochLogger:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.run_id = run_id
         self.flush_s = flush_s
-        self.failures = 0  # failed attempts (each retried)
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._send_all, name="mlflow-logger", daemon=True)
         self._thread.start()
@@ -517,7 +516,6 @@ class EpochLogger:
                     call(*args, **kwargs)
                     break
                 except Exception as e:  # noqa: BLE001 - the server's state must not end training
-                    self.failures += 1
                     log.warning("MLflow: %s not recorded yet (%s: %s); retrying in %.0f s",
                                 what, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", delay)  # fmt: skip
                     time.sleep(delay)
