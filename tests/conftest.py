@@ -67,6 +67,22 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of a job run in its own process on the session's Ray cluster."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, **extra}
+
+
+def start_job(module: str, *argv: str) -> subprocess.Popen:
+    """``python -m MODULE ARGV`` in its own process on the session's Ray cluster; its stdout
+    and stderr merged, as text (``communicate()`` for them)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *argv],
+        cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:

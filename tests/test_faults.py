@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ from mlflow import MlflowClient
 
 from pipelines import registry
 
-from .conftest import ROOT
+from .conftest import ROOT, job_env, start_job
 
 MODEL = "lanes-faults-test"
-
-
-def _gcs() -> str:
-    import ray
-
-    return ray.get_runtime_context().gcs_address
 
 
 # -- promotion: compare-and-swap -----------------------------------------------------------------
@@ -84,26 +77,8 @@ def test_two_promotions_at_once_one_wins_history_intact(
     candidates = [register_version(MODEL, constant_class=0, seed=s) for s in (1, 2)]  # background
     client = MlflowClient()
     registry.move_alias(MODEL, "champion", holder, client)
-    env = {**os.environ, "RAY_ADDRESS": _gcs()}
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jobs.promote",
-                "--model",
-                MODEL,
-                "--candidate",
-                c,
-                "--eval-data",
-                local_shards,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
+        start_job("jobs.promote", "--model", MODEL, "--candidate", c, "--eval-data", local_shards)
         for c in candidates
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -142,11 +117,10 @@ def test_training_that_cannot_get_data_cpus_is_ended_by_its_watchdog(
             "--experiment", "faults", "--register-as", MODEL, "--num-workers", "2",
             "--batch-size", "4", "--epochs", "1", "--no-augment",
             "--cpus-per-worker", "2", "--cluster-cpus", "5", "--stall-minutes", "0.2"]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": _gcs()}
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.train", *argv],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     took = time.monotonic() - start
     err = proc.stderr

@@ -25,7 +25,7 @@ from pipelines.storage import resolve
 from pipelines.synthetic import frame_paths, label_png, render_frame, write_tree
 from pipelines.versions import resolve_dataset
 
-from .conftest import CROP_TOP, FRAME_H, FRAME_W, SHARED_DATA
+from .conftest import CROP_TOP, FRAME_H, FRAME_W, SHARED_DATA, job_env
 
 
 def read_split(uri: str, split: str):
@@ -492,9 +492,7 @@ def test_ingest_killed_while_writing_leaves_previous_version(
     dest = tmp_path / "data"
     first = run_ingest(str(small), str(dest), transform=test_transform, val_fraction=0.5,
                        progress=False)  # fmt: skip
-    import ray
-
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = job_env()
     # ~3 rows per shard file and a pause after each: the kill lands between shard files.
     argv = ingest_cli(synthetic_tree, dest, "--shard-mb", "0.01", "--slow-write", "20")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", *argv], cwd=ROOT, env=env,

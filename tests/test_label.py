@@ -19,7 +19,7 @@ from pipelines.registry import ModelRef, load_predictor
 from pipelines.storage import resolve
 from pipelines.synthetic import render_frame
 
-from .conftest import CROP_TOP, FRAME_H, FRAME_W, ROOT
+from .conftest import CROP_TOP, FRAME_H, FRAME_W, ROOT, job_env, start_job
 
 MODEL = "lanes-label-test"
 MAX_PIXELS = 500_000  # above the 846x428 test frames, below the "oversized" one
@@ -154,12 +154,11 @@ def test_bad_model_reference_is_one_line(tmp_path, mlflow_store, capsys):
         assert "Traceback" not in err
 
 
-def _killed_run(argv: list[str], crash_at: str, ray_address: str) -> str:
+def _killed_run(argv: list[str], crash_at: str) -> str:
     """A labeling run in its own process, killed (exit 137) at ``crash_at``; its output."""
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.label", *argv, "--crash-at", crash_at],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=job_env(PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 137, proc.stderr[-3000:]
     return proc.stdout
@@ -176,7 +175,7 @@ def test_runs_killed_halfway_then_rerun_end_with_one_row_per_input(labeling_setu
             "--max-pixels", str(MAX_PIXELS), "--rows-per-file", "3"]  # fmt: skip
     output = resolve(s["output"])
     # 1. Killed after writing: never committed, nothing visible.
-    _killed_run([*argv, "--lease-ttl", "6"], "after-write", _gcs())
+    _killed_run([*argv, "--lease-ttl", "6"], "after-write")
     assert output.join(STAGING).exists()
     assert read_output(s["output"]).to_pylist() == []
 
@@ -188,7 +187,7 @@ def test_runs_killed_halfway_then_rerun_end_with_one_row_per_input(labeling_setu
 
     # 2. One that waits takes the lease over once it expires, discards the dead run's staging
     # and labels everything, but is killed after moving one file of several into place.
-    out = _killed_run([*argv, "--lease-ttl", "6", "--wait-for-lease", "60"], "mid-commit", _gcs())
+    out = _killed_run([*argv, "--lease-ttl", "6", "--wait-for-lease", "60"], "mid-commit")
     assert "took over the expired lease of run" in out
     assert "1 incomplete staging folders discarded" in out
     visible = read_output(s["output"]).to_pylist()
@@ -206,12 +205,6 @@ def test_runs_killed_halfway_then_rerun_end_with_one_row_per_input(labeling_setu
     assert not output.join(STAGING).list_files()
 
 
-def _gcs() -> str:
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
 @pytest.mark.slow
 def test_overlapping_runs_end_with_one_row_per_frame(labeling_setup):
     """Two scheduled runs started together on the same input: one holds the lease and labels
@@ -220,18 +213,7 @@ def test_overlapping_runs_end_with_one_row_per_frame(labeling_setup):
     s = labeling_setup
     argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
             "--max-pixels", str(MAX_PIXELS), "--rows-per-file", "3", "--chunk-frames", "5"]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": _gcs()}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "jobs.label", *argv, *extra],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for extra in ([], ["--wait-for-lease", "300"])
-    ]
+    procs = [start_job("jobs.label", *argv, *extra) for extra in ([], ["--wait-for-lease", "300"])]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     written = [counts(o)[1] + counts(o)[2] for o in outs if SUMMARY.search(o)]
