@@ -39,6 +39,13 @@ def grid(pictures: list[np.ndarray], columns: int = 2, width: int = 640) -> np.n
     return out
 
 
+def png(picture: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 picture as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def confusion_png(conf: np.ndarray, class_names: tuple[str, ...] = CLASS_NAMES) -> bytes:
     """A row-normalized confusion matrix (true class per row) as PNG bytes."""
     import matplotlib

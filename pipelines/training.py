@@ -43,6 +43,10 @@ log = logging.getLogger("jobs.train")
 
 TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"  # the epoch's metrics, validation confusion matrix, frames by rank
+# The epoch's pictures as sent to MLflow, kept in its checkpoint too: a resumed run re-sends
+# whatever of its last checkpoint's record never reached the run (the worker that was sending
+# it died with its node, or with the whole job).
+RECORD_DIR = "mlflow_record"
 FAIL_MARKER = ".fail-once-done"
 
 RECIPES = ("default", "reference")
@@ -280,11 +284,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     # -- model, optimizer, schedule; resumed from the last checkpoint when there is one -----
     checkpoint = ray.train.get_checkpoint()
-    train_state = None
+    train_state, resumed_record = None, None
     if checkpoint:
         with checkpoint.as_directory() as d:  # one download (S3) for model and train state
             model, _ = load_model_dir(d)
             train_state = load_train_state(Path(d))
+            if rank == 0:
+                resumed_record = read_epoch_record(Path(d))
     else:
         opts = {}
         if config.get("backbone_weights_ref") is not None:
@@ -312,6 +318,8 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
         tracker = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
+        if resumed_record is not None:
+            tracker.catch_up(*resumed_record)
     progress = config.get("progress") if rank == 0 else None  # the driver's stall watchdog
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -364,12 +372,13 @@ def train_loop_per_worker(config: dict) -> None:
         }
         details = {"val_confusion": conf.cpu().tolist(),
                    "val_frames_by_rank": by_rank}  # fmt: skip
+        pictures = epoch_pictures(epoch, conf, samples) if rank == 0 else {}
         _checkpoint_and_report(config, rank, model, optimizer, scheduler, global_step, metrics,
-                               details, transform)  # fmt: skip
+                               details, pictures, transform)  # fmt: skip
         if progress is not None:
             progress.beat.remote(f"epoch {epoch + 1} validated and checkpointed")
         if tracker is not None:
-            tracker.log_epoch(epoch, metrics, conf, samples)
+            tracker.log_epoch(epoch, metrics, pictures)
         if rank == 0:
             # A logger, not print: Ray Train tees a worker's print into its own logger, so
             # every print line would reach the driver twice.
@@ -412,10 +421,50 @@ def evaluate_shard(
     return conf, frames, samples
 
 
-def _checkpoint_and_report(
-    config, rank, model, optimizer, scheduler, global_step, metrics, details, transform
+def epoch_pictures(epoch: int, conf: torch.Tensor, samples) -> dict[str, bytes]:
+    """The epoch's pictures for MLflow, by artifact path: the confusion matrix and, with
+    ``samples`` ((frame, prediction) pairs), their overlays."""
+    from pipelines.pictures import confusion_png, grid, overlay, png
+
+    pictures = {f"confusion/epoch_{epoch:03d}.png": confusion_png(conf.cpu().numpy())}
+    if samples:
+        tiles = grid([overlay(img, m) for img, m in samples], columns=2, width=512)
+        pictures[f"overlays/epoch_{epoch:03d}.png"] = png(tiles)
+    return pictures
+
+
+def write_epoch_record(
+    directory: Path, metrics: dict, details: dict, pictures: dict[str, bytes]
 ) -> None:
-    """Rank 0 writes the checkpoint (DDP keeps the weights identical); every rank reports."""
+    """The epoch's metrics and details (METRICS_FILE) and pictures (RECORD_DIR) in a
+    checkpoint directory."""
+    (directory / METRICS_FILE).write_text(json.dumps({**metrics, **details}, indent=1))
+    for path, data in pictures.items():
+        (directory / RECORD_DIR / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / RECORD_DIR / path).write_bytes(data)
+
+
+def read_epoch_record(directory: Path) -> tuple[int, dict, dict[str, bytes]] | None:
+    """(epoch, metrics, pictures) of a checkpoint written by this loop, as it was sent to
+    MLflow; None for a checkpoint without one."""
+    metrics_file, record = directory / METRICS_FILE, directory / RECORD_DIR
+    if not metrics_file.is_file():
+        return None
+    logged = json.loads(metrics_file.read_text())
+    metrics = {k: v for k, v in logged.items() if isinstance(v, (int, float)) and k != "epoch"}
+    pictures = (
+        {p.relative_to(record).as_posix(): p.read_bytes() for p in record.rglob("*.png")}
+        if record.is_dir()
+        else {}
+    )
+    return int(logged["epoch"]), metrics, pictures
+
+
+def _checkpoint_and_report(
+    config, rank, model, optimizer, scheduler, global_step, metrics, details, pictures, transform
+) -> None:
+    """Rank 0 writes the checkpoint (DDP keeps the weights identical), with the epoch's
+    MLflow record; every rank reports."""
     import tempfile
 
     import ray.train
@@ -436,7 +485,7 @@ def _checkpoint_and_report(
             )
             save_model_dir(tmp, model, spec)
             save_train_state(Path(tmp), optimizer, scheduler, metrics["epoch"], global_step)
-            (Path(tmp) / METRICS_FILE).write_text(json.dumps({**metrics, **details}, indent=1))
+            write_epoch_record(Path(tmp), metrics, details, pictures)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -485,21 +534,45 @@ class EpochLogger:
         self._thread = threading.Thread(target=self._send_all, name="mlflow-logger", daemon=True)
         self._thread.start()
 
-    def log_epoch(self, epoch: int, metrics: dict, conf, samples) -> None:
+    def log_epoch(self, epoch: int, metrics: dict, pictures: dict[str, bytes]) -> None:
+        """The epoch's metrics (at step ``epoch``) and pictures (by artifact path)."""
         from mlflow.entities import Metric
-
-        from pipelines.pictures import confusion_png, grid, overlay
 
         now = int(time.time() * 1000)
         values = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
         self._put(f"epoch {epoch} metrics", self.client.log_batch, self.run_id, metrics=values)
-        confusion = _png_to_array(confusion_png(conf.cpu().numpy()))
-        self._put(f"epoch {epoch} confusion matrix", self.client.log_image, self.run_id,
-                  confusion, artifact_file=f"confusion/epoch_{epoch:03d}.png")  # fmt: skip
-        if samples:
-            picture = grid([overlay(img, m) for img, m in samples], columns=2, width=512)
-            self._put(f"epoch {epoch} overlays", self.client.log_image, self.run_id, picture,
-                      artifact_file=f"overlays/epoch_{epoch:03d}.png")  # fmt: skip
+        for path, data in pictures.items():
+            self._put(f"epoch {epoch} {path}", self._log_png, path, data)
+
+    def catch_up(self, epoch: int, metrics: dict, pictures: dict[str, bytes]) -> None:
+        """Send what of an epoch's record the run lacks (a resumed run's last checkpoint:
+        the worker sending it may have died before it was through). What is there already
+        is left alone: nothing is recorded twice."""
+
+        def send_missing() -> None:
+            from mlflow.entities import Metric
+
+            history = self.client.get_metric_history(self.run_id, "val_miou")
+            if metrics and epoch not in {m.step for m in history}:
+                now = int(time.time() * 1000)
+                values = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+                self.client.log_batch(self.run_id, metrics=values)
+                log.info("MLflow: epoch %d metrics re-sent from its checkpoint", epoch)
+            for path, data in pictures.items():
+                folder = path.rpartition("/")[0] or None
+                if path not in {a.path for a in self.client.list_artifacts(self.run_id, folder)}:
+                    self._log_png(path, data)
+                    log.info("MLflow: %s re-sent from its checkpoint", path)
+
+        self._put(f"epoch {epoch} record (catching up)", send_missing)
+
+    def _log_png(self, path: str, data: bytes) -> None:
+        import tempfile
+
+        folder, _, name = path.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(data)
+            self.client.log_artifact(self.run_id, str(Path(tmp) / name), folder or None)
 
     def _put(self, what: str, call, *args, **kwargs) -> None:
         self._queue.put((what, call, args, kwargs))
@@ -536,11 +609,3 @@ class EpochLogger:
                       "lost from the run (each epoch's metrics stay in its checkpoint)",
                       self.pending(), self.flush_s)  # fmt: skip
         self._queue.put(None)
-
-
-def _png_to_array(data: bytes) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -37,9 +37,13 @@ class Progress:
 
 
 def progress_actor():
+    """A :class:`Progress` actor on the driver's own node: a worker node lost mid-training
+    (and the training worker on it) must not take the progress it reported with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(Progress).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=here).remote()
 
 
 class Watchdog:

@@ -44,6 +44,9 @@ os.environ.update(
         "AWS_ENDPOINT_URL_S3": S3_ENDPOINT,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(_TOKEN),
+        # Ray binds to, and drivers resolve 127.0.0.1 to, the loopback address instead of the
+        # machine's (Ray's single-machine mode): every cluster the tests start is loopback-only.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "RAY_DEDUP_LOGS": "0",
         "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_DIR / 'default-mlflow.db'}",

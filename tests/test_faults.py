@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -135,3 +136,76 @@ def test_training_that_cannot_get_data_cpus_is_ended_by_its_watchdog(
         [MlflowClient().get_experiment_by_name("faults").experiment_id]
     )
     assert run.info.status == "FAILED"
+
+
+# -- training: a Ray node lost mid-training ------------------------------------------------------
+@pytest.mark.slow
+def test_training_resumes_when_a_lost_node_is_back(tmp_path, local_shards, mlflow_store):
+    """A head with no CPUs (as on KubeRay) and one 2-CPU worker node, in their own processes
+    on 127.0.0.1; two DDP workers on that node. Once Ray Train has recorded epoch 0's
+    checkpoint the node is killed outright (every process of it, SIGKILL). The job neither
+    fails nor goes on without a node: it waits, and when a new node joins, Ray Train starts
+    the worker group there from the epoch-0 checkpoint. The run ends with each epoch's
+    metrics logged once and its pictures (the lost worker's unsent ones re-sent from the
+    checkpoint), and a registered model; the stall watchdog kept reading progress."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    nodes = subprocess.Popen(
+        [sys.executable, "-m", "tests.ray_nodes", "--head-cpus", "0", "--node-cpus", "2"],
+        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def command(line: str) -> str:
+        nodes.stdin.write(line + "\n")
+        nodes.stdin.flush()
+        return nodes.stdout.readline().strip()
+
+    job, storage = None, tmp_path / "ckpt"
+    try:
+        address = nodes.stdout.readline().strip().removeprefix("address ")
+        assert address.startswith("127.0.0.1:"), address
+        argv = ["--data", local_shards, "--storage", str(storage), "--run-name", "node-loss",
+                "--experiment", "faults", "--register-as", MODEL, "--num-workers", "2",
+                "--batch-size", "4", "--epochs", "2", "--no-augment", "--max-failures", "1"]  # fmt: skip
+        job = subprocess.Popen(
+            [sys.executable, "-m", "jobs.train", *argv], cwd=ROOT,
+            env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        # Ray Train's own record of a checkpoint (one that is only uploaded is not resumed).
+        recorded = storage / "node-loss" / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 300
+        while not recorded.exists():
+            assert job.poll() is None, job.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "no checkpoint recorded after 300 s"
+            time.sleep(0.2)
+        killed_at = time.monotonic()
+        assert command("kill").startswith("killed ")
+        time.sleep(5)  # no node that could run the workers
+        assert job.poll() is None, job.communicate()[0][-4000:]
+        assert command("add").startswith("added ")
+        back_at = time.monotonic()
+        out = job.communicate(timeout=600)[0]
+        done_at = time.monotonic()
+        assert job.returncode == 0, out[-4000:]
+        print(f"node lost to job done: {done_at - killed_at:.0f} s (node back to job done: "
+              f"{done_at - back_at:.0f} s)")  # fmt: skip
+    finally:
+        if job is not None and job.poll() is None:
+            job.kill()
+            job.wait()
+        command("quit")
+        nodes.wait(timeout=60)
+    assert "registered models:/" in out
+    assert "[FailurePolicy] RETRY" in out  # the workers were lost, and restarted
+    assert "cannot read progress" not in out, out[-4000:]  # the watchdog's actor survived
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert run.info.status == "FINISHED"
+    # Epoch 0 was trained once: the restart resumed from its checkpoint.
+    for key in ("val_miou", "train_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    for folder in ("confusion", "overlays"):
+        assert [a.path for a in client.list_artifacts(run.info.run_id, folder)] == [
+            f"{folder}/epoch_000.png",
+            f"{folder}/epoch_001.png",
+        ]

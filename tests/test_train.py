@@ -250,16 +250,17 @@ def test_config_file_with_flag_override(tmp_path):
 def test_two_worker_run_from_s3_survives_failures_and_registers_model(
     local_shards, s3_prefix, mlflow_store, ray_cluster, capsys, background
 ):
-    """A 2-worker run with data and checkpoints on S3, through both kinds of failure:
+    """A 2-worker run with data and checkpoints on S3, through the death of the whole job:
 
-    1. No restarts allowed: the job dies in epoch 2 (epoch 1 is checkpointed); its MLflow run
-       is marked FAILED.
-    2. Run again with the same --run-name and --storage (one restart allowed now, and the chaos
-       marker removed so that a worker is killed again mid-epoch): the job resumes from the
-       epoch-1 checkpoint and continues the same MLflow run, and Ray Train restarts the killed
-       worker's group from the last checkpoint.
+    1. No restarts allowed: a worker is killed in epoch 2 (epoch 1 is checkpointed), so the
+       job dies; its MLflow run is marked FAILED.
+    2. Run again with the same --run-name and --storage: the job resumes from the epoch-1
+       checkpoint and continues the same MLflow run.
     3. The run then has every epoch exactly once, its metrics, pictures and checkpoints, and a
        registered model that works without Ray.
+
+    (Ray Train restarting the worker group inside a job, from its last checkpoint, is
+    test_faults.py's lost-node test.)
     """
     data, storage = f"{s3_prefix}/shards", f"{s3_prefix}/checkpoints"
     val_frames = copy_dropping_one_val_frame(local_shards, data)
@@ -278,18 +279,14 @@ def test_two_worker_run_from_s3_survives_failures_and_registers_model(
     assert run.info.status == "FAILED"
     assert epochs_logged(run.info.run_id) == [0]
 
-    # 2. Resumed, and a worker crash in the resumed job.
+    # 2. Resumed (the chaos marker stays: no second crash).
     assert marker.read_text() == "failed at step 6\n"
-    marker.delete()
-    argv[argv.index("--max-failures") + 1] = "1"
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "registered models:/lanes-test/1" in out
     # The registered model in a plain Python process (PYFUNC_CHECK): it runs beside the checks
     # below, and is checked last.
     pyfunc = background([sys.executable, "-c", PYFUNC_CHECK, mlflow_store], cwd=ROOT)
-    # The marker is written just before the worker kills itself: the crash happened.
-    assert marker.read_text() == "failed at step 6\n"
     [again] = runs_named("s3-run")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert epochs_logged(run.info.run_id) == [0, 1]  # epoch 0 not trained twice

@@ -3,6 +3,8 @@ resuming the schedule and momentum exactly, per-epoch seeds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,16 +16,20 @@ from pipelines.augment import decode_batch
 from pipelines.dataset import NormalizeCollate, shard_files
 from pipelines.predictor import load_model_dir, save_model_dir
 from pipelines.training import (
+    EpochLogger,
     RecipeError,
+    epoch_pictures,
     epoch_seed,
     load_train_state,
     make_loss,
     make_optimizer,
     make_recipe,
+    read_epoch_record,
     restore_train_state,
     save_train_state,
     set_trainable,
     train_step,
+    write_epoch_record,
 )
 
 MODEL = "fcn8s_resnet101"
@@ -282,3 +288,45 @@ def test_validation_replicas_agree_only_after_the_buffer_broadcast(broadcast):
     else:
         assert [r[1] for r in results] == ["differ", "differ"]
         assert "different weights or BatchNorm statistics" in results[0][2]
+
+
+def test_a_resumed_run_sends_only_what_its_last_epoch_record_lacks(tmp_path, mlflow_store):
+    """The worker sending epoch 0's record died after the metrics went out and before the
+    overlays did (its node was lost). The resumed run's catch-up, from the checkpoint, sends
+    the overlays; the metrics and the confusion matrix are not recorded twice; a second
+    catch-up (another restart) changes nothing."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    conf = torch.tensor([[5, 1], [2, 7]])
+    samples = [(np.full((8, 16, 3), 100, np.uint8), np.eye(8, 16, dtype=np.uint8))] * 2
+    pictures = epoch_pictures(0, conf, samples)
+    assert set(pictures) == {"confusion/epoch_000.png", "overlays/epoch_000.png"}
+    metrics = {"epoch": 0, "val_miou": 0.25, "train_loss": 1.5}
+    write_epoch_record(tmp_path, metrics, {"val_confusion": conf.tolist()}, pictures)
+    record = read_epoch_record(tmp_path)
+    assert record == (0, {"val_miou": 0.25, "train_loss": 1.5}, pictures)
+
+    client = MlflowClient()
+    run_id = client.create_run(mlflow.create_experiment("catch-up")).info.run_id
+    sent = EpochLogger(mlflow_store, run_id, flush_s=30)
+    sent.log_epoch(0, metrics, {"confusion/epoch_000.png": pictures["confusion/epoch_000.png"]})
+    sent.close()  # then the worker died
+    for _ in range(2):
+        resumed = EpochLogger(mlflow_store, run_id, flush_s=30)
+        resumed.catch_up(*record)
+        resumed.close()
+    for key in ("val_miou", "train_loss"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0], key
+    for path, data in pictures.items():
+        folder = path.split("/")[0]
+        assert [a.path for a in client.list_artifacts(run_id, folder)] == [path]
+        local = client.download_artifacts(run_id, path, str(tmp_path))
+        assert Path(local).read_bytes() == data
+    # A run that got nothing of the epoch gets all of it.
+    empty = client.create_run(mlflow.get_experiment_by_name("catch-up").experiment_id)
+    logger = EpochLogger(mlflow_store, empty.info.run_id, flush_s=30)
+    logger.catch_up(*record)
+    logger.close()
+    assert client.get_metric_history(empty.info.run_id, "train_loss")[0].value == 1.5
+    assert len(client.list_artifacts(empty.info.run_id, "overlays")) == 1
