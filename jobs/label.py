@@ -24,7 +24,7 @@ from pipelines.dataset import read_parquet_files
 from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipelines.labeling import LabelingError
 from pipelines.lease import LEASE_NAME, Lease, LeaseHeld, new_run_id
-from pipelines.registry import resolve_version, version_transform
+from pipelines.registry import resolve_version, verify_version, version_transform
 from pipelines.storage import Retry, resolve
 
 
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking.check_tracking(tracking_uri)
     ref = resolve_version(args.model)  # the alias is resolved once: one version per run
     transform = version_transform(ref)
+    verify_version(ref)  # a changed file: one error here, not in every labeling actor
     output = resolve(args.output)
 
     run = new_run_id()

@@ -13,6 +13,7 @@ The labeling job's Ray Data stage and the registered pyfunc model are thin wrapp
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from fcn_models import build_model
+from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
 
 MODEL_FILE = "model.pt"
@@ -63,6 +65,23 @@ class ModelSpec:
         )
 
 
+class UnsafeFileError(UserError):
+    """A weights or state file that would need more than tensors and plain data to load."""
+
+
+def load_tensors(path: str | Path):
+    """``torch.load`` as data only (``weights_only=True``): tensors and plain containers.
+    A file whose pickle would call anything else (run code) is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeFileError(
+            f"{path}: refused to load: it holds more than tensors and plain data, so loading "
+            f"it could run code ({reason[:300]})"
+        ) from None
+
+
 def save_model_dir(directory: str | Path, model: nn.Module, spec: ModelSpec) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -81,7 +100,7 @@ def load_model_dir(directory: str | Path) -> tuple[nn.Module, ModelSpec]:
         )
     spec = ModelSpec.from_json(spec_path.read_text())
     model = build_model(spec.model, spec.n_class)
-    state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    state = load_tensors(directory / MODEL_FILE)
     model.load_state_dict(state)
     return model, spec
 

@@ -9,9 +9,12 @@ Python process, no Ray needed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,10 +32,13 @@ import pipelines
 from pipelines import tracking
 from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
-from pipelines.predictor import SPEC_FILE, ModelSpec, Predictor
+from pipelines.predictor import MODEL_FILE, SPEC_FILE, ModelSpec, Predictor
 
 ARTIFACT_KEY = "model_dir"
 TRANSFORM_TAG = "frame_transform"  # version tag: the FrameTransform the model expects (JSON)
+# Version tags: the sha256 of each file of the model directory, recorded at registration and
+# checked by every load (a changed file in the artifact store is refused, not run).
+DIGEST_TAGS = {MODEL_FILE: "weights_sha256", SPEC_FILE: "spec_sha256"}
 PREVIOUS_ALIAS_TAG = "previous_{alias}"  # registered-model tag: version that held the alias before
 
 
@@ -88,16 +94,20 @@ def log_model(
     loading needs only the pip requirements, not this project installed.
     """
     code = [str(Path(fcn_models.__file__).parent), str(Path(pipelines.__file__).parent)]
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=LaneSegmentationModel(),
-        artifacts={ARTIFACT_KEY: str(model_dir)},
-        code_paths=code,
-        signature=signature(),
-        input_example=input_example,
-        registered_model_name=registered_model_name,
-        pip_requirements=_pip_requirements(),
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        # MLflow stores an artifact folder under its own name: a fixed one gives every version
+        # the same layout, which the jobs read as data (artifacts/model_dir/model.pt).
+        staged = shutil.copytree(model_dir, Path(tmp) / ARTIFACT_KEY)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=LaneSegmentationModel(),
+            artifacts={ARTIFACT_KEY: str(staged)},
+            code_paths=code,
+            signature=signature(),
+            input_example=input_example,
+            registered_model_name=registered_model_name,
+            pip_requirements=_pip_requirements(),
+        )
 
 
 def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, str]):
@@ -111,7 +121,8 @@ def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, str]):
     info = log_model(model_dir, registered_model_name=name, input_example=example)
     version = str(info.registered_model_version)
     client = MlflowClient()
-    all_tags = {**tags, TRANSFORM_TAG: json.dumps(t.to_dict())}
+    digests = {tag: sha256_file(Path(model_dir) / f) for f, tag in DIGEST_TAGS.items()}
+    all_tags = {**tags, TRANSFORM_TAG: json.dumps(t.to_dict()), **digests}
     for k, v in tracking.redact(all_tags).items():
         client.set_model_version_tag(name, version, k, v)
     return client.get_model_version(name, version)
@@ -167,14 +178,60 @@ def resolve_version(model: str, client: MlflowClient | None = None) -> ModelRef:
     return ModelRef(name=name, version=str(mv.version))
 
 
-def load_predictor(ref: ModelRef) -> Predictor:
-    """Load a registered version through its pyfunc (the very path users get) and return its
-    predictor (on the GPU when there is one)."""
-    python_model = mlflow.pyfunc.load_model(ref.uri).unwrap_python_model()
-    predictor = getattr(python_model, "predictor", None)
-    if not isinstance(predictor, Predictor):
-        raise RegistryError(f"{ref.uri}: not a lane segmentation model")
-    return predictor
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_predictor(ref: ModelRef, client: MlflowClient | None = None) -> Predictor:
+    """A registered version loaded as data: its model directory's weights
+    (``weights_only=True``) and spec (JSON), rebuilt by this project's ``build_model``, each
+    file checked against the digest recorded at registration. Nothing of the version is
+    unpickled or imported: its pyfunc wrapper (``python_model.pkl``, bundled code) is for
+    clients that choose to trust the store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _download_checked(ref, client or MlflowClient(), tmp)
+        return Predictor.load(tmp)
+
+
+def verify_version(ref: ModelRef, client: MlflowClient | None = None) -> None:
+    """Raise :class:`RegistryError` unless the version's files are the ones registered (a
+    job checks this once in its driver, so a changed file is one clear error before any
+    worker starts)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _download_checked(ref, client or MlflowClient(), tmp)
+
+
+def _download_checked(ref: ModelRef, client: MlflowClient, directory: str) -> None:
+    try:
+        version = client.get_model_version(ref.name, ref.version)
+        base = client.get_model_version_download_uri(ref.name, ref.version).rstrip("/")
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"{ref.uri}: {e.message}") from None
+    missing = [tag for tag in DIGEST_TAGS.values() if not version.tags.get(tag)]
+    if missing:
+        raise RegistryError(
+            f"{ref.uri} has no {' / '.join(missing)} tag: it was not registered by this "
+            "version of jobs.train, so its files cannot be checked; register it again"
+        )
+    for name, tag in DIGEST_TAGS.items():
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{base}/artifacts/{ARTIFACT_KEY}/{name}", dst_path=directory
+            )
+        except (mlflow.exceptions.MlflowException, OSError) as e:
+            raise RegistryError(
+                f"{ref.uri}: cannot read its {name} ({type(e).__name__}: {e})"
+            ) from None
+        actual, expected = sha256_file(path), version.tags[tag]
+        if actual != expected:
+            raise RegistryError(
+                f"{ref.uri}: {name} has sha256 {actual}, not the {expected} recorded at "
+                f"registration (tag {tag}): the stored file was changed; refusing to load it"
+            )
 
 
 def alias_holder(name: str, alias: str, client: MlflowClient) -> str | None:

@@ -37,7 +37,7 @@ from pipelines import labels
 from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
 from pipelines.metrics import confusion_matrix, flat_metrics, scores
-from pipelines.predictor import ModelSpec, load_model_dir, save_model_dir, unwrap
+from pipelines.predictor import ModelSpec, load_model_dir, load_tensors, save_model_dir, unwrap
 
 log = logging.getLogger("jobs.train")
 
@@ -204,7 +204,7 @@ def save_train_state(directory: Path, optimizer, scheduler, epoch: int, step: in
 def load_train_state(directory: Path) -> dict:
     """A checkpoint's optimizer and schedule state, loaded as data (``weights_only``):
     nothing is unpickled."""
-    return torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    return load_tensors(directory / TRAIN_STATE_FILE)
 
 
 def restore_train_state(state: dict, optimizer, scheduler) -> tuple[int, int]:

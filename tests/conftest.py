@@ -213,7 +213,12 @@ def make_model(constant_class: int | None = None, seed: int = 0):
 @pytest.fixture
 def register_version(tmp_path, mlflow_store, test_transform):
     """``register_version(name, constant_class=None, seed=0) -> version``: registers a model
-    built by :func:`make_model` the way jobs.train does (pyfunc + tags) in the test's store."""
+    built by :func:`make_model` the way jobs.train does (pyfunc + tags) in the test's store.
+
+    Every version it registers carries a planted ``python_model.pkl`` that would create a
+    file when unpickled; the test fails afterwards if that file exists: whatever the test ran
+    (labeling, promotion, evaluation, in this process or in Ray workers) loaded the versions
+    as data."""
     import mlflow
 
     from pipelines import labels, tracking
@@ -228,6 +233,45 @@ def register_version(tmp_path, mlflow_store, test_transform):
         experiment = tracking.ensure_experiment("registered-by-tests", mlflow_store)
         with mlflow.start_run(experiment_id=experiment, run_name=f"register-{name}"):
             version = register_model_dir(model_dir, name, {"made_by": "tests"})
+        plant_malicious_pickle(name, str(version.version), canary)
         return str(version.version)
 
-    return register
+    canary = tmp_path / "planted-pickle-ran"
+    yield register
+    assert not canary.exists(), "a job unpickled a registered version's python_model.pkl"
+
+
+# -- trust boundaries ------------------------------------------------------------------------------
+class _Touch:
+    """Unpickled, it creates ``path``: what a planted pickle could do instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def malicious_pickle(canary: Path) -> bytes:
+    """A pickle that creates the file ``canary`` when it is unpickled."""
+    import pickle
+
+    return pickle.dumps(_Touch(canary))
+
+
+def stored_model(name: str, version: str) -> Path:
+    """The folder of a registered version's pyfunc model in the tests' local artifact store
+    (MLmodel, python_model.pkl, artifacts/model_dir/...)."""
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    uri = MlflowClient().get_model_version_download_uri(name, version)
+    assert uri.startswith("file://"), uri
+    return Path(urlparse(uri).path)
+
+
+def plant_malicious_pickle(name: str, version: str, canary: Path) -> None:
+    """Replace a registered version's ``python_model.pkl`` with one that creates ``canary``
+    when unpickled (as whoever can write to the artifact store could)."""
+    (stored_model(name, version) / "python_model.pkl").write_bytes(malicious_pickle(canary))

@@ -1,0 +1,110 @@
+"""Trust boundaries: what the jobs read from the tracking server or a bucket is loaded as data
+(tensors and JSON), checked against the digests recorded at registration, and never run."""
+
+from __future__ import annotations
+
+import contextlib
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipelines.predictor import UnsafeFileError, load_model_dir, save_model_dir
+from pipelines.registry import DIGEST_TAGS, ModelRef, RegistryError, load_predictor
+from pipelines.training import load_train_state
+
+from .conftest import FRAME_H, FRAME_W, _Touch, make_model, plant_malicious_pickle, stored_model
+
+MODEL = "lanes-trust-test"
+
+
+def test_jobs_load_a_registered_version_as_data_never_its_pickle(register_version, tmp_path):
+    version = register_version(MODEL, constant_class=2)
+    canary = tmp_path / "pickle-ran"
+    plant_malicious_pickle(MODEL, version, canary)
+    predictor = load_predictor(ModelRef(MODEL, version))
+    assert not canary.exists()
+    [mask] = predictor.predict([np.zeros((FRAME_H, FRAME_W, 3), np.uint8)])
+    assert (mask[predictor.transform.crop_top :] == 2).all()  # the version's own weights
+    # The planted pickle is live: MLflow's pyfunc loader (what the jobs no longer use) runs it.
+    with contextlib.suppress(Exception):
+        mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
+    assert canary.exists()
+
+
+def test_a_changed_file_in_the_artifact_store_is_refused(register_version):
+    version, other = register_version(MODEL, constant_class=2), register_version(MODEL, 3)
+    ref = ModelRef(MODEL, version)
+    for name in ("model.pt", "model.json"):
+        stored = stored_model(MODEL, version) / "artifacts" / "model_dir" / name
+        original = stored.read_bytes()
+        # Valid for torch / JSON, so only the digest can tell: another version's weights;
+        # a spec with another crop.
+        replacement = (stored_model(MODEL, other) / "artifacts" / "model_dir" / name).read_bytes()
+        if name == "model.json":
+            replacement = original.replace(b'"crop_top": 172', b'"crop_top": 100')
+        assert replacement != original
+        stored.write_bytes(replacement)
+        with pytest.raises(
+            RegistryError,
+            match=rf"models:/{MODEL}/{version}: {name} has sha256 \w+, not the \w+ recorded at "
+            rf"registration \(tag {DIGEST_TAGS[name]}\): the stored file was changed",
+        ):
+            load_predictor(ref)
+        stored.write_bytes(original)
+    assert (load_predictor(ref).predict([np.zeros((FRAME_H, FRAME_W, 3), np.uint8)])[0] == 2).any()
+    # A version without the digests (registered by something else) cannot be checked.
+    MlflowClient().delete_model_version_tag(MODEL, version, DIGEST_TAGS["model.pt"])
+    with pytest.raises(RegistryError, match=f"has no {DIGEST_TAGS['model.pt']} tag"):
+        load_predictor(ref)
+
+
+def test_weights_and_train_state_that_would_run_code_are_refused(tmp_path, test_transform):
+    from pipelines import labels
+    from pipelines.predictor import ModelSpec
+
+    canary = tmp_path / "pickle-ran"
+    model_dir = tmp_path / "model"
+    spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
+    save_model_dir(model_dir, make_model(1), spec)
+    torch.save({"weights": _Touch(canary)}, model_dir / "model.pt")
+    with pytest.raises(UnsafeFileError, match=r"model\.pt: refused to load: .*could run code"):
+        load_model_dir(model_dir)
+    torch.save({"optimizer": _Touch(canary)}, tmp_path / "train_state.pt")
+    with pytest.raises(UnsafeFileError, match=r"train_state\.pt: refused to load"):
+        load_train_state(tmp_path)
+    assert not canary.exists()
+    # The planted files are live: a plain torch.load runs them.
+    torch.load(tmp_path / "train_state.pt", weights_only=False)
+    assert canary.exists()
+
+
+@pytest.mark.slow
+def test_labeling_refuses_a_version_whose_weights_were_changed(
+    register_version, ray_cluster, tmp_path, capsys
+):
+    from jobs import label
+    from pipelines.frames import encode_jpeg
+    from pipelines.synthetic import render_frame
+
+    version, other = register_version(MODEL, constant_class=2), register_version(MODEL, 3)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"f{i}.jpg").write_bytes(
+            encode_jpeg(render_frame(rng, FRAME_W, FRAME_H)[0])
+        )
+    weights = stored_model(MODEL, version) / "artifacts" / "model_dir" / "model.pt"
+    weights.write_bytes(
+        (stored_model(MODEL, other) / "artifacts" / "model_dir" / "model.pt").read_bytes()
+    )
+    argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--model", f"models:/{MODEL}/{version}"]  # fmt: skip
+    capsys.readouterr()
+    assert label.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: models:/{MODEL}/{version}: model.pt has sha256 " in err, err
+    assert "Traceback" not in err  # one line, before any labeling actor started
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.parquet"))
