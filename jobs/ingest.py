@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="commit even if some records stayed unreadable after retries",
     )
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="a CSV source may name files outside its own folder (absolute paths, URIs, "
+        "'..'); by default such records are rejected",
+    )
     p.add_argument("--slow-write", type=float, default=0.0, help=argparse.SUPPRESS)  # chaos
     return p
 
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=Limits(args.max_bytes, args.max_pixels, Retry(attempts=args.read_retries)),
         keep_versions=args.keep_versions,
         allow_unreadable=args.allow_unreadable,
+        allow_outside_root=args.allow_outside_root,
         slow_write=args.slow_write,
     )
     print(result.summary())

@@ -180,9 +180,11 @@ def discover_tree(source: Location) -> Discovery:
     return Discovery(candidates, ignored)
 
 
-def discover_csv(csv_loc: Location) -> Discovery:
-    """Pairs from a CSV with header ``image,label[,drive]``; relative paths are relative to the
-    CSV's folder."""
+def discover_csv(csv_loc: Location, allow_outside_root: bool = False) -> Discovery:
+    """Pairs from a CSV with header ``image,label[,drive]``; paths are relative to the CSV's
+    folder and must stay inside it (no absolute paths or URIs, no ``..`` out of it), unless
+    ``allow_outside_root``: a manifest that names any file it likes could make the ingest read
+    (and copy into shards) what its author cannot read."""
     try:
         rows = list(csv.DictReader(io.StringIO(csv_loc.read_text())))
     except UnicodeDecodeError as e:
@@ -195,10 +197,19 @@ def discover_csv(csv_loc: Location) -> Discovery:
     base = csv_loc.parent()
 
     def where(path: str) -> str:
-        path = path.strip()
         if "://" in path or path.startswith("/"):
             return resolve(path).uri
         return base.join(path).uri
+
+    def outside(path: str) -> str | None:
+        """Why ``path`` is outside the CSV's folder, or None."""
+        if allow_outside_root:
+            return None
+        if "://" in path or path.startswith(("/", "\\")):
+            return "is an absolute path or URI"
+        if posixpath.normpath(path).split("/")[0] == "..":
+            return "leads out of it with '..'"
+        return None
 
     candidates = []
     seen: set[str] = set()
@@ -208,6 +219,13 @@ def discover_csv(csv_loc: Location) -> Discovery:
         reason = None
         if not image or not label:
             reason = f"CSV line {line}: empty 'image' or 'label' field"
+        for column, path in (("image", image), ("label", label)):
+            why = outside(path) if path and reason is None else None
+            if why:
+                reason = (
+                    f"CSV line {line}: {column} {path!r} {why}: only files under the CSV's "
+                    f"folder {base.uri} are read (--allow-outside-root to allow others)"
+                )
         image_id = posixpath.splitext(image)[0] or f"line{line}"
         if image_id in seen and reason is None:
             reason = f"CSV line {line}: duplicate image {image!r}"
@@ -225,12 +243,12 @@ def discover_csv(csv_loc: Location) -> Discovery:
     return Discovery(candidates)
 
 
-def discover(source_uri: str) -> Discovery:
+def discover(source_uri: str, allow_outside_root: bool = False) -> Discovery:
     source = resolve(source_uri)
     if source.path.lower().endswith(".csv"):
         if not source.exists():
             raise IngestError(f"{source.uri}: CSV file not found")
-        return discover_csv(source)
+        return discover_csv(source, allow_outside_root)
     if not source.is_dir():
         raise IngestError(f"{source.uri}: source folder not found (or not a folder/CSV)")
     found = discover_tree(source)
@@ -424,6 +442,7 @@ def run_ingest(
     limits: Limits | None = None,
     keep_versions: int | None = None,
     allow_unreadable: bool = False,
+    allow_outside_root: bool = False,
     progress: bool = True,
     slow_write: float = 0.0,
 ) -> IngestResult:
@@ -434,7 +453,8 @@ def run_ingest(
 
     Not committed when nothing is valid, or when records stayed unreadable after retries (a
     storage outage would otherwise shrink the training set): re-run, or pass
-    ``allow_unreadable``. Re-running on the same source gives the same shards and manifest
+    ``allow_unreadable``. A CSV source may name only files under its own folder unless
+    ``allow_outside_root``. Re-running on the same source gives the same shards and manifest
     (rows in :func:`shard_order_key` order). ``keep_versions``: afterwards remove all but the
     newest that many versions. ``slow_write``: chaos testing, seconds to pause after each
     shard file.
@@ -445,7 +465,7 @@ def run_ingest(
     limits = limits or Limits()
     dest_loc = resolve(dest)
     previous = read_pointer(dest_loc)  # also a clear error now if dest holds a bad pointer
-    found = discover(source)
+    found = discover(source, allow_outside_root)
     found.candidates.sort(key=lambda c: c.image_id)
     splits = split_drives((c.drive for c in found.candidates), val_fraction, seed)
 

@@ -781,15 +781,18 @@ def resolve(uri: str | os.PathLike) -> Location:
     parsed = urlparse(text)
     scheme = parsed.scheme.lower()
     if scheme in ("s3", "s3a"):
-        if "@" in parsed.netloc:
+        # An S3 key is taken as it is: '#', '?' and '%' are characters of the key, not a
+        # fragment, a query or escapes (urlparse would cut "a#1.jpg" to "a").
+        netloc, _, key = text.split("://", 1)[1].partition("/")
+        if "@" in netloc:
             raise StorageError(
                 "credentials in S3 URIs are not accepted (they would end up in logs); use the "
                 "AWS credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or "
                 "an instance/pod role)"
             )
-        if not parsed.netloc:
+        if not netloc:
             raise StorageError(f"{text!r}: an S3 URI needs a bucket (s3://BUCKET/prefix)")
-        path = (parsed.netloc + "/" + parsed.path.lstrip("/")).rstrip("/")
+        path = (netloc + "/" + key.lstrip("/")).rstrip("/")
         return Location(
             uri=f"s3://{path}", scheme="s3", path=path, endpoint=s3_endpoint(), region=s3_region()
         )

@@ -3,6 +3,7 @@ versions (commit last, readers pinned, killed ingests), input limits."""
 
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -272,30 +273,51 @@ def test_real_apollo_labels_with_generated_frames(tmp_path, ray_cluster):
 
 
 def test_csv_source(tmp_path, synthetic_tree, ray_cluster, test_transform):
-    images = sorted(synthetic_tree.rglob("*.jpg"))[:4]
-    lines = ["image,label,drive"]
-    for i, img in enumerate(images):
+    """Paths relative to the CSV's folder; a file named twice, a missing one, and files
+    outside the CSV's folder (an absolute path, a '..' path) each rejected with its reason,
+    the outside ones admitted only with allow_outside_root."""
+    images = sorted(synthetic_tree.rglob("*.jpg"))[:5]
+    pairs = []
+    for img in images:
         label = str(img).replace("ColorImage_", "Labels_").replace("/ColorImage/", "/Label/")
-        label = label[: -len(".jpg")] + "_bin.png"
-        lines.append(f"{img},{label},drive{i % 2}")
-    lines.append(f"{images[0]},{tmp_path}/missing_bin.png,drive0")  # duplicate image
-    lines.append(f"extra.jpg,{tmp_path}/nope.png,drive1")  # relative, missing file
-    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
-    result = run_ingest(
-        str(tmp_path / "pairs.csv"),
-        str(tmp_path / "out"),
-        transform=test_transform,
-        val_fraction=0.5,
-        progress=False,
-    )
+        pairs.append((img, Path(label[: -len(".jpg")] + "_bin.png")))
+    delivery = tmp_path / "delivery"
+    lines = ["image,label,drive"]
+    for i, (img, label) in enumerate(pairs[:4]):
+        (delivery / f"d{i}").mkdir(parents=True)
+        shutil.copy(img, delivery / f"d{i}" / "frame.jpg")
+        shutil.copy(label, delivery / f"d{i}" / "frame_bin.png")
+        lines.append(f"d{i}/frame.jpg,d{i}/frame_bin.png,drive{i % 2}")
+    lines.append("d0/frame.jpg,d0/missing_bin.png,drive0")  # duplicate image
+    lines.append("extra.jpg,nope.png,drive1")  # missing files
+    img, label = pairs[4]
+    lines.append(f"{img},{label},drive1")  # absolute: outside the CSV's folder
+    shutil.copy(img, tmp_path / "outside.jpg")
+    shutil.copy(label, tmp_path / "outside_bin.png")
+    lines.append("d1/../../outside.jpg,../outside_bin.png,drive0")
+    (delivery / "pairs.csv").write_text("\n".join(lines) + "\n")
+
+    def ingest(out: str, **kw):
+        return run_ingest(str(delivery / "pairs.csv"), str(tmp_path / out),
+                          transform=test_transform, val_fraction=0.5, progress=False, **kw)  # fmt: skip
+
+    result = ingest("out")
     c = result.manifest["counts"]
-    assert (c["found"], c["valid"], c["rejected"]) == (6, 4, 2)
+    assert (c["found"], c["valid"], c["rejected"]) == (8, 4, 4)
     reasons = sorted(r["reason"] for r in result.manifest["rejected"])
-    assert "duplicate image" in reasons[0] and "could not be read" in reasons[1]
+    assert reasons[0].startswith("CSV line 6: duplicate image")
+    assert reasons[1] == (
+        f"CSV line 8: image {str(img)!r} is an absolute path or URI: only files under the "
+        f"CSV's folder {delivery} are read (--allow-outside-root to allow others)"
+    )
+    assert reasons[2].startswith("CSV line 9: image 'd1/../../outside.jpg' leads out of it")
+    assert "could not be read" in reasons[3]
     assert set(result.manifest["drives"]["train"]) | set(result.manifest["drives"]["val"]) == {
         "drive0",
         "drive1",
     }
+    c = ingest("out-allowed", allow_outside_root=True).manifest["counts"]
+    assert (c["found"], c["valid"], c["rejected"]) == (8, 6, 2)
     (tmp_path / "bad.csv").write_text("path;other\nx;y\n")
     with pytest.raises(IngestError, match="header 'image,label'"):
         run_ingest(

@@ -117,6 +117,19 @@ OUTAGE_S = 3.0
 QUICK = Retry(attempts=2, base_delay=0.2)
 
 
+@pytest.mark.parametrize("key", ["a#1.jpg", "b?x=1.jpg", "c%20d.jpg", "e%2Ff#?.jpg"])
+def test_listed_s3_keys_are_read_as_the_keys_they_are(s3_prefix, key):
+    """A key listed from a bucket, turned into a URI (what jobs hand to Ray workers) and
+    resolved again, is the same key: '#', '?' and '%' are not a fragment, a query or escapes."""
+    loc = resolve(s3_prefix)
+    loc.join("frames", key).write_bytes(key.encode())
+    [info] = loc.list_files()
+    again = resolve(loc.at_path(info.path).uri)
+    assert again.path == f"{loc.path}/frames/{key}"
+    assert again.read_bytes() == key.encode()
+    assert resolve(f"{s3_prefix}/frames/{key}").read_bytes() == key.encode()
+
+
 def test_retry_delays_double_up_to_the_cap():
     assert DEFAULT_RETRY.delays() == (0.5, 1.0, 2.0, 4.0, 8.0)
     assert sum(DEFAULT_RETRY.delays()) > 10  # outlasts a ~10 s S3 outage
