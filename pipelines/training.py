@@ -592,7 +592,7 @@ class EpochLogger:
                     log.warning("MLflow: %s not recorded yet (%s: %s); retrying in %.0f s",
                                 what, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", delay)  # fmt: skip
                     time.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                    delay = min(delay * 2, 10.0)  # a server back is used within 10 s
             self._queue.task_done()
 
     def pending(self) -> int:

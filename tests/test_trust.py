@@ -34,14 +34,23 @@ def test_jobs_load_a_registered_version_as_data_never_its_pickle(register_versio
     assert canary.exists()
 
 
-def test_a_changed_file_in_the_artifact_store_is_refused(register_version):
+@pytest.mark.slow
+def test_a_changed_file_in_the_artifact_store_is_refused(
+    register_version, ray_cluster, tmp_path, capsys
+):
+    """Another version's weights, or a spec with another crop, in place of a version's own:
+    valid for torch and JSON, so only the digests recorded at registration can tell. Loading
+    refuses, naming the version; the labeling job refuses with one error line before any
+    actor starts; a version without digests cannot be checked and is refused too."""
+    from jobs import label
+    from pipelines.frames import encode_jpeg
+    from pipelines.synthetic import render_frame
+
     version, other = register_version(MODEL, constant_class=2), register_version(MODEL, 3)
     ref = ModelRef(MODEL, version)
-    for name in ("model.pt", "model.json"):
+    for name in ("model.json", "model.pt"):
         stored = stored_model(MODEL, version) / "artifacts" / "model_dir" / name
         original = stored.read_bytes()
-        # Valid for torch / JSON, so only the digest can tell: another version's weights;
-        # a spec with another crop.
         replacement = (stored_model(MODEL, other) / "artifacts" / "model_dir" / name).read_bytes()
         if name == "model.json":
             replacement = original.replace(b'"crop_top": 172', b'"crop_top": 100')
@@ -53,7 +62,25 @@ def test_a_changed_file_in_the_artifact_store_is_refused(register_version):
             rf"registration \(tag {DIGEST_TAGS[name]}\): the stored file was changed",
         ):
             load_predictor(ref)
-        stored.write_bytes(original)
+        if name == "model.json":
+            stored.write_bytes(original)
+
+    # The labeling job, with the swapped weights still in place.
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        frame = render_frame(rng, FRAME_W, FRAME_H)[0]
+        (tmp_path / "in" / f"f{i}.jpg").write_bytes(encode_jpeg(frame))
+    argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--model", f"models:/{MODEL}/{version}"]  # fmt: skip
+    capsys.readouterr()
+    assert label.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: models:/{MODEL}/{version}: model.pt has sha256 " in err, err
+    assert "Traceback" not in err  # one line, before any labeling actor started
+    assert not list(tmp_path.glob("out/**/*.parquet"))
+
+    stored.write_bytes(original)
     assert (load_predictor(ref).predict([np.zeros((FRAME_H, FRAME_W, 3), np.uint8)])[0] == 2).any()
     # A version without the digests (registered by something else) cannot be checked.
     MlflowClient().delete_model_version_tag(MODEL, version, DIGEST_TAGS["model.pt"])
@@ -79,32 +106,3 @@ def test_weights_and_train_state_that_would_run_code_are_refused(tmp_path, test_
     # The planted files are live: a plain torch.load runs them.
     torch.load(tmp_path / "train_state.pt", weights_only=False)
     assert canary.exists()
-
-
-@pytest.mark.slow
-def test_labeling_refuses_a_version_whose_weights_were_changed(
-    register_version, ray_cluster, tmp_path, capsys
-):
-    from jobs import label
-    from pipelines.frames import encode_jpeg
-    from pipelines.synthetic import render_frame
-
-    version, other = register_version(MODEL, constant_class=2), register_version(MODEL, 3)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        (tmp_path / "in").mkdir(exist_ok=True)
-        (tmp_path / "in" / f"f{i}.jpg").write_bytes(
-            encode_jpeg(render_frame(rng, FRAME_W, FRAME_H)[0])
-        )
-    weights = stored_model(MODEL, version) / "artifacts" / "model_dir" / "model.pt"
-    weights.write_bytes(
-        (stored_model(MODEL, other) / "artifacts" / "model_dir" / "model.pt").read_bytes()
-    )
-    argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-            "--model", f"models:/{MODEL}/{version}"]  # fmt: skip
-    capsys.readouterr()
-    assert label.main(argv) == 2
-    err = capsys.readouterr().err
-    assert f"error: models:/{MODEL}/{version}: model.pt has sha256 " in err, err
-    assert "Traceback" not in err  # one line, before any labeling actor started
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.parquet"))
