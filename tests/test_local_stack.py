@@ -3,10 +3,14 @@ authentication and an MLflow server, separate processes; S3 is an outage server 
 controls), `ray job submit` typed as in the README, faults injected into the running job, then
 infra/local/stop.sh."""
 
+import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -14,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -109,13 +114,37 @@ class Lines:
         return "".join(self.lines)
 
 
+def command_lines() -> str:
+    lines = []
+    for p in psutil.process_iter(["cmdline"]):
+        lines.append(" ".join(p.info["cmdline"] or []))
+    return "\n".join(lines)
+
+
 @pytest.mark.slow
-def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, local_shards):
+def test_ray_job_submit_trains_and_registers_on_the_local_stack(
+    local_stack, local_shards, monkeypatch
+):
     """The user's report: a 2-CPU head and 2 training workers. The job fits itself (half a CPU
     per worker, one left for the data pipeline) and trains with checkpoints on S3, through 10 s
     without S3 in the middle of the checkpoint's upload and a stop and restart of the stack's
-    MLflow server (the epoch's records wait and are sent once it is back)."""
+    MLflow server (the epoch's records wait and are sent once it is back). The MLflow server
+    refuses requests without the stack's credentials; the jobs have them, and they appear in
+    no command line, log, param or tag."""
     ports = local_stack["ports"]
+    server = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
+    password = (local_stack["state"] / "mlflow_password").read_text().strip()
+    assert len(password) == 64
+    search = f"{server}/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(search, timeout=10)
+    assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(search, headers={
+            "Authorization": "Basic " + base64.b64encode(b"admin:password").decode()}), timeout=10)  # fmt: skip
+    assert refused.value.code == 401
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     dashboard = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}"
     assert f"Ray dashboard  {dashboard}" in local_stack["start_output"]
 
@@ -152,18 +181,21 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
         # middle of the epoch's checkpoint upload (model.pt): the upload rides it out, or the
         # group restarts. Then the epoch's records fail to go out, and the server comes back.
         submit.wait_for("starting run 'stack-run'", timeout=300)
+        assert password not in command_lines()
         s3 = local_stack["s3"]
         seen = len(s3.lines)
-        stop_mlflow = subprocess.run(
-            ["bash", "-c", f"p=$(cat {local_stack['state']}/mlflow.pid); pkill -P $p; kill $p"],
-            timeout=30,
+        # The server goes away as in a crash (its pid file stays).
+        mlflow_server = psutil.Process(
+            json.loads((local_stack["state"] / "mlflow.pid").read_text())["pid"]
         )
-        assert stop_mlflow.returncode == 0
+        for p in [*mlflow_server.children(recursive=True), mlflow_server]:
+            p.terminate()
+        psutil.wait_procs([mlflow_server], timeout=30)
         s3.wait_write("/model.pt", timeout=600, after=seen)
         s3.trigger()
         s3.wait_outage_end(timeout=60)
         submit.wait_for("MLflow: epoch 0 metrics not recorded yet", timeout=600)
-        restart = user_shell(f"{START} --restart-mlflow", local_stack, timeout=120)
+        restart = user_shell(f"{START} --restart-mlflow", local_stack, timeout=300)
         assert restart.returncode == 0, restart.stdout + restart.stderr
         out = submit.finish(timeout=900)
     assert submit.proc.returncode == 0, out[-6000:]
@@ -176,7 +208,6 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
     assert "the cluster has 2 CPUs (the Ray cluster): 2 workers x 0.5 CPU (not 1)" in out
 
     # The job tracked into the stack's MLflow server, not a local file, the epoch recorded.
-    server = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
     # registry_uri too: it defaults to the process-wide one earlier tests set to sqlite.
     client = MlflowClient(tracking_uri=server, registry_uri=server)
     version = client.get_model_version("lanes-stack", "1")
@@ -197,6 +228,127 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(local_stack, loc
         folder = ckpts.at_path(info.path).parent()
         assert folder.join("model.pt").exists() and folder.join("train_state.pt").exists()
 
+    # The password is nowhere but in its own file: not in params, tags or any log of the
+    # stack (the jobs' driver and worker logs included).
+    values = [*run.data.params.values(), *run.data.tags.values(), *version.tags.values()]
+    assert not [v for v in values if password in v]
+    leaks = [str(f) for f in local_stack["state"].rglob("*")
+             if f.is_file() and f.name != "mlflow_password" and password.encode() in f.read_bytes()]  # fmt: skip
+    assert not leaks, leaks
+    assert password not in out
+
     # A job that fails is reported as failed, with the job's one-line error.
     assert bad.returncode != 0
     assert "error: /nonexistent: no manifest.json" in bad_stdout + bad_stderr
+
+
+# -- start.sh and stop.sh: only what they started ---------------------------------------------
+def stack_env(state: Path, **ports: int) -> dict[str, str]:
+    env = {**os.environ, "LANE_STACK_DIR": str(state), **{k: str(v) for k, v in ports.items()}}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return env
+
+
+def gone(p: psutil.Process) -> bool:
+    """Ended (a zombie whose parent has not reaped it counts: it runs nothing)."""
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_stop_stops_what_was_recorded_and_leaves_a_reused_pid_alone(tmp_path):
+    proc = str(ROOT / "infra/local/proc.py")
+
+    def started(command: str) -> psutil.Process:
+        """``command`` in the background of a shell that exits, as start.sh leaves them."""
+        pid = subprocess.run(["bash", "-c", f"{command} > /dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return psutil.Process(int(pid))
+
+    recorded = started("bash -c 'sleep 300 & wait'")  # a server and its worker
+    stranger = started("sleep 300")
+    for name, p in (("mlflow", recorded), ("s3", stranger)):
+        subprocess.run([sys.executable, proc, "record", str(tmp_path), name, str(p.pid)], check=True)  # fmt: skip
+    # The s3 server "died" and its pid went to another process: same pid, another start.
+    info = json.loads((tmp_path / "s3.pid").read_text())
+    (tmp_path / "s3.pid").write_text(json.dumps({**info, "started": info["started"] - 100}))
+    try:
+        time.sleep(0.5)
+        worker = recorded.children()
+        assert worker
+        out = subprocess.run([str(STOP)], env=stack_env(tmp_path), capture_output=True,
+                             text=True, timeout=60).stdout  # fmt: skip
+        assert f"stopped mlflow (pid {recorded.pid})\n" in out  # on SIGTERM: nothing killed
+        assert all(gone(p) for p in (recorded, *worker))
+        assert f"s3: pid {stranger.pid} is now another process" in out
+        assert stranger.is_running()  # left alone
+    finally:
+        for p in (stranger, recorded):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
+def test_start_refuses_a_server_it_did_not_start_and_leaves_nothing_running(tmp_path):
+    """A stale server answers on MLflow's port (any request, with any credentials): start.sh
+    does not take it for its own MLflow, fails with a clear error, and stops the S3 server it
+    had already started."""
+    import http.server
+
+    class Stale(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    stale = http.server.HTTPServer(("127.0.0.1", 0), Stale)
+    threading.Thread(target=stale.serve_forever, daemon=True).start()
+    s3_port = free_port()
+    state = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
+    env = stack_env(state, MLFLOW_PORT=stale.server_port, S3_PORT=s3_port,
+                    RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port())  # fmt: skip
+    try:
+        start = subprocess.run([str(START), "--s3"], env=env, capture_output=True, text=True,
+                               timeout=300)  # fmt: skip
+        assert start.returncode == 1, start.stdout + start.stderr
+        assert (
+            f"error: mlflow: port {stale.server_port} is taken by another server" in start.stderr
+        ), start.stderr
+        assert "S3 server" in start.stdout  # it had started, and was stopped again
+        assert not listening(s3_port)
+        assert not list(state.glob("*.pid"))
+        assert listening(stale.server_port)  # not ours: left alone
+    finally:
+        stale.shutdown()
+        subprocess.run([str(STOP)], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_start_interrupted_stops_what_it_started(tmp_path):
+    state = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
+    s3_port, mlflow_port = free_port(), free_port()
+    env = stack_env(state, MLFLOW_PORT=mlflow_port, S3_PORT=s3_port,
+                    RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port())  # fmt: skip
+    start = subprocess.Popen([str(START), "--s3"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (state / "mlflow.pid").exists():  # S3 is up, MLflow starting
+            assert start.poll() is None and time.monotonic() < deadline, start.communicate()
+            time.sleep(0.2)
+        start.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = start.communicate(timeout=120)
+        assert start.returncode == 130, err
+        assert "interrupted: stopping what was started" in err
+        time.sleep(1)
+        assert not listening(s3_port) and not listening(mlflow_port)
+        assert not list(state.glob("*.pid"))
+    finally:
+        if start.poll() is None:
+            start.kill()
+        subprocess.run([str(STOP)], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)

@@ -52,17 +52,32 @@ if [ "$RESTART_MLFLOW" = 1 ] && [ ! -f "$STATE/mlflow.pid" ]; then
   echo "error: no MLflow server of a local stack in $STATE (start the stack first)" >&2
   exit 2
 fi
-if [ "$RESTART_MLFLOW" = 0 ] && [ -f "$STATE/ray.started" ]; then
+if [ "$RESTART_MLFLOW" = 0 ] && [ -f "$STATE/ray.pid" ]; then
   echo "error: a local stack is already running from $STATE (infra/local/stop.sh stops it)" >&2
   exit 2
 fi
 mkdir -p "$STATE"
 
-# The Ray token: generated once, readable by this user only. Clients (ray job submit, the
-# dashboard in a browser, python) read it through RAY_AUTH_TOKEN_PATH.
-if [ ! -s "$STATE/ray_auth_token" ]; then
-  (umask 077 && "$BIN/python" -c 'import secrets; print(secrets.token_hex(32))' > "$STATE/ray_auth_token")
-fi
+# Secrets, generated once, readable by this user only, never on a command line: the Ray
+# token (clients read it through RAY_AUTH_TOKEN_PATH), the MLflow admin password (clients
+# read it through MLFLOW_TRACKING_PASSWORD, set by env.sh from the file) and the key MLflow
+# signs its CSRF tokens with.
+secret() {
+  [ -s "$1" ] || (umask 077 && "$BIN/python" -c 'import secrets; print(secrets.token_hex(32))' > "$1")
+}
+secret "$STATE/ray_auth_token"
+secret "$STATE/mlflow_password"
+secret "$STATE/mlflow_flask_secret"
+# MLflow's basic-auth app: nobody gets in without credentials; its user store lives beside
+# the tracking store. The admin is created at the first start with the generated password.
+(umask 077 && cat > "$STATE/mlflow_auth.ini" <<INI
+[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///$STATE/mlflow_auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+)
 
 [ "$RESTART_MLFLOW" = 1 ] || {
   echo "# source this file: settings for clients of the local stack in $STATE"
@@ -73,6 +88,8 @@ fi
   echo "export RAY_AUTH_TOKEN_PATH='$STATE/ray_auth_token'"
   echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT  # ray job submit/status/logs"
   echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
+  echo "export MLFLOW_TRACKING_USERNAME=admin"
+  echo "export MLFLOW_TRACKING_PASSWORD=\"\$(cat '$STATE/mlflow_password')\""
   if [ "$WITH_S3" = 1 ]; then
     # moto accepts any key; these are not secrets.
     echo "export AWS_ENDPOINT_URL_S3=http://127.0.0.1:$S3_PORT"
@@ -82,24 +99,50 @@ fi
 # shellcheck disable=SC1091
 . "$STATE/env.sh"
 
-fail() {  # stop what was started, so a failed start leaves nothing running
+PROC=("$BIN/python" "$ROOT/infra/local/proc.py")
+
+fail() {
   echo "error: $*" >&2
-  LANE_STACK_DIR="$STATE" "$(dirname "$0")/stop.sh" > /dev/null 2>&1
   exit 1
 }
 
-wait_http() {  # wait_http URL NAME PIDFILE [TOKEN_FILE]
+# Whatever goes wrong from here on (a failed step, Ctrl-C, a kill), what this script started
+# is stopped again: a failed start leaves nothing running. A --restart-mlflow that fails
+# leaves the rest of the stack alone.
+if [ "$RESTART_MLFLOW" = 0 ]; then
+  STARTED=0
+  cleanup() {
+    local status=$?
+    if [ "$STARTED" != 1 ]; then
+      LANE_STACK_DIR="$STATE" "$ROOT/infra/local/stop.sh" > /dev/null 2>&1
+    fi
+    exit "$status"
+  }
+  trap cleanup EXIT
+  trap 'echo "interrupted: stopping what was started" >&2; exit 130' INT
+  trap 'exit 143' TERM
+fi
+
+wait_http() {  # wait_http URL NAME PORT [AUTH]: AUTH is "bearer FILE" or "basic USER FILE"
+  # Ready means: the answer comes from the process this script started (a stale server on
+  # the port would answer too), and an authenticated request succeeds.
   for _ in $(seq 1 120); do
-    if "$BIN/python" - "$1" "${4:-}" <<'PY' 2>/dev/null; then return 0; fi
-import sys, urllib.request
+    if "$BIN/python" - "$1" ${4:-} <<'PY' 2>/dev/null; then
+import base64, sys, urllib.request
 req = urllib.request.Request(sys.argv[1])
-if sys.argv[2]:  # the Ray dashboard answers 401 without the token
-    req.add_header("Authorization", "Bearer " + open(sys.argv[2]).read().strip())
+if len(sys.argv) > 2:
+    secret = open(sys.argv[-1]).read().strip()
+    if sys.argv[2] == "bearer":
+        req.add_header("Authorization", "Bearer " + secret)
+    else:
+        basic = base64.b64encode(f"{sys.argv[3]}:{secret}".encode()).decode()
+        req.add_header("Authorization", "Basic " + basic)
 urllib.request.urlopen(req, timeout=2)
 PY
-    if [ -n "${3:-}" ] && ! kill -0 "$(cat "$3")" 2>/dev/null; then
-      fail "$2 exited; see $STATE/$2.log"
+      "${PROC[@]}" owns "$STATE" "$2" "$3" >&2 || fail "$2: port $3 is taken by another server; stop it or choose another port"
+      return 0
     fi
+    "${PROC[@]}" alive "$STATE" "$2" || fail "$2 exited; see $STATE/$2.log"
     sleep 0.5
   done
   fail "$2 did not answer on $1 in 60s; see $STATE/$2.log"
@@ -107,8 +150,8 @@ PY
 
 if [ "$WITH_S3" = 1 ]; then
   "$BIN/python" -m moto.server -H 127.0.0.1 -p "$S3_PORT" > "$STATE/s3.log" 2>&1 &
-  echo $! > "$STATE/s3.pid"
-  wait_http "http://127.0.0.1:$S3_PORT/moto-api/" s3 "$STATE/s3.pid"
+  "${PROC[@]}" record "$STATE" s3 $!
+  wait_http "http://127.0.0.1:$S3_PORT/moto-api/" s3 "$S3_PORT"
   "$BIN/python" -c "import boto3; boto3.client('s3', endpoint_url='$AWS_ENDPOINT_URL_S3').create_bucket(Bucket='lanes')"
   ARTIFACTS="${ARTIFACTS:-s3://lanes/mlartifacts}"
   echo "S3 server      http://127.0.0.1:$S3_PORT  (bucket: lanes)"
@@ -118,23 +161,23 @@ fi
 # so clients need no access to the artifact store. Its port and artifacts are remembered for
 # --restart-mlflow.
 start_mlflow() {
-  "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-    --backend-store-uri "sqlite:///$STATE/mlflow.db" \
+  # The secrets reach the server through its environment, not its command line.
+  MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow_auth.ini" \
+  MLFLOW_AUTH_ADMIN_PASSWORD="$(cat "$STATE/mlflow_password")" \
+  MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$STATE/mlflow_flask_secret")" \
+  "$BIN/mlflow" server --app-name basic-auth --host 127.0.0.1 --port "$MLFLOW_PORT" \
+    --workers 1 --backend-store-uri "sqlite:///$STATE/mlflow.db" \
     --artifacts-destination "$ARTIFACTS" >> "$STATE/mlflow.log" 2>&1 &
-  echo $! > "$STATE/mlflow.pid"
-  wait_http "http://127.0.0.1:$MLFLOW_PORT/health" mlflow "$STATE/mlflow.pid"
-  echo "MLflow server  http://127.0.0.1:$MLFLOW_PORT  (store: $STATE/mlflow.db)"
+  "${PROC[@]}" record "$STATE" mlflow $!
+  wait_http "http://127.0.0.1:$MLFLOW_PORT/api/2.0/mlflow/experiments/search?max_results=1" \
+    mlflow "$MLFLOW_PORT" "basic admin $STATE/mlflow_password"
+  echo "MLflow server  http://127.0.0.1:$MLFLOW_PORT  (store: $STATE/mlflow.db; user admin, password in $STATE/mlflow_password)"
 }
 if [ "$RESTART_MLFLOW" = 1 ]; then
   # shellcheck disable=SC1091
   . "$STATE/mlflow.conf"
-  pid="$(cat "$STATE/mlflow.pid")"
   # (it may be gone already: a crash, or a test that stopped it)
-  pkill -TERM -P "$pid" 2>/dev/null || true
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-  kill -9 "$pid" 2>/dev/null || true
-  echo "stopped MLflow server (pid $pid)"
+  "${PROC[@]}" stop "$STATE" mlflow
   start_mlflow
   exit 0
 fi
@@ -150,14 +193,16 @@ cpus="${RAY_CPUS:-$("$BIN/python" -c 'import os; print(max(os.cpu_count() or 1, 
 # second Ray on this machine (a job run directly, a test session) would take them, and a head
 # without its agent cannot run jobs. Free ports are picked instead.
 free_port() { "$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-"$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_GCS_PORT" \
+# --block: `ray start` stays in the foreground as the parent of the head's processes, so
+# stop.sh stops the head by its recorded pid (and that pid's descendants).
+"$BIN/ray" start --head --block --node-ip-address 127.0.0.1 --port "$RAY_GCS_PORT" \
   --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
   --dashboard-agent-listen-port "${RAY_AGENT_PORT:-$(free_port)}" \
   --ray-client-server-port "${RAY_CLIENT_PORT:-$(free_port)}" \
-  --num-cpus "$cpus" --temp-dir "$STATE/ray" --disable-usage-stats > "$STATE/ray.log" 2>&1 \
-  || { touch "$STATE/ray.started"; fail "ray start failed; see $STATE/ray.log"; }
-touch "$STATE/ray.started"
-wait_http "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" ray "" "$STATE/ray_auth_token"
+  --num-cpus "$cpus" --temp-dir "$STATE/ray" --disable-usage-stats > "$STATE/ray.log" 2>&1 &
+"${PROC[@]}" record "$STATE" ray $!
+wait_http "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" ray "$RAY_DASHBOARD_PORT" \
+  "bearer $STATE/ray_auth_token"
 # Ready means a job runs: the job server hands jobs to the head's dashboard agent, which
 # registers some seconds after the dashboard answers (a submission before that fails with
 # "No available agent"). A first job that imports the project also proves that job
@@ -186,6 +231,7 @@ while not (status := client.get_job_status(job)).is_terminal():
 if status != JobStatus.SUCCEEDED:
     sys.exit(f"readiness job {job} {status}:\n{client.get_job_logs(job)}")
 PY
+STARTED=1
 echo "Ray dashboard  http://127.0.0.1:$RAY_DASHBOARD_PORT  (token: $STATE/ray_auth_token)"
 echo
 echo "Next:  source $STATE/env.sh"

@@ -1,34 +1,18 @@
 #!/usr/bin/env bash
 # Stop the local stack started by infra/local/start.sh. Data (mlflow.db, artifacts, the
-# token) stays in the state folder; delete it to start from scratch.
+# secrets) stays in the state folder; delete it to start from scratch.
+#
+# Only the processes start.sh recorded (pid, start time, command line in STATE/NAME.pid),
+# with their descendants: SIGTERM first, SIGKILL only for what is left after 5 s. A recorded
+# pid that now belongs to another process is left alone. Never by name pattern, never
+# `ray stop` (which would stop every Ray on the machine).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 STATE="${LANE_STACK_DIR:-$ROOT/.local-stack}"
 BIN="${LANE_VENV:-$ROOT/.venv}/bin"
 
-if [ -f "$STATE/ray.started" ]; then
-  # Only this stack's Ray: `ray stop` would stop every Ray on the machine.
-  for pid in $(pgrep -f -- "--temp-dir=$STATE/ray|--temp-dir $STATE/ray|$STATE/ray/session_" 2>/dev/null); do
-    kill "$pid" 2>/dev/null
-  done
-  sleep 2
-  for pid in $(pgrep -f -- "$STATE/ray/session_" 2>/dev/null); do
-    kill -9 "$pid" 2>/dev/null
-  done
-  rm -f "$STATE/ray.started"
-  echo "stopped Ray head"
-fi
-for name in mlflow s3; do
-  pidfile="$STATE/$name.pid"
-  [ -f "$pidfile" ] || continue
-  pid="$(cat "$pidfile")"
-  # mlflow server runs its workers in child processes: stop the whole group.
-  pkill -TERM -P "$pid" 2>/dev/null
-  kill "$pid" 2>/dev/null
-  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-  kill -9 "$pid" 2>/dev/null
-  rm -f "$pidfile"
-  echo "stopped $name"
+for name in ray mlflow s3; do
+  [ -f "$STATE/$name.pid" ] && "$BIN/python" "$ROOT/infra/local/proc.py" stop "$STATE" "$name"
 done
 exit 0
