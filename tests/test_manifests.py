@@ -11,12 +11,17 @@ can feed them broken input and see the problem reported.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import fnmatch
 import importlib
 import io
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -30,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "infra" / "k8s"
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
+DOCKERIGNORE = DOCKERFILE.with_name("Dockerfile.dockerignore")
 K8S_README = K8S / "README.md"
 CONFIG_FILE = K8S / "config.yaml"
 JOBS_DIR = ROOT / "jobs"
@@ -38,7 +44,10 @@ JOBS_DIR = ROOT / "jobs"
 PROJECT_IMAGE_KINDS = {"RayCluster", "RayJob", "RayCronJob", "RayService", "CronJob", "Job"}
 # Where the arguments of a job end in a shell line: command separators and redirections.
 SHELL_SEPARATORS = {"&&", "||", ";", "|", ">", ">>", "<", "2>", "2>&1", "&>"}
-PLACEHOLDER = "CHANGE-ME"
+# The namespace the docs deploy into (NetworkPolicy peers without namespaceSelector mean it),
+# and the KubeRay operator's namespace that networkpolicy.yaml admits.
+NAMESPACE = "lanes"
+OPERATOR_NAMESPACE = "kuberay-system"
 # MLflow's registry URIs as the jobs accept them (pipelines/registry.py): NAME@ALIAS,
 # NAME/VERSION or NAME/latest; names and aliases restricted to what MLflow allows.
 MODEL_URI = re.compile(
@@ -301,18 +310,446 @@ def defined_config(docs: Iterable[Doc]) -> dict[tuple[str, str], set[str]]:
     return defined
 
 
+def documented_secrets(text: str) -> dict[str, set[str]]:
+    """Secret name -> keys of the `kubectl create secret generic` commands in ``text`` (shell
+    or YAML comments, backslash continuations joined)."""
+    joined = re.sub(r"\\\n\s*#?\s*", " ", text)
+    found = {}
+    for line in joined.splitlines():
+        if m := re.search(r"create secret generic ([\w.-]+)(.*)", line):
+            found[m[1]] = set(re.findall(r"--from-literal=([\w.-]+)=", m[2]))
+    return found
+
+
+def created_config() -> dict[tuple[str, str], set[str]]:
+    """What exists once infra/k8s/README.md has been followed: the ConfigMaps of config.yaml and
+    the Secrets of its `kubectl create secret generic` commands (no Secret is kept in YAML)."""
+    config = parse_docs(CONFIG_FILE.read_text(), CONFIG_FILE.name)
+    created = {k: v for k, v in defined_config(config).items() if k[0] == "ConfigMap"}
+    for name, keys in documented_secrets(K8S_README.read_text()).items():
+        created[("Secret", name)] = keys
+    return created
+
+
 def check_references(refs: Iterable[Ref], defined: dict[tuple[str, str], set[str]]) -> list[str]:
     problems = []
     for ref in refs:
         keys = defined.get((ref.kind, ref.name))
         if keys is None:
             if not ref.optional:
-                problems.append(
-                    f"{ref.where}: {ref.kind} {ref.name!r} is not defined in config.yaml"
+                how = (
+                    "created by a documented `kubectl create secret generic`"
+                    if ref.kind == "Secret"
+                    else "defined in config.yaml"
                 )
+                problems.append(f"{ref.where}: {ref.kind} {ref.name!r} is not {how}")
         elif ref.key is not None and ref.key not in keys and not ref.optional:
             problems.append(f"{ref.where}: {ref.kind} {ref.name!r} has no key {ref.key!r}")
     return problems
+
+
+# -- credentials ------------------------------------------------------------------------------
+# Values that mean "fill me in" or are tried first by anyone guessing: never a credential.
+PLACEHOLDER_VALUES = {
+    "...",
+    "<password>",
+    "<secret>",
+    "admin",
+    "changeit",
+    "example",
+    "minioadmin",
+    "my-secret-key",
+    "passwd",
+    "password",
+    "password1234",
+    "root",
+    "secret",
+    "test",
+    "todo",
+    "xxx",
+}
+PLACEHOLDER_MARKERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme")
+# Env vars whose value is a credential (…_PATH / …_FILE name a file, not the value).
+SECRET_ENV_NAME = re.compile(r"PASSWORD|SECRET|TOKEN(?!_PATH)|_KEY$", re.IGNORECASE)
+MLFLOW_CLIENT_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def is_placeholder(value: object) -> bool:
+    text = str(value).strip().strip("'\"").lower()
+    return text in PLACEHOLDER_VALUES or any(m in text for m in PLACEHOLDER_MARKERS)
+
+
+def env_entries(docs: Iterable[Doc]) -> Iterator[tuple[dict, str]]:
+    """Every item of a container's `env` list, with where it is."""
+    for doc in docs:
+        for path, value in walk(doc.body):
+            if len(path) >= 2 and path[-2] == "env" and isinstance(value, dict) and "name" in value:
+                yield value, f"{doc.where} .{'.'.join(path)} {value['name']}"
+
+
+def secret_ref(entry: dict | None) -> tuple[str, str] | None:
+    ref = ((entry or {}).get("valueFrom") or {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+def yaml_blocks(text: str) -> list[Doc]:
+    """The ```yaml blocks of a Markdown text, as documents (unparsable ones are skipped)."""
+    docs = []
+    for i, block in enumerate(re.findall(r"(?ms)^\s*```ya?ml\s*$(.*?)^\s*```\s*$", text)):
+        with contextlib.suppress(yaml.YAMLError, AssertionError):
+            docs += parse_docs(block, f"yaml block {i}")
+    return docs
+
+
+def check_placeholders(docs: Iterable[Doc], texts: dict[str, str]) -> list[str]:
+    """Placeholder values in Secret data, in env `value:`s and in the `--from-literal=` values of
+    documented kubectl commands (a `$VAR` or `$(command)` value is generated: fine)."""
+    docs = list(docs)
+    for name, text in texts.items():
+        if name.endswith(".md"):
+            docs += yaml_blocks(text)
+    problems = []
+    for doc in docs:
+        if doc.kind == "Secret":
+            for field in ("stringData", "data"):
+                for key, value in (doc.body.get(field) or {}).items():
+                    if field == "data":
+                        with contextlib.suppress(binascii.Error, ValueError):
+                            value = base64.b64decode(str(value)).decode(errors="replace")
+                    if is_placeholder(value):
+                        problems.append(f"{doc.where} {field}.{key}: placeholder {value!r}")
+    for entry, where in env_entries(docs):
+        if "value" in entry and is_placeholder(entry["value"]):
+            problems.append(f"{where}: placeholder value {entry['value']!r}")
+    for name, text in texts.items():
+        joined = re.sub(r"\\\n\s*#?\s*", " ", text)
+        for key, value in re.findall(r"--from-literal=([\w.-]+)=(\"[^\"]*\"|'[^']*'|\S*)", joined):
+            value = value.strip("'\"")
+            if not value.startswith("$") and is_placeholder(value):
+                problems.append(f"{name}: --from-literal={key}= placeholder {value!r}")
+    return problems
+
+
+def check_credential_literals(docs: Iterable[Doc], texts: dict[str, str]) -> list[str]:
+    """Credentials written into manifests or docs: a literal `value:` for an env var named like
+    a secret, an `admin_password = ...` that is not a `$VARIABLE`, MLflow's old default
+    password, and the MLflow client credentials on a command line."""
+    docs = list(docs)
+    problems = []
+    for entry, where in env_entries(docs):
+        if "value" in entry and SECRET_ENV_NAME.search(entry["name"]):
+            problems.append(f"{where}: literal value; take it from a secretKeyRef")
+    strings = [(f"{d.where} .{'.'.join(p)}", v) for d in docs for p, v in walk(d.body)]
+    for where, text in [*((w, v) for w, v in strings if isinstance(v, str)), *texts.items()]:
+        for value in re.findall(r"(?m)^[\s#]*admin_password\s*=\s*(\S*)", text):
+            if not value.startswith("$"):
+                problems.append(f"{where}: admin_password = {value!r} is a literal")
+        if "password1234" in text:
+            problems.append(f"{where}: MLflow's former default admin password")
+    for argv, where in argvs_in(docs):
+        for token in argv:
+            if any(var in token for var in MLFLOW_CLIENT_VARS) or token.startswith("--password"):
+                problems.append(f"{where}: MLflow credentials on a command line ({token!r})")
+    return problems
+
+
+def ray_pod_containers(docs: Iterable[Doc]) -> list[tuple[str, dict]]:
+    """(where, container) of every Ray head and worker container template."""
+    found = []
+    for where, spec in ray_cluster_specs(docs):
+        groups = [("head", spec["headGroupSpec"])]
+        groups += [(g["groupName"], g) for g in spec.get("workerGroupSpecs") or []]
+        for group, body in groups:
+            for c in body["template"]["spec"]["containers"]:
+                found.append((f"{where} {group}/{c['name']}", c))
+    return found
+
+
+def check_mlflow_client_credentials(
+    containers: Iterable[tuple[str, dict]], documented: dict[str, set[str]]
+) -> list[str]:
+    """Every Ray container gets MLFLOW_TRACKING_USERNAME / _PASSWORD from a documented Secret."""
+    problems = []
+    for where, container in containers:
+        env = {e["name"]: e for e in container.get("env") or []}
+        for var in MLFLOW_CLIENT_VARS:
+            ref = secret_ref(env.get(var))
+            if var not in env:
+                problems.append(f"{where}: no {var} (the MLflow server requires a login)")
+            elif "value" in env[var] or ref is None:
+                problems.append(f"{where}: {var} must come from a secretKeyRef")
+            elif ref[1] not in documented.get(ref[0], set()):
+                problems.append(f"{where}: {var} reads {ref}, which no kubectl command creates")
+    return problems
+
+
+# -- network policies -------------------------------------------------------------------------
+# Labels KubeRay puts on the pods it creates.
+KUBERAY_LABELS = {
+    "head": {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head"},
+    "worker": {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker"},
+}
+# The operator's pod labels: app.kubernetes.io/name differs between the Helm chart and kustomize.
+OPERATOR_POD_LABELS = (
+    {
+        "app.kubernetes.io/name": "kuberay-operator",
+        "app.kubernetes.io/component": "kuberay-operator",
+    },
+    {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"},
+)
+ALL_PORTS = None
+# Ports tried for every (source, target) pair, besides the expected ones.
+PROBE_PORTS = (22, 5000, 6379, 8080, 8265, 10001, 10002, 52365)
+# Target role -> source role -> ports it must reach (ALL_PORTS: any). Everything else is refused.
+INGRESS_EXPECTED: dict[str, dict[str, set[int] | None]] = {
+    "mlflow": {"ray-head": {5000}, "ray-worker": {5000}},
+    "ray-head": {
+        "ray-head": ALL_PORTS,
+        "ray-worker": ALL_PORTS,
+        "operator": {8265},
+        "submitter": {8265},
+    },
+    "ray-worker": {"ray-head": ALL_PORTS, "ray-worker": ALL_PORTS},
+}
+
+
+@dataclass(frozen=True)
+class Pod:
+    """Pods that exist once the manifests run (or that must be kept out), by their labels."""
+
+    role: str
+    namespace: str
+    labels: tuple[tuple[str, str], ...]
+    where: str
+
+    @classmethod
+    def of(cls, role: str, namespace: str, labels: dict[str, str], where: str) -> Pod:
+        return cls(role, namespace, tuple(sorted(labels.items())), where)
+
+
+def template_labels(template: dict) -> dict[str, str]:
+    return dict((template.get("metadata") or {}).get("labels") or {})
+
+
+def known_pods(docs: Iterable[Doc]) -> list[Pod]:
+    docs = list(docs)
+    pods = []
+    for doc in docs:
+        if doc.kind == "Deployment":
+            labels = template_labels(doc.body["spec"]["template"])
+            pods.append(Pod.of(doc.name, NAMESPACE, labels, doc.where))
+        elif doc.kind == "CronJob":
+            submits = any(
+                argv[i : i + 3] == ["ray", "job", "submit"]
+                for argv, _ in argvs_in([doc])
+                for i in range(len(argv))
+            )
+            labels = template_labels(doc.body["spec"]["jobTemplate"]["spec"]["template"])
+            pods.append(Pod.of("submitter" if submits else doc.name, NAMESPACE, labels, doc.where))
+        for path, value in walk(doc.body):
+            where = f"{doc.where} .{'.'.join(path)}"
+            if path[-1:] == ("submitterPodTemplate",):
+                pods.append(Pod.of("submitter", NAMESPACE, template_labels(value), where))
+            if isinstance(value, dict) and "headGroupSpec" in value:
+                head = value["headGroupSpec"]["template"]
+                labels = template_labels(head) | KUBERAY_LABELS["head"]
+                pods.append(Pod.of("ray-head", NAMESPACE, labels, f"{where} head"))
+                for group in value.get("workerGroupSpecs") or []:
+                    labels = template_labels(group["template"]) | KUBERAY_LABELS["worker"]
+                    pods.append(
+                        Pod.of("ray-worker", NAMESPACE, labels, f"{where} {group['groupName']}")
+                    )
+    for labels in OPERATOR_POD_LABELS:
+        pods.append(Pod.of("operator", OPERATOR_NAMESPACE, labels, "KubeRay operator"))
+    # Must never get in: another pod of the namespace, a pod posing as the operator inside it,
+    # and pods of another namespace wearing the labels of admitted ones.
+    pods.append(Pod.of("intruder", NAMESPACE, {"app": "debug"}, "a debug pod"))
+    pods.append(Pod.of("intruder", NAMESPACE, OPERATOR_POD_LABELS[0], "a fake operator"))
+    for role, labels in (
+        ("ray", KUBERAY_LABELS["head"]),
+        ("submitter", {"app.kubernetes.io/component": "ray-job-submitter"}),
+        ("operator", OPERATOR_POD_LABELS[0]),
+    ):
+        pods.append(Pod.of("intruder", "elsewhere", labels, f"a fake {role} in another namespace"))
+    return pods
+
+
+def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector; an empty one matches everything."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, values = expr["key"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[expr["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def peer_admits(peer: dict, pod: Pod) -> bool:
+    if "ipBlock" in peer:  # pod addresses are not known here: assume it covers them
+        return True
+    namespace_selector = peer.get("namespaceSelector")
+    if namespace_selector is None:
+        if pod.namespace != NAMESPACE:
+            return False
+    elif not selector_matches(namespace_selector, {"kubernetes.io/metadata.name": pod.namespace}):
+        return False
+    return selector_matches(peer.get("podSelector") or {}, dict(pod.labels))
+
+
+def port_admitted(rule: dict, port: int) -> bool:
+    if not rule.get("ports"):
+        return True
+    for entry in rule["ports"]:
+        number = entry.get("port")
+        if entry.get("protocol", "TCP") != "TCP" or isinstance(number, str):
+            continue  # named ports cannot be resolved here: use numbers
+        if number is None or number <= port <= entry.get("endPort", number):
+            return True
+    return False
+
+
+def policy_selects(policy: Doc, pod: Pod) -> bool:
+    namespace = (policy.body.get("metadata") or {}).get("namespace", NAMESPACE)
+    selector = policy.body["spec"].get("podSelector") or {}
+    return pod.namespace == namespace and selector_matches(selector, dict(pod.labels))
+
+
+def ingress_allowed(policies: list[Doc], source: Pod, target: Pod, port: int) -> bool:
+    """Kubernetes semantics: a pod no policy selects accepts everything; otherwise a connection
+    passes if any rule of any selecting policy admits it."""
+    selecting = [
+        p
+        for p in policies
+        if policy_selects(p, target)
+        and "Ingress" in (p.body["spec"].get("policyTypes") or ["Ingress"])
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy.body["spec"].get("ingress") or []:
+            peers = rule.get("from")
+            if port_admitted(rule, port) and (
+                not peers or any(peer_admits(p, source) for p in peers)
+            ):
+                return True
+    return False
+
+
+def check_ingress(docs: Iterable[Doc], target_role: str) -> list[str]:
+    """Which known pods reach the pods of ``target_role``, on which ports, against
+    INGRESS_EXPECTED: a refused expected source or an admitted other one is a problem."""
+    docs = list(docs)
+    policies = [d for d in docs if d.kind == "NetworkPolicy"]
+    pods = known_pods(docs)
+    expected = INGRESS_EXPECTED[target_role]
+    problems = []
+    targets = [p for p in pods if p.role == target_role]
+    if not targets:
+        return [f"no {target_role} pods in the manifests"]
+    for target in targets:
+        if not any(policy_selects(p, target) for p in policies):
+            problems.append(f"{target.where}: no NetworkPolicy selects {dict(target.labels)}")
+            continue
+        for source in pods:
+            allowed = expected.get(source.role, set())
+            for port in sorted({*PROBE_PORTS, *(allowed or ())}):
+                should = allowed is ALL_PORTS or port in allowed
+                if ingress_allowed(policies, source, target, port) != should:
+                    verdict = "refused" if should else "admitted"
+                    problems.append(
+                        f"{target.where}: port {port} from {source.role} ({source.where}) {verdict}"
+                    )
+    return problems
+
+
+def check_policy_targets(docs: Iterable[Doc]) -> list[str]:
+    """Each policy selects the pods of exactly one kind (its podSelector matches their labels)."""
+    docs = list(docs)
+    pods = known_pods(docs)
+    problems = []
+    for policy in (d for d in docs if d.kind == "NetworkPolicy"):
+        roles = sorted({p.role for p in pods if policy_selects(policy, p)})
+        if len(roles) != 1:
+            problems.append(f"{policy.where}: selects {roles or 'no known pod'}, not one kind")
+    return problems
+
+
+def check_no_allow_all(docs: Iterable[Doc]) -> list[str]:
+    """Ingress rules that admit every source, or every pod of some namespace(s)."""
+    problems = []
+    for policy in (d for d in docs if d.kind == "NetworkPolicy"):
+        for i, rule in enumerate(policy.body["spec"].get("ingress") or []):
+            where = f"{policy.where} .spec.ingress.{i}"
+            if not rule.get("from"):
+                problems.append(f"{where}: no `from` admits every source")
+            for j, peer in enumerate(rule.get("from") or []):
+                namespaces = peer.get("namespaceSelector")
+                if "ipBlock" in peer:
+                    if peer["ipBlock"].get("cidr") in ("0.0.0.0/0", "::/0"):
+                        problems.append(f"{where}.from.{j}: ipBlock admits every address")
+                elif not selector_is_set(peer.get("podSelector")):
+                    problems.append(f"{where}.from.{j}: empty podSelector admits every pod")
+                elif namespaces is not None and not selector_is_set(namespaces):
+                    problems.append(f"{where}.from.{j}: empty namespaceSelector: any namespace")
+    return problems
+
+
+def selector_is_set(selector: dict | None) -> bool:
+    return bool(selector and (selector.get("matchLabels") or selector.get("matchExpressions")))
+
+
+# -- pods, image -------------------------------------------------------------------------------
+def pod_specs(docs: Iterable[Doc]) -> list[tuple[str, dict]]:
+    """Every pod spec of the manifests (Deployment, CronJob, Ray groups, submitter templates)."""
+    return [
+        (f"{d.where} .{'.'.join(p)}", v)
+        for d in docs
+        for p, v in walk(d.body)
+        if isinstance(v, dict) and isinstance(v.get("containers"), list)
+    ]
+
+
+def check_non_root(docs: Iterable[Doc]) -> list[str]:
+    problems = []
+    for where, spec in pod_specs(docs):
+        pod_context = spec.get("securityContext") or {}
+        for c in [*(spec.get("initContainers") or []), *spec["containers"]]:
+            own = c.get("securityContext") or {}
+            context = {**pod_context, **own}  # the container's settings override the pod's
+            if context.get("runAsNonRoot") is not True:
+                problems.append(f"{where} {c['name']}: runAsNonRoot is not true")
+            if context.get("runAsUser") == 0:
+                problems.append(f"{where} {c['name']}: runAsUser 0")
+            if own.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where} {c['name']}: allowPrivilegeEscalation is not false")
+    return problems
+
+
+def docker_ignored(patterns: list[str], path: str) -> bool:
+    """Whether the build context leaves ``path`` out: a pattern excludes what it matches and
+    everything below; the last matching pattern wins (`!` re-includes)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw.removeprefix("!").strip("/")
+        candidates = {pattern, pattern.removeprefix("**/")}  # `**` also matches no directory
+        if any(fnmatch.fnmatchcase(p, c) for p in prefixes for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (line.strip() for line in DOCKERIGNORE.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 # -- helpers over the real manifests ----------------------------------------------------------
@@ -320,11 +757,11 @@ def docs_of(kind: str) -> list[Doc]:
     return [d for d in manifest_docs() if d.kind == kind]
 
 
-def ray_cluster_specs() -> list[tuple[str, dict]]:
+def ray_cluster_specs(docs: Iterable[Doc] | None = None) -> list[tuple[str, dict]]:
     """RayCluster specs wherever they appear (RayCluster, RayJob, RayCronJob templates)."""
     return [
         (f"{d.where} .{'.'.join(p)}", v)
-        for d in manifest_docs()
+        for d in (manifest_docs() if docs is None else docs)
         for p, v in walk(d.body)
         if isinstance(v, dict) and "headGroupSpec" in v
     ]
@@ -364,11 +801,21 @@ def test_manifests_exist_and_have_identity() -> None:
     docs = manifest_docs()
     assert docs, "no manifests under infra/k8s"
     kinds = {d.kind for d in docs}
-    assert {"RayCluster", "RayJob", "RayCronJob", "CronJob", "Deployment", "Service"} <= kinds
+    assert {
+        "RayCluster",
+        "RayJob",
+        "RayCronJob",
+        "CronJob",
+        "Deployment",
+        "Service",
+        "NetworkPolicy",
+    } <= kinds
     for doc in docs:
         assert doc.body.get("apiVersion"), f"{doc.where}: no apiVersion"
         assert doc.kind, f"{doc.where}: no kind"
         assert doc.name, f"{doc.where}: no metadata.name"
+        labels = doc.body["metadata"].get("labels") or {}
+        assert labels.get("app.kubernetes.io/part-of") == "lane-fcn", f"{doc.where}: part-of"
         if doc.kind.startswith("Ray"):
             assert doc.body["apiVersion"] == "ray.io/v1", f"{doc.where}: KubeRay 1.7 is ray.io/v1"
     names = [(d.kind, d.name) for d in docs]
@@ -424,38 +871,27 @@ def test_model_uris_are_well_formed_and_name_the_trained_model() -> None:
     assert registered and labeled <= registered, (labeled, registered)
 
 
-def test_referenced_secrets_and_configmaps_are_defined() -> None:
-    config = parse_docs(CONFIG_FILE.read_text(), CONFIG_FILE.name)
-    problems = check_references(references(manifest_docs()), defined_config(config))
+def test_referenced_secrets_and_configmaps_are_created() -> None:
+    # No Secret in the repository, not even an example: a committed placeholder gets deployed.
+    assert not docs_of("Secret"), "create Secrets with a documented kubectl command instead"
+    problems = check_references(references(manifest_docs()), created_config())
     assert not problems, "\n".join(problems)
 
 
-def documented_secrets(text: str) -> dict[str, set[str]]:
-    """Secret name -> keys of the `kubectl create secret generic` commands in ``text`` (shell
-    or YAML comments, backslash continuations joined)."""
-    joined = re.sub(r"\\\n\s*#?\s*", " ", text)
-    found = {}
-    for line in joined.splitlines():
-        if m := re.search(r"create secret generic ([\w.-]+)(.*)", line):
-            found[m[1]] = set(re.findall(r"--from-literal=([\w.-]+)=", m[2]))
-    return found
+def test_documented_kubectl_secrets_agree_and_are_used() -> None:
+    readme = documented_secrets(K8S_README.read_text())
+    assert readme, "infra/k8s/README.md: no kubectl create secret command documented"
+    # config.yaml's comment repeats the commands: both must create the same Secrets and keys.
+    assert documented_secrets(CONFIG_FILE.read_text()) == readme
+    # And every documented Secret is one the manifests read (no stale instructions).
+    referenced = {r.name for r in references(manifest_docs()) if r.kind == "Secret"}
+    assert set(readme) == referenced, (set(readme), referenced)
 
 
-def test_documented_kubectl_secrets_match_config() -> None:
-    # The `kubectl create secret` commands in the docs must create the keys the manifests read.
-    defined = defined_config(parse_docs(CONFIG_FILE.read_text(), CONFIG_FILE.name))
-    for source in (CONFIG_FILE, K8S_README):
-        documented = documented_secrets(source.read_text())
-        assert documented, f"{source.name}: no kubectl create secret command documented"
-        for name, keys in documented.items():
-            assert keys == defined.get(("Secret", name)), (source.name, name, keys)
-
-
-def test_example_secrets_hold_placeholders_only() -> None:
-    for doc in docs_of("Secret"):
-        assert "data" not in doc.body, f"{doc.where}: example Secrets use stringData placeholders"
-        values = set((doc.body.get("stringData") or {}).values())
-        assert values == {PLACEHOLDER}, f"{doc.where}: real values must not be committed"
+def test_no_placeholder_credentials_in_manifests_or_docs() -> None:
+    texts = {f.name: f.read_text() for f in (K8S_README, *sorted(K8S.glob("*.yaml")))}
+    problems = check_placeholders(manifest_docs(), texts)
+    assert not problems, "\n".join(problems)
 
 
 def test_one_project_image_everywhere() -> None:
@@ -591,13 +1027,161 @@ def test_mlflow_server_is_reachable_under_the_configured_uri() -> None:
     # private IPs only), which would lock out the in-cluster clients.
     allowed = (option_value(args, "--allowed-hosts") or "").split(",")
     assert allowed != [""], "--allowed-hosts is needed for the in-cluster Service name"
-    for host in (
-        uri.netloc,
-        f"{uri.hostname}.lanes.svc.cluster.local:{uri.port}",
-        "localhost:5000",
-    ):
+    # Exact names only: `mlflow.*` would also accept mlflow.attacker.tld (DNS rebinding).
+    assert not [a for a in allowed if "*" in a], f"wildcard in --allowed-hosts: {allowed}"
+    names = [
+        uri.hostname,
+        f"{uri.hostname}.{NAMESPACE}",
+        f"{uri.hostname}.{NAMESPACE}.svc",
+        f"{uri.hostname}.{NAMESPACE}.svc.cluster.local",
+    ]
+    for host in (*names, *(f"{n}:{uri.port}" for n in names), "localhost:5000", "127.0.0.1:5000"):
         assert allowed_host(allowed, host), f"Host {host!r} would be rejected by MLflow"
-    assert not allowed_host(allowed, "attacker.example:5000")
+    for host in (
+        "attacker.example:5000",
+        "mlflow.attacker.tld",
+        "mlflow.attacker.tld:5000",
+        "mlflow:5000.attacker.tld",
+    ):
+        assert not allowed_host(allowed, host), f"Host {host!r} would be accepted by MLflow"
+
+
+def mlflow_pod_spec() -> dict:
+    [deployment] = [d for d in docs_of("Deployment") if d.name == "mlflow"]
+    return deployment.body["spec"]["template"]["spec"]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def volume_at(spec: dict, container: dict, path: str) -> tuple[dict, str]:
+    """The volume (and its mount path) that holds ``path`` in ``container``."""
+    for mount in container.get("volumeMounts") or []:
+        if path == mount["mountPath"] or path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            [volume] = [v for v in spec.get("volumes") or [] if v["name"] == mount["name"]]
+            return volume, mount["mountPath"]
+    raise AssertionError(f"{container['name']}: nothing mounted at {path}")
+
+
+def test_mlflow_server_requires_basic_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server runs MLflow's basic-auth app with the admin of Secret lane-mlflow-auth: the
+    init container's script is run here with stand-in Secret values and its output read by
+    MLflow's own config reader."""
+    from mlflow.server.auth.config import DEFAULT_AUTHORIZATION_FUNCTION, read_auth_config
+
+    spec = mlflow_pod_spec()
+    [server] = [c for c in spec["containers"] if c.get("command", [])[:2] == ["mlflow", "server"]]
+    assert option_value(server["args"], "--app-name") == "basic-auth"
+    documented = documented_secrets(K8S_README.read_text())
+    env = env_of(server)
+    # The CSRF key is generated, from a documented Secret.
+    key = secret_ref(env.get("MLFLOW_FLASK_SERVER_SECRET_KEY"))
+    assert key and key[1] in documented.get(key[0], set()), key
+    # /health is exempt from the login: the probes need no credentials.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert server[probe]["httpGet"]["path"] == "/health", probe
+
+    # An init container renders the ini into a memory volume the server reads it from.
+    config_path = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    [renderer] = [
+        c
+        for c in spec.get("initContainers") or []
+        if env_of(c).get("MLFLOW_AUTH_CONFIG_PATH", {}).get("value") == config_path
+    ]
+    volume, _ = volume_at(spec, server, config_path)
+    assert volume_at(spec, renderer, config_path)[0] is volume
+    assert (volume.get("emptyDir") or {}).get("medium") == "Memory", volume
+    if not shutil.which("sh"):
+        pytest.skip("no sh to run the init container's script")
+    ini = tmp_path / "basic_auth.ini"
+    run_env = {"PATH": os.environ["PATH"], "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
+    stand_ins = {}
+    for name, entry in env_of(renderer).items():
+        if ref := secret_ref(entry):
+            assert ref[1] in documented.get(ref[0], set()), f"{name}: {ref} is not documented"
+            run_env[name] = stand_ins[ref[1]] = f"{ref[1]}-{os.urandom(16).hex()}"
+    argv = [*renderer["command"], *renderer.get("args", [])]
+    subprocess.run(argv, env=run_env, check=True, timeout=30)
+    assert ini.stat().st_mode & 0o077 == 0, "the ini holds the admin password: owner-only"
+
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(ini))
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    config = read_auth_config()
+    assert config.admin_username == stand_ins["admin_username"]
+    assert config.admin_password == stand_ins["admin_password"]
+    assert config.default_permission in {"NO_PERMISSIONS", "READ"}
+    assert config.authorization_function == DEFAULT_AUTHORIZATION_FUNCTION
+    # The user store persists on the tracking database's volume.
+    assert config.database_uri.startswith("sqlite:////"), config.database_uri
+    tracking_db = option_value(server["args"], "--backend-store-uri").removeprefix("sqlite:///")
+    auth_db = config.database_uri.removeprefix("sqlite:///")
+    assert volume_at(spec, server, auth_db) == volume_at(spec, server, tracking_db)
+    assert "persistentVolumeClaim" in volume_at(spec, server, auth_db)[0]
+
+
+def test_no_credential_literals() -> None:
+    texts = {f.name: f.read_text() for f in (K8S_README, *sorted(K8S.glob("*.yaml")))}
+    problems = check_credential_literals(manifest_docs(), texts)
+    assert not problems, "\n".join(problems)
+
+
+def test_ray_pods_log_in_to_mlflow_with_a_documented_secret() -> None:
+    containers = ray_pod_containers(manifest_docs())
+    assert len(containers) >= 7  # heads and worker groups of the three cluster specs
+    documented = documented_secrets(K8S_README.read_text())
+    problems = check_mlflow_client_credentials(containers, documented)
+    assert not problems, "\n".join(problems)
+
+
+def test_network_policies_select_the_pods_they_protect() -> None:
+    assert docs_of("NetworkPolicy"), "no NetworkPolicy: every pod of the cluster reaches MLflow"
+    problems = check_policy_targets(manifest_docs())
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("target", sorted(INGRESS_EXPECTED))
+def test_network_policies_admit_exactly_the_expected_sources(target: str) -> None:
+    # mlflow: Ray pods on 5000; Ray heads: Ray pods, the operator and the submitters (8265);
+    # Ray workers: Ray pods.
+    problems = check_ingress(manifest_docs(), target)
+    assert not problems, "\n".join(problems)
+
+
+def test_network_policies_have_no_allow_all_rule() -> None:
+    problems = check_no_allow_all(manifest_docs())
+    assert not problems, "\n".join(problems)
+
+
+def test_image_runs_as_a_non_root_uid() -> None:
+    users = re.findall(r"(?m)^USER\s+(\S+)", DOCKERFILE.read_text())
+    assert users, "infra/docker/Dockerfile has no USER: the image runs as root"
+    uid = users[-1].split(":")[0]
+    # Numeric: Kubernetes' runAsNonRoot can verify a uid, not a user name.
+    assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]}"
+    # The manifests run the project image as that same uid.
+    project = [d for d in manifest_docs() if d.kind in PROJECT_IMAGE_KINDS]
+    uids = {(v.get("securityContext") or {}).get("runAsUser") for _, v in pod_specs(project)}
+    assert uids <= {int(uid), None}, uids
+
+
+def test_every_pod_runs_as_non_root() -> None:
+    assert len(pod_specs(manifest_docs())) >= 10
+    problems = check_non_root(manifest_docs())
+    assert not problems, "\n".join(problems)
+
+
+def test_build_context_leaves_out_local_state() -> None:
+    patterns = dockerignore_patterns()
+    # Local MLflow stores, demo outputs and the local S3 / Ray stack hold data and credentials.
+    for path in ("mlruns", "mlruns/0/meta.yaml", "mlflow.db", ".local-stack", ".local-stack/x"):
+        assert docker_ignored(patterns, path), path
+    for path in ("demo", "demo/out/frame.png", ".venv", ".git/config"):
+        assert docker_ignored(patterns, path), path
+    # ... but keeps what the image installs.
+    for path in ("pyproject.toml", "jobs/train.py", "pipelines/training.py"):
+        assert not docker_ignored(patterns, path), path
 
 
 # -- the checkers catch real mistakes ---------------------------------------------------------
@@ -713,5 +1297,223 @@ def test_reference_check_reports_missing_objects_and_keys() -> None:
         Ref("ConfigMap", "nope", "k", True, "fake"),
     ]
     assert check_references(missing, defined) == [
-        "fake: Secret 'nope' is not defined in config.yaml"
+        "fake: Secret 'nope' is not created by a documented `kubectl create secret generic`"
     ]
+
+
+FAKE_CREDENTIALS = """
+apiVersion: v1
+kind: Secret
+metadata:
+  name: lane-s3
+stringData:
+  AWS_SECRET_ACCESS_KEY: CHANGE-ME
+data:
+  backup: Y2hhbmdlbWU=
+---
+apiVersion: ray.io/v1
+kind: RayJob
+metadata:
+  name: fake
+spec:
+  entrypoint: MLFLOW_TRACKING_PASSWORD=s3cr3t python -m jobs.train
+  rayClusterSpec:
+    headGroupSpec:
+      template:
+        spec:
+          containers:
+            - name: ray-head
+              image: lane-fcn:latest
+              env:
+                - {name: RAY_AUTH_MODE, value: token}
+                - {name: MLFLOW_TRACKING_USERNAME, value: admin}
+                - name: MLFLOW_TRACKING_PASSWORD
+                  valueFrom:
+                    secretKeyRef: {name: undocumented, key: password}
+              args:
+                - |
+                  admin_password = hunter2hunter2
+                  admin_password = $ADMIN_PASSWORD
+"""
+FAKE_README = """
+kubectl -n lanes create secret generic lane-mlflow-client \\
+    --from-literal=username=lane-pipelines --from-literal=password=changeme
+kubectl -n lanes create secret generic lane-ray-token --from-literal=auth_token="$(openssl rand -hex 32)"
+"""
+
+
+def test_placeholder_check_reports_committed_and_documented_placeholders() -> None:
+    problems = check_placeholders(parse_docs(FAKE_CREDENTIALS, "fake.yaml"), {"x.md": FAKE_README})
+    text = "\n".join(problems)
+    assert "stringData.AWS_SECRET_ACCESS_KEY: placeholder 'CHANGE-ME'" in text
+    assert "data.backup: placeholder 'changeme'" in text  # base64 is decoded
+    assert "MLFLOW_TRACKING_USERNAME: placeholder value 'admin'" in text
+    assert "--from-literal=password= placeholder 'changeme'" in text
+    # RAY_AUTH_MODE=token is a setting and a generated value is fine.
+    assert len(problems) == 4, text
+
+
+def test_credential_checks_report_literals_and_command_lines() -> None:
+    docs = parse_docs(FAKE_CREDENTIALS, "fake.yaml")
+    text = "\n".join(check_credential_literals(docs, {"x.md": "admin_password = password1234"}))
+    assert "MLFLOW_TRACKING_PASSWORD=s3cr3t" in text  # in the entrypoint
+    assert "admin_password = 'hunter2hunter2' is a literal" in text
+    assert "'$ADMIN_PASSWORD'" not in text
+    assert "x.md: MLflow's former default admin password" in text
+    documented = documented_secrets(FAKE_README)
+    problems = check_mlflow_client_credentials(ray_pod_containers(docs), documented)
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "MLFLOW_TRACKING_USERNAME must come from a secretKeyRef",
+        "MLFLOW_TRACKING_PASSWORD reads ('undocumented', 'password'), which no kubectl "
+        "command creates",
+    ]
+
+
+FAKE_OPEN_POLICIES = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: no-from}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/name: mlflow}}
+  ingress:
+    - ports: [{port: 5000}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: empty-from}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/name: mlflow}}
+  ingress:
+    - from: []
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: any-pod}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/name: mlflow}}
+  ingress:
+    - from: [{podSelector: {}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: any-namespace}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/name: mlflow}}
+  ingress:
+    - from: [{namespaceSelector: {}, podSelector: {matchLabels: {ray.io/is-ray-node: "yes"}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: any-address}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/name: mlflow}}
+  ingress:
+    - from: [{ipBlock: {cidr: 0.0.0.0/0}}]
+"""
+
+
+def test_allow_all_check_reports_open_rules() -> None:
+    problems = check_no_allow_all(parse_docs(FAKE_OPEN_POLICIES, "fake.yaml"))
+    for name, message in (
+        ("no-from", "no `from` admits every source"),
+        ("empty-from", "no `from` admits every source"),
+        ("any-pod", "empty podSelector admits every pod"),
+        ("any-namespace", "empty namespaceSelector"),
+        ("any-address", "ipBlock admits every address"),
+    ):
+        assert any(f"NetworkPolicy/{name} " in p and message in p for p in problems), name
+    assert len(problems) == 5, problems
+
+
+def replacing_policy(name: str, replacement: str) -> list[Doc]:
+    """The real manifests with NetworkPolicy ``name`` swapped for ``replacement``."""
+    kept = [d for d in manifest_docs() if (d.kind, d.name) != ("NetworkPolicy", name)]
+    return [*kept, *parse_docs(replacement, "fake.yaml")]
+
+
+def test_ingress_check_reports_wrong_sources_and_targets() -> None:
+    # MLflow open to the project's label: the submitters get in, the Ray pods (which KubeRay
+    # does not give that label) do not.
+    docs = replacing_policy(
+        "lane-mlflow",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: lane-mlflow}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/name: mlflow}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {app.kubernetes.io/part-of: lane-fcn}}}]
+      ports: [{port: 5000}]
+""",
+    )
+    text = "\n".join(check_ingress(docs, "mlflow"))
+    assert "port 5000 from submitter" in text and "admitted" in text
+    assert "port 5000 from ray-worker" in text and "refused" in text
+    # The operator matched by label alone: a look-alike in the namespace gets in, the real
+    # operator (another namespace) does not.
+    docs = replacing_policy(
+        "lane-ray-head",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: lane-ray-head}
+spec:
+  podSelector: {matchLabels: {ray.io/node-type: head}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {ray.io/is-ray-node: "yes"}}}]
+    - from: [{podSelector: {matchLabels: {app.kubernetes.io/component: kuberay-operator}}}]
+      ports: [{port: 8265}]
+""",
+    )
+    text = "\n".join(check_ingress(docs, "ray-head"))
+    assert "port 8265 from intruder (a fake operator) admitted" in text
+    assert "port 8265 from operator (KubeRay operator) refused" in text
+    assert "port 8265 from submitter" in text
+    # A typo in the podSelector: the policy protects nothing and MLflow is open.
+    docs = replacing_policy(
+        "lane-mlflow",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: lane-mlflow}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/name: mlfow}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {ray.io/is-ray-node: "yes"}}}]
+""",
+    )
+    assert "selects no known pod" in "\n".join(check_policy_targets(docs))
+    assert "no NetworkPolicy selects" in "\n".join(check_ingress(docs, "mlflow"))
+    # A policy for "everything" mixes kinds of pods.
+    docs = replacing_policy(
+        "lane-ray-worker",
+        """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: lane-ray-worker}
+spec:
+  podSelector: {}
+  ingress:
+    - from: [{podSelector: {matchLabels: {ray.io/is-ray-node: "yes"}}}]
+""",
+    )
+    assert "not one kind" in "\n".join(check_policy_targets(docs))
+
+
+def test_non_root_check_reports_root_pods() -> None:
+    # FAKE_RAYJOB's CronJob sets no securityContext at all.
+    problems = check_non_root(parse_docs(FAKE_RAYJOB, "fake.yaml"))
+    assert any("runAsNonRoot is not true" in p for p in problems), problems
+    assert any("allowPrivilegeEscalation is not false" in p for p in problems), problems
+
+
+def test_dockerignore_matching() -> None:
+    patterns = ["demo", "**/__pycache__", "/build/", "*.egg-info", "docs", "!docs/keep.md"]
+    assert docker_ignored(patterns, "demo/a.png")
+    assert docker_ignored(patterns, "pipelines/__pycache__/x.pyc")
+    assert docker_ignored(patterns, "__pycache__")
+    assert docker_ignored(patterns, "build/lib")
+    assert docker_ignored(patterns, "lane_fcn.egg-info/PKG-INFO")
+    assert not docker_ignored(patterns, "docs/keep.md")
+    assert not docker_ignored(patterns, "demonstration.py")
