@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import mlflow
 import numpy as np
@@ -106,3 +107,21 @@ def test_weights_and_train_state_that_would_run_code_are_refused(tmp_path, test_
     # The planted files are live: a plain torch.load runs them.
     torch.load(tmp_path / "train_state.pt", weights_only=False)
     assert canary.exists()
+
+
+def test_redaction_masks_the_mlflow_password_and_drops_secret_keys(monkeypatch):
+    from pipelines.tracking import redact
+
+    canary = "canary-mlflow-password-5f3a"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", canary)
+    out = redact({
+        "note": f"run by {canary} today",
+        "mlflow_password": "anything",
+        "store": f"http://admin:{canary}@mlflow:5000/",
+        "nested": {"data": f"s3://b/{canary}", "epochs": 3},
+    })  # fmt: skip
+    assert "mlflow_password" not in out
+    assert canary not in json.dumps(out)
+    assert out["note"] == "run by *** today"
+    assert out["store"] == "http://***@mlflow:5000/"
+    assert out["nested"] == {"data": "s3://b/***", "epochs": 3}
