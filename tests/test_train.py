@@ -1,6 +1,7 @@
 """The training job: preflight errors, learning, and one 2-worker DDP run from S3 through fault
 tolerance (the whole job dying, then a worker crash in the resumed job) to MLflow registration."""
 
+import io
 import json
 import os
 import subprocess
@@ -16,9 +17,9 @@ from mlflow import MlflowClient
 
 from jobs import train
 from pipelines.storage import resolve
-from pipelines.training import FAIL_MARKER, METRICS_FILE
+from pipelines.training import FAIL_MARKER, METRICS_FILE, TRAIN_STATE_FILE
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, _Touch, free_port
 
 MODEL = "fcn8s_resnet101"
 
@@ -248,12 +249,14 @@ def test_config_file_with_flag_override(tmp_path):
 # -- real runs ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_worker_run_from_s3_survives_failures_and_registers_model(
-    local_shards, s3_prefix, mlflow_store, ray_cluster, capsys, background
+    local_shards, s3_prefix, mlflow_store, ray_cluster, capsys, background, tmp_path
 ):
     """A 2-worker run with data and checkpoints on S3, through the death of the whole job:
 
     1. No restarts allowed: a worker is killed in epoch 2 (epoch 1 is checkpointed), so the
        job dies; its MLflow run is marked FAILED.
+    1b. A malicious train state planted in that checkpoint is refused by a re-run (exit 1),
+       never unpickled.
     2. Run again with the same --run-name and --storage: the job resumes from the epoch-1
        checkpoint and continues the same MLflow run.
     3. The run then has every epoch exactly once, its metrics, pictures and checkpoints, and a
@@ -278,6 +281,21 @@ def test_two_worker_run_from_s3_survives_failures_and_registers_model(
     [run] = runs_named("s3-run")
     assert run.info.status == "FAILED"
     assert epochs_logged(run.info.run_id) == [0]
+
+    # 1b. Whoever can write to --storage plants a pickle that would create a file, as the
+    # train state of the checkpoint a resume loads: the resume refuses it (weights_only) and
+    # the file is never created.
+    [state] = [i.path for i in resolve(storage).join("s3-run").list_files((TRAIN_STATE_FILE,))]
+    state = resolve(storage).at_path(state)
+    original, canary = state.read_bytes(), tmp_path / "train-state-pickle-ran"
+    buf = io.BytesIO()
+    torch.save({"optimizer": _Touch(canary)}, buf)
+    state.write_bytes(buf.getvalue())
+    assert train.main(argv) == 1
+    captured = capsys.readouterr()
+    assert f"{TRAIN_STATE_FILE}: refused to load" in captured.out + captured.err
+    assert not canary.exists()
+    state.write_bytes(original)
 
     # 2. Resumed (the chaos marker stays: no second crash).
     assert marker.read_text() == "failed at step 6\n"

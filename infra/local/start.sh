@@ -76,6 +76,10 @@ default_permission = NO_PERMISSIONS
 database_uri = sqlite:///$STATE/mlflow_auth.db
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+# A checked password is trusted for 60 s: without this every request pays a PBKDF2 hash (a
+# training run's artifact uploads are hundreds of requests); a changed password takes effect
+# within 60 s.
+auth_cache_ttl_seconds = 60
 INI
 )
 
