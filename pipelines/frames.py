@@ -9,6 +9,8 @@ model, and read back from there - never re-typed.
 from __future__ import annotations
 
 import io
+import math
+import zlib
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -102,8 +104,53 @@ class FrameTransform:
                 f"dtype {frame.dtype}"
             )
         top, bottom = self._crop_rows(frame.shape[0])
-        img = Image.fromarray(np.ascontiguousarray(frame[top:bottom]))
-        return np.asarray(img.resize(self.size, Image.Resampling.BILINEAR))
+        return self._resize_kept(Image.fromarray(frame), frame.shape[1], top, bottom, 1.0)
+
+    def _resize_kept(
+        self, img: Image.Image, frame_w: int, top: int, bottom: int, f: float
+    ) -> np.ndarray:
+        """The kept rows [top, bottom) of the frame, given as ``img`` at ``f`` times the frame's
+        size, resized bilinear to the model input. Cropped first, so the filter never reads a
+        cropped row (at f=1/2 an odd ``top`` leaves the half row that shares its decoded row);
+        then a fractional box for the rest of the kept region's edges."""
+        y0 = math.floor(top * f)
+        kept = img.crop((0, y0, img.width, min(img.height, math.ceil(bottom * f))))
+        box = (0.0, top * f - y0, frame_w * f, bottom * f - y0)
+        return np.asarray(kept.resize(self.size, Image.Resampling.BILINEAR, box=box))
+
+    def draft_scale(self, frame_w: int, frame_h: int) -> int:
+        """2 where a JPEG decoded at half size still leaves at least the model input's pixels
+        in the kept rows, else 1. libjpeg decodes at 1/2 directly, and crop + resize then work
+        on a quarter of the pixels: 3384x1710 -> 512x192 costs 32 ms instead of 113 ms
+        (benchmarks/RESULTS.md). Not 1/4 or 1/8: their reduced IDCT moved the model input
+        away from the full decode's (p99 of the pixel error 22 against 2)."""
+        top, bottom = self._crop_rows(frame_h)
+        if frame_w // 2 >= self.width and (bottom - top) // 2 >= self.height:
+            return 2
+        return 1
+
+    def load_image(
+        self, data: bytes, *, max_pixels: int | None = None, what: str = "image"
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """Encoded frame bytes -> (model input (height, width, 3) uint8, (H, W) of the frame).
+
+        The same crop and resize as :meth:`prepare_image` on the full decode, but a JPEG is
+        decoded at the reduced scale :meth:`draft_scale` allows; the result differs from the
+        full decode's only within JPEG tolerance (tests/test_frames.py). The crop is a
+        fractional box in the reduced image (690 rows at 1/4 are 172.5), so the kept region
+        is exactly the one of the full decode."""
+        img = _open_rgb(data, max_pixels=max_pixels, what=what)
+        frame_w, frame_h = img.size
+        top, bottom = self._crop_rows(frame_h)
+        s = self.draft_scale(frame_w, frame_h)
+        if s > 1 and img.format == "JPEG":
+            # PIL picks the largest scale whose result still covers the size asked for.
+            img.draft("RGB", (frame_w // s, frame_h // s))
+        _load(img, what)
+        # Pixel i of the 1/s decode covers rows s*i .. s*i+s-1 of the frame (the last one
+        # partly, where the height is odd): the box scales by exactly 1/s.
+        f = 1.0 if img.size == (frame_w, frame_h) else 1 / s
+        return self._resize_kept(img, frame_w, top, bottom, f), (frame_h, frame_w)
 
     def prepare_label(self, label: np.ndarray) -> np.ndarray:
         """(H, W) uint8 id mask -> (height, width), cropped and resized nearest-neighbour."""
@@ -142,6 +189,32 @@ class FrameTransform:
         out[top:bottom] = np.asarray(img.resize((frame_w, bottom - top), Image.Resampling.NEAREST))
         return out
 
+    def restored_pixel_counts(self, mask: np.ndarray, frame_hw: tuple[int, int]) -> list[int]:
+        """``labels.class_pixel_counts(self.restore_mask(mask, frame_hw))`` without counting
+        the full-size mask (5.8 M pixels at 3384x1710: ~20 ms a frame). A nearest resize
+        repeats each small row and column a whole number of times; the counts come from those
+        repeats, taken from the same PIL resize of an index ramp, so they are exact."""
+        from pipelines.labels import N_CLASSES
+
+        frame_h, frame_w = frame_hw
+        top, bottom = self._crop_rows(frame_h)
+        h, w = mask.shape
+        rows = _nearest_repeats(h, bottom - top)
+        cols = _nearest_repeats(w, frame_w)
+        weights = np.outer(rows, cols).ravel()
+        counts = np.bincount(mask.ravel(), weights=weights, minlength=256)[:N_CLASSES]
+        counts = np.rint(counts).astype(np.int64)
+        counts[0] += frame_w * (frame_h - (bottom - top))  # cropped rows are background
+        return counts.tolist()
+
+
+def _nearest_repeats(n: int, size: int) -> np.ndarray:
+    """How often each of ``n`` source pixels appears in a nearest resize to ``size`` (PIL's
+    own mapping: a ramp 0..n-1 resized as the mask is)."""
+    ramp = Image.fromarray(np.arange(n, dtype=np.int32)[None, :])  # mode "I"
+    picked = np.asarray(ramp.resize((size, 1), Image.Resampling.NEAREST))[0]
+    return np.bincount(picked, minlength=n)
+
 
 # -- codecs: the one way frames and masks are decoded / encoded -------------------------------
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
@@ -151,8 +224,12 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
 
 
 def encode_png(mask: np.ndarray) -> bytes:
+    # zlib's run-length strategy suits masks (long runs of one id): as fast as level 1's
+    # default strategy, a quarter of the bytes at 3384x1710 (benchmarks/RESULTS.md).
     buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8), mode="L").save(buf, format="PNG", compress_level=1)
+    Image.fromarray(mask.astype(np.uint8), mode="L").save(
+        buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE
+    )
     return buf.getvalue()
 
 
@@ -161,9 +238,9 @@ def decode_png_mask(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def decode_rgb(data: bytes, *, max_pixels: int | None = None, what: str = "image") -> np.ndarray:
-    """JPEG/PNG bytes of an 8-bit RGB frame -> (H, W, 3) uint8, or :class:`FrameError` saying
-    why not (empty, not an image, truncated, wrong mode, too large)."""
+def _open_rgb(data: bytes, *, max_pixels: int | None, what: str) -> Image.Image:
+    """An 8-bit RGB image opened (header read, pixels not yet decoded), or :class:`FrameError`
+    saying why not (empty, not an image, wrong mode, too large)."""
     if not data:
         raise FrameError(f"{what} is an empty (zero-byte) file")
     try:
@@ -177,10 +254,21 @@ def decode_rgb(data: bytes, *, max_pixels: int | None = None, what: str = "image
         raise FrameError(f"{what} is {w}x{h} = {w * h} pixels, more than the limit {max_pixels}")
     if img.mode != "RGB":
         raise FrameError(f"{what} must be 8-bit RGB, got PIL mode {img.mode!r}")
+    return img
+
+
+def _load(img: Image.Image, what: str) -> None:
     try:
         img.load()
     except Exception as e:
         raise FrameError(f"{what} is truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+def decode_rgb(data: bytes, *, max_pixels: int | None = None, what: str = "image") -> np.ndarray:
+    """JPEG/PNG bytes of an 8-bit RGB frame -> (H, W, 3) uint8, or :class:`FrameError` saying
+    why not (empty, not an image, truncated, wrong mode, too large)."""
+    img = _open_rgb(data, max_pixels=max_pixels, what=what)
+    _load(img, what)
     return np.asarray(img)
 
 

@@ -37,7 +37,6 @@ from pipelines.frames import (
     FrameError,
     FrameTransform,
     decode_label,
-    decode_rgb,
     encode_jpeg,
     encode_png,
 )
@@ -287,14 +286,11 @@ def process_pair(
     image: bytes, label: bytes, transform: FrameTransform, max_pixels: int | None = None
 ) -> dict:
     """Validate and convert one pair. Raises :class:`FrameError` with the reason to reject."""
-    frame = decode_rgb(image, max_pixels=max_pixels, what="image")
+    # Decoded at the reduced size the model input allows (JPEG DCT scaling), as labeling does.
+    small, (h, w) = transform.load_image(image, max_pixels=max_pixels, what="image")
     ids = decode_label(label, max_pixels=max_pixels, what="label")
-    if frame.shape[:2] != ids.shape:
-        raise FrameError(
-            f"image is {frame.shape[1]}x{frame.shape[0]} but label is "
-            f"{ids.shape[1]}x{ids.shape[0]} (W x H)"
-        )
-    small = transform.prepare_image(frame)
+    if (h, w) != ids.shape:
+        raise FrameError(f"image is {w}x{h} but label is {ids.shape[1]}x{ids.shape[0]} (W x H)")
     train_ids, unknown = labels.to_train_ids(transform.prepare_label(ids))
     return {
         "image": encode_jpeg(small),

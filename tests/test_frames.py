@@ -103,6 +103,86 @@ GOOD_JPEG = encode_jpeg(np.random.default_rng(0).integers(0, 256, (64, 64, 3), d
 def test_decode_rgb_rejects(data, reason):
     with pytest.raises(FrameError, match=reason):
         decode_rgb(data, what="image")
+    # The reduced-size decode of labeling and ingest refuses the same files for the same
+    # reasons (a 64x64 frame is not reduced; the half-size JPEG path is covered below).
+    with pytest.raises(FrameError, match=reason):
+        FrameTransform(width=8, height=8, crop_top=0).load_image(data, what="image")
+    with pytest.raises(FrameError, match=reason):
+        FrameTransform(width=16, height=16, crop_top=0).load_image(data, what="image")
+
+
+def test_load_image_rejects_a_truncated_jpeg_at_half_size():
+    t = FrameTransform(width=16, height=16, crop_top=0)
+    assert t.draft_scale(64, 64) == 2
+    with pytest.raises(FrameError, match="truncated or corrupt"):
+        t.load_image(GOOD_JPEG[: len(GOOD_JPEG) // 2])
+
+
+@pytest.fixture(scope="module")
+def full_frame() -> np.ndarray:
+    from pipelines.synthetic import render_frame
+
+    return render_frame(np.random.default_rng(1), 3384, 1710)[0]
+
+
+@pytest.mark.parametrize(
+    "frame_size, crop_top, size",
+    [
+        ((3384, 1710), 690, (1024, 384)),  # production: the Apollo recipe
+        ((3384, 1710), 690, (512, 192)),
+        ((1692, 855), 345, (256, 96)),  # an odd height: the last half-size row is partial
+    ],
+)
+def test_half_size_jpeg_decode_stays_within_jpeg_tolerance(full_frame, frame_size, crop_top, size):
+    """Labeling and ingest decode a JPEG at 1/2 where that still covers the model input. The
+    model input must differ from the full decode's only as much as JPEG coding itself moves
+    it (measured against the frame before encoding)."""
+    w, h = frame_size
+    frame = (
+        full_frame
+        if frame_size == (3384, 1710)
+        else np.asarray(Image.fromarray(full_frame).resize(frame_size, Image.Resampling.BILINEAR))
+    )
+    t = FrameTransform(width=size[0], height=size[1], crop_top=crop_top)
+    assert t.draft_scale(w, h) == 2
+    data = encode_jpeg(frame, quality=90)
+    truth = t.prepare_image(frame).astype(int)
+    full = t.prepare_image(decode_rgb(data)).astype(int)
+    half, frame_hw = t.load_image(data)
+    assert half.shape == (size[1], size[0], 3) and half.dtype == np.uint8
+    assert frame_hw == (h, w)
+    jpeg_err, half_err = np.abs(full - truth), np.abs(half.astype(int) - truth)
+    assert half_err.mean() <= jpeg_err.mean() + 0.3
+    assert np.percentile(half_err, 99) <= np.percentile(jpeg_err, 99) + 2
+    assert np.abs(half.astype(int) - full).mean() < 1.0
+
+
+def test_load_image_without_reduction_matches_prepare_image():
+    rng = np.random.default_rng(4)
+    frame = rng.integers(0, 256, (130, 200, 3), dtype=np.uint8)
+    t = FrameTransform(width=120, height=60, crop_top=30, crop_bottom=4)
+    assert t.draft_scale(200, 130) == 1
+    for data in (png(frame), encode_jpeg(frame)):
+        got, frame_hw = t.load_image(data)
+        assert frame_hw == (130, 200)
+        assert np.array_equal(got, t.prepare_image(decode_rgb(data)))
+
+
+@pytest.mark.parametrize(
+    "mask_hw, frame_hw, crop_top, crop_bottom",
+    [((192, 512), (1710, 3384), 690, 0), ((20, 50), (130, 200), 30, 7), ((37, 61), (50, 61), 0, 0)],
+)
+def test_restored_pixel_counts_equal_counting_the_restored_mask(
+    mask_hw, frame_hw, crop_top, crop_bottom
+):
+    from pipelines.labels import N_CLASSES, class_pixel_counts
+
+    t = FrameTransform(width=mask_hw[1], height=mask_hw[0], crop_top=crop_top,
+                       crop_bottom=crop_bottom)  # fmt: skip
+    mask = np.random.default_rng(5).integers(0, N_CLASSES, mask_hw, dtype=np.uint8)
+    counts = t.restored_pixel_counts(mask, frame_hw)
+    assert counts == class_pixel_counts(t.restore_mask(mask, frame_hw))
+    assert sum(counts) == frame_hw[0] * frame_hw[1]
 
 
 def test_decode_rgb_rejects_oversized_before_decoding():
