@@ -24,7 +24,7 @@ from pipelines.dataset import read_parquet_files
 from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipelines.labeling import LabelingError
 from pipelines.lease import LEASE_NAME, Lease, LeaseHeld, new_run_id
-from pipelines.registry import resolve_version, verify_version, version_transform
+from pipelines.registry import fetch_verified, resolve_version, version_transform
 from pipelines.storage import Retry, resolve
 
 
@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     tracking.check_tracking(tracking_uri)
     ref = resolve_version(args.model)  # the alias is resolved once: one version per run
     transform = version_transform(ref)
-    verify_version(ref)  # a changed file: one error here, not in every labeling actor
+    # Fetched and checked once, here: a changed file is one error before any actor starts,
+    # and the actors get these bytes from Ray's object store instead of downloading again.
+    model_files = fetch_verified(ref)
     output = resolve(args.output)
 
     run = new_run_id()
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"another labeling run is writing to this output; this run does nothing: {e}")
         return 0
     try:
-        return label(args, lease, ref, transform, output, tracking_uri, t0)
+        return label(args, lease, ref, model_files, transform, output, t0)
     except watchdog.Stalled as e:
         print(f"error: {e}; committed chunks stay, the next run labels the rest", file=sys.stderr)
         return 1
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         lease.release()
 
 
-def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: float) -> int:
+def label(args, lease: Lease, ref, model_files: dict[str, bytes], transform, output,
+          t0: float) -> int:  # fmt: skip
     if lease.took_over is not None:
         print(f"took over the expired lease of run {lease.took_over.run}")
     recovered = labeling.recover(output, lease)
@@ -196,6 +199,9 @@ def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: flo
 
     init_ray()
     quiet_ray_data()
+    import ray
+
+    model_ref = ray.put(model_files)  # once: every actor of every chunk reads it from here
     cluster = capacity.cluster(args.cluster_cpus)
     gpus = int(cluster.gpus)
     use_gpu = gpus > 0 if args.use_gpu is None else args.use_gpu
@@ -217,14 +223,14 @@ def label(args, lease: Lease, ref, transform, output, tracking_uri: str, t0: flo
     )
     with dog:
         deferred, left = label_chunks(args, lease, inputs, todo, ref, transform, output,
-                                      tracking_uri, actors, use_gpu, totals, dog, t0)  # fmt: skip
+                                      model_ref, actors, use_gpu, totals, dog, t0)  # fmt: skip
     for source in deferred[:10]:
         print(f"  deferred (storage errors after retries; labeled by the next run): {source}")
     print(summary(deferred, left))
     return 3 if deferred else 0
 
 
-def label_chunks(args, lease, inputs, todo, ref, transform, output, tracking_uri, actors,
+def label_chunks(args, lease, inputs, todo, ref, transform, output, model_ref, actors,
                  use_gpu, totals, dog, t0) -> tuple[list[str], int]:  # fmt: skip
     """Label ``todo`` in chunks of ``--chunk-frames``, each committed on its own. Returns the
     deferred sources and the count left for the next run."""
@@ -236,9 +242,7 @@ def label_chunks(args, lease, inputs, todo, ref, transform, output, tracking_uri
             break
         chunk = todo[start : start + args.chunk_frames]
         labeled_at = datetime.now(timezone.utc)
-        ds = pipeline(
-            args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu, labeled_at
-        )
+        ds = pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, labeled_at)
         staging = labeling.new_staging(output, lease.run, n)
         part = staging.join(f"labeled_date={labeled_at:%Y-%m-%d}")
         ds.write_parquet(part.path, filesystem=part.fs, min_rows_per_file=args.rows_per_file)
@@ -257,7 +261,7 @@ def label_chunks(args, lease, inputs, todo, ref, transform, output, tracking_uri
     return deferred, left
 
 
-def pipeline(args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu, labeled_at):
+def pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, labeled_at):
     """The Ray Data pipeline for one chunk: load (CPU) -> predict (actors) -> encode (CPU)."""
     import ray
 
@@ -274,11 +278,16 @@ def pipeline(args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu,
         )
     else:
         ds = ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk), 64)))
+    # Without GPUs, the load and encode tasks reserve half a CPU: they are short next to a
+    # model step, and with the same reservation as the model actors Ray Data would fuse the
+    # load stage into them, decoding in the actor, one frame after the other with the model.
+    task_cpus = 1.0 if use_gpu else 0.5
     return (
         ds.map_batches(
             labeling.load_frames,
             batch_size=4,
             batch_format="numpy",
+            num_cpus=task_cpus,
             fn_kwargs={
                 "kind": inputs.kind,
                 "transform": transform,
@@ -293,9 +302,8 @@ def pipeline(args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu,
             batch_size=args.batch_size,
             batch_format="numpy",
             fn_constructor_kwargs={
-                "name": ref.name,
-                "version": ref.version,
-                "tracking_uri": tracking_uri,
+                "model_files": model_ref,
+                "actors": actors,
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if use_gpu else 0,
@@ -304,6 +312,7 @@ def pipeline(args, inputs, chunk, ref, transform, tracking_uri, actors, use_gpu,
             labeling.encode_results,
             batch_size=8,
             batch_format="numpy",
+            num_cpus=task_cpus,
             fn_kwargs={
                 "kind": inputs.kind,
                 "transform": transform,

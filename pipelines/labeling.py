@@ -268,10 +268,14 @@ def load_frames(
                 data = anchor.at_uri(batch["source"][i]).read_bytes(
                     max_bytes=max_bytes, retry=retry
                 )
-                frame = decode_rgb(data, max_pixels=max_pixels)
-            heights[i], widths[i] = frame.shape[:2]
+                # Decoded at the reduced size the model input allows (JPEG DCT scaling).
+                prepared[i], (heights[i], widths[i]) = transform.load_image(
+                    data, max_pixels=max_pixels
+                )
+                continue
             # Shard images were cropped and resized at ingest: they are model input already.
-            prepared[i] = frame if kind == "shards" else transform.prepare_image(frame)
+            heights[i], widths[i] = frame.shape[:2]
+            prepared[i] = frame
         except (FrameError, ObjectTooLarge) as e:
             errors[i] = str(e)
         except TransientStorageError as e:
@@ -291,16 +295,27 @@ def load_frames(
 
 
 class Segmenter:
-    """Actor stage: holds one model (loaded once per actor) and predicts batches."""
+    """Actor stage: holds one model (built once per actor) and predicts batches.
 
-    def __init__(self, name: str, version: str, tracking_uri: str) -> None:
-        import mlflow
+    ``model_files``: the version's files as bytes, verified by the driver
+    (:func:`pipelines.registry.fetch_verified`), or a Ray object reference to them: the
+    actors neither download the model again nor talk to MLflow."""
 
-        from pipelines.registry import ModelRef, load_predictor
+    def __init__(self, model_files, actors: int = 1) -> None:
+        import ray
 
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        self.predictor = load_predictor(ModelRef(name, version))
+        from pipelines.predictor import Predictor
+
+        if isinstance(model_files, ray.ObjectRef):
+            model_files = ray.get(model_files)
+        self.predictor = Predictor.from_files(model_files)
+        if self.predictor.device.type == "cpu":
+            import torch
+
+            # Ray gives an actor the threads of the CPUs it reserves (one). Without a GPU the
+            # model is the bottleneck and the decode/encode tasks beside it are short, so the
+            # model gets its node's CPUs, shared among the pool's ``actors``.
+            torch.set_num_threads(max(1, node_cpus() // max(1, actors)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
@@ -310,6 +325,20 @@ class Segmenter:
         out = {k: v for k, v in batch.items() if k != "prepared"}
         out["small_mask"] = masks
         return out
+
+
+def node_cpus() -> int:
+    """The CPUs of the node this process runs on: what Ray counts there, at most the cores
+    this process may run on (a node started with more logical CPUs than cores, as the test
+    suite's is, must not get more threads than cores)."""
+    import os
+
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == here), None)
+    logical = int(node["Resources"].get("CPU", 1)) if node else 1
+    return max(1, min(logical, len(os.sched_getaffinity(0))))
 
 
 def encode_results(
@@ -335,7 +364,12 @@ def encode_results(
             small = batch["small_mask"][i]
             full = small if kind == "shards" else transform.restore_mask(small, (h, w))
             mask = encode_png(full)
-            pixels = labels.class_pixel_counts(full)
+            # Counted on the small mask: counting the full-size one cost ~20 ms a frame.
+            pixels = (
+                labels.class_pixel_counts(full)
+                if kind == "shards"
+                else transform.restored_pixel_counts(small, (h, w))
+            )
             if apollo:
                 apollo_png = encode_png(labels.to_apollo_ids(full))
         row = {

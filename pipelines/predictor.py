@@ -12,6 +12,7 @@ The labeling job's Ray Data stage and the registered pyfunc model are thin wrapp
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from collections.abc import Sequence
@@ -69,11 +70,13 @@ class UnsafeFileError(UserError):
     """A weights or state file that would need more than tensors and plain data to load."""
 
 
-def load_tensors(path: str | Path):
+def load_tensors(path: str | Path, data: bytes | None = None):
     """``torch.load`` as data only (``weights_only=True``): tensors and plain containers.
-    A file whose pickle would call anything else (run code) is refused, never executed."""
+    A file whose pickle would call anything else (run code) is refused, never executed.
+    ``data``: the file's bytes already read (``path`` then only names it in errors)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(data) if data is not None else path
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeFileError(
@@ -98,10 +101,18 @@ def load_model_dir(directory: str | Path) -> tuple[nn.Module, ModelSpec]:
         raise FileNotFoundError(
             f"{directory}: not a model directory (expected {MODEL_FILE} and {SPEC_FILE})"
         )
-    spec = ModelSpec.from_json(spec_path.read_text())
+    return model_from_files(
+        {MODEL_FILE: (directory / MODEL_FILE).read_bytes(), SPEC_FILE: spec_path.read_bytes()},
+        where=str(directory),
+    )
+
+
+def model_from_files(files: dict[str, bytes], where: str = "model") -> tuple[nn.Module, ModelSpec]:
+    """A model directory's files as bytes ({MODEL_FILE: ..., SPEC_FILE: ...}) -> the model
+    (built by ``build_model`` from the spec, weights loaded as data) and its spec."""
+    spec = ModelSpec.from_json(files[SPEC_FILE].decode())
     model = build_model(spec.model, spec.n_class)
-    state = load_tensors(directory / MODEL_FILE)
-    model.load_state_dict(state)
+    model.load_state_dict(load_tensors(f"{where}/{MODEL_FILE}", files[MODEL_FILE]))
     return model, spec
 
 
@@ -141,6 +152,15 @@ class Predictor:
         cls, directory: str | Path, device: torch.device | str | None = None, **kw
     ) -> Predictor:
         model, spec = load_model_dir(directory)
+        return cls(model, spec, device, **kw)
+
+    @classmethod
+    def from_files(
+        cls, files: dict[str, bytes], device: torch.device | str | None = None, **kw
+    ) -> Predictor:
+        """From a model directory's files as bytes (e.g. verified by the job's driver and
+        shared through Ray's object store)."""
+        model, spec = model_from_files(files)
         return cls(model, spec, device, **kw)
 
     @torch.inference_mode()

@@ -192,20 +192,16 @@ def load_predictor(ref: ModelRef, client: MlflowClient | None = None) -> Predict
     file checked against the digest recorded at registration. Nothing of the version is
     unpickled or imported: its pyfunc wrapper (``python_model.pkl``, bundled code) is for
     clients that choose to trust the store."""
-    with tempfile.TemporaryDirectory() as tmp:
-        _download_checked(ref, client or MlflowClient(), tmp)
-        return Predictor.load(tmp)
+    return Predictor.from_files(fetch_verified(ref, client))
 
 
-def verify_version(ref: ModelRef, client: MlflowClient | None = None) -> None:
-    """Raise :class:`RegistryError` unless the version's files are the ones registered (a
-    job checks this once in its driver, so a changed file is one clear error before any
-    worker starts)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        _download_checked(ref, client or MlflowClient(), tmp)
-
-
-def _download_checked(ref: ModelRef, client: MlflowClient, directory: str) -> None:
+def fetch_verified(ref: ModelRef, client: MlflowClient | None = None) -> dict[str, bytes]:
+    """The version's model directory files ({MODEL_FILE: ..., SPEC_FILE: ...}) as bytes,
+    each checked against the digest recorded at registration, or :class:`RegistryError`.
+    The labeling driver fetches them once and shares them with its actors (Ray's object
+    store), so a changed file is one clear error before any actor starts and no actor
+    downloads the model again."""
+    client = client or MlflowClient()
     try:
         version = client.get_model_version(ref.name, ref.version)
         base = client.get_model_version_download_uri(ref.name, ref.version).rstrip("/")
@@ -217,21 +213,26 @@ def _download_checked(ref: ModelRef, client: MlflowClient, directory: str) -> No
             f"{ref.uri} has no {' / '.join(missing)} tag: it was not registered by this "
             "version of jobs.train, so its files cannot be checked; register it again"
         )
-    for name, tag in DIGEST_TAGS.items():
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{base}/artifacts/{ARTIFACT_KEY}/{name}", dst_path=directory
-            )
-        except (mlflow.exceptions.MlflowException, OSError) as e:
-            raise RegistryError(
-                f"{ref.uri}: cannot read its {name} ({type(e).__name__}: {e})"
-            ) from None
-        actual, expected = sha256_file(path), version.tags[tag]
-        if actual != expected:
-            raise RegistryError(
-                f"{ref.uri}: {name} has sha256 {actual}, not the {expected} recorded at "
-                f"registration (tag {tag}): the stored file was changed; refusing to load it"
-            )
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, tag in DIGEST_TAGS.items():
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{base}/artifacts/{ARTIFACT_KEY}/{name}", dst_path=tmp
+                )
+                data = Path(path).read_bytes()
+            except (mlflow.exceptions.MlflowException, OSError) as e:
+                raise RegistryError(
+                    f"{ref.uri}: cannot read its {name} ({type(e).__name__}: {e})"
+                ) from None
+            actual, expected = hashlib.sha256(data).hexdigest(), version.tags[tag]
+            if actual != expected:
+                raise RegistryError(
+                    f"{ref.uri}: {name} has sha256 {actual}, not the {expected} recorded at "
+                    f"registration (tag {tag}): the stored file was changed; refusing to load it"
+                )
+            files[name] = data
+    return files
 
 
 def alias_holder(name: str, alias: str, client: MlflowClient) -> str | None:

@@ -117,7 +117,8 @@ def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, caps
             assert row["mask"] is None and row["class_pixels"] is None
             continue
         assert row["status"] == "ok" and row["error"] is None, (rel, row["error"])
-        frame = np.asarray(Image.open(io.BytesIO(resolve(row["source"]).read_bytes())))
+        data = resolve(row["source"]).read_bytes()
+        frame = np.asarray(Image.open(io.BytesIO(data)))
         mask = decode_png_mask(row["mask"])
         assert mask.shape == frame.shape[:2] == (row["height"], row["width"])
         assert (mask[:CROP_TOP] == 0).all()  # the cropped sky rows are background
@@ -126,9 +127,12 @@ def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, caps
         np.testing.assert_array_equal(
             decode_png_mask(row["apollo_mask"]), labels.to_apollo_ids(mask)
         )
-        # The same model called directly on the same frame: the pipeline adds nothing.
-        # (Batches differ, so float summation order may differ: allow a few tie flips.)
-        direct = predictor.predict([frame])[0]
+        # The same model called directly on the same model input (the frame's bytes decoded
+        # as labeling does, at half size where that covers the input): the pipeline adds
+        # nothing. (Batches differ, so float summation order may differ: a few tie flips.)
+        t = predictor.transform
+        small = predictor.predict_prepared(t.load_image(data)[0][None])[0]
+        direct = t.restore_mask(small, frame.shape[:2])
         assert (direct == mask).mean() > 0.999
     assert len({r["mask"] for r in table if r["status"] == "ok"}) > 1  # not a constant model
 
@@ -139,6 +143,37 @@ def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, caps
     assert "nothing new to label; nothing written" in out
     assert counts(out) == (len(expected), 0, 0, len(expected))
     assert sorted(i.path for i in resolve(s["output"]).list_files()) == files_before
+
+
+def test_model_actor_without_gpu_takes_its_share_of_the_node(ray_cluster, tmp_path, test_transform):
+    """Ray gives an actor one thread per reserved CPU (one); a labeling actor on a CPU-only
+    node takes the node's cores, shared among the pool's actors, and loads the model from the
+    bytes the driver verified (no MLflow in the actor)."""
+    import torch
+
+    from pipelines.labeling import Segmenter
+    from pipelines.predictor import MODEL_FILE, SPEC_FILE, ModelSpec, save_model_dir
+
+    from .conftest import make_model
+
+    model = make_model(constant_class=3)
+    d = save_model_dir(tmp_path / "m", model, ModelSpec("fcn8s_resnet101", 8, test_transform))
+    files = ray_cluster.put({n: (d / n).read_bytes() for n in (MODEL_FILE, SPEC_FILE)})
+
+    class Probe(Segmenter):
+        def threads(self) -> int:
+            return torch.get_num_threads()
+
+        def predicts(self) -> set[int]:
+            h, w = test_transform.height, test_transform.width
+            return set(np.unique(self.predictor.predict_prepared(np.zeros((1, h, w, 3), np.uint8))))
+
+    cores = min(4, len(os.sched_getaffinity(0)))  # the session cluster counts 4 CPUs
+    for actors in (1, 2):
+        probe = ray_cluster.remote(num_cpus=1)(Probe).remote(files, actors=actors)
+        assert ray_cluster.get(probe.threads.remote()) == max(1, cores // actors)
+        assert ray_cluster.get(probe.predicts.remote()) == {3}
+        ray_cluster.kill(probe)
 
 
 def test_bad_model_reference_is_one_line(tmp_path, mlflow_store, capsys):
