@@ -92,12 +92,17 @@ class NormalizeCollate(NumpyBatchCollateFn):
         self.device = torch.device(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        non_blocking = self.device.type == "cuda"
+        cuda = self.device.type == "cuda"
         # Ray hands out read-only arrays; np.require copies only those (torch warns on them).
         image = torch.from_numpy(np.require(batch["image"], requirements="CW"))
         label = torch.from_numpy(np.require(batch["label"], requirements="CW"))
-        image = image.to(self.device, non_blocking=non_blocking)
-        label = label.to(self.device, non_blocking=non_blocking)
+        if cuda:
+            # Ray calls this in its prefetch threads: pinning here, then an asynchronous copy,
+            # keeps the host-to-device transfer off the training step (a copy from pageable
+            # memory would block the step that waits for it).
+            image, label = image.pin_memory(), label.pin_memory()
+        image = image.to(self.device, non_blocking=cuda)
+        label = label.to(self.device, non_blocking=cuda)
         out = {"image": self.transform.normalize(image), "label": label.long()}
         if "image_id" in batch:
             out["image_id"] = [str(i) for i in batch["image_id"]]

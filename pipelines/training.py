@@ -338,7 +338,19 @@ def train_loop_per_worker(config: dict) -> None:
             train_shard, per_worker_batch, transform, device, drop_last=True,
             shuffle_buffer=config["shuffle_buffer"], shuffle_seed=seed,
         )  # fmt: skip
-        for batch in batches:
+        # Where the epoch's time goes (rank 0's clock): set-up until the first batch (Ray Data
+        # starts the epoch's execution), waiting for later batches, and the steps themselves.
+        setup_s = wait_s = 0.0
+        stream, first = iter(batches), True
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(stream, None)
+            if first:
+                setup_s, first = time.perf_counter() - t_wait, False
+            else:
+                wait_s += time.perf_counter() - t_wait
+            if batch is None:
+                break
             loss = train_step(
                 model, batch, criterion, optimizer, autocast, channels_last=channels_last
             )
@@ -353,6 +365,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         # -- validate: each rank scores its exact part of the split with rank 0's weights and
         # buffers (what is checkpointed); the confusion matrices are summed ------------------
+        t_val = time.perf_counter()
         net = unwrap(model).eval()
         broadcast_buffers(net)
         check_replicas_agree(net)
@@ -360,12 +373,17 @@ def train_loop_per_worker(config: dict) -> None:
             net, val_shard, per_worker_batch, transform, device, n_class, autocast,
             n_samples=4 if rank == 0 else 0,
         )  # fmt: skip
+        val_seconds = time.perf_counter() - t_val
         stats = torch.stack([loss_sum, seen, val_frames]).double()
         by_rank = sum_over_ranks(conf, stats, val_frames)
         metrics = {
             "epoch": epoch,
             "train_loss": float(stats[0] / max(1.0, float(stats[1]))),
             "train_images_per_s": float(stats[1]) / max(train_seconds, 1e-9),
+            "epoch_setup_s": setup_s,
+            "epoch_wait_s": wait_s,
+            "epoch_compute_s": train_seconds - setup_s - wait_s,
+            "val_seconds": val_seconds,
             "lr": scheduler.get_last_lr()[0],
             "val_frames": int(stats[2]),  # every validation frame, scored once across ranks
             **flat_metrics(scores(conf.cpu().numpy()), "val_"),

@@ -325,6 +325,10 @@ def test_two_worker_run_from_s3_survives_failures_and_registers_model(
         "best_val_miou",
     ):
         assert key in metrics, key
+    # Where each epoch's time went (rank 0's clock): all measured, the steps took some.
+    split = [metrics[k] for k in ("epoch_setup_s", "epoch_wait_s", "epoch_compute_s")]
+    assert min(split) >= 0 and metrics["epoch_compute_s"] > 0 and metrics["val_seconds"] > 0
+    assert split[0] > 0  # the first batch of an epoch is always waited for
     # Every validation frame scored exactly once across the two ranks.
     assert metrics["val_frames"] == val_frames
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "confusion")}
