@@ -121,13 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         )
 
         if device.type == "cpu":
-            # The model actor reserves one CPU, and Ray gives it one thread: time the forward
-            # pass with the same, so the ratio measures the pipeline around the model.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+            # Without a GPU the model actor takes the node's CPUs (labeling.Segmenter): time
+            # the forward pass with the same, so the ratio measures the pipeline around it.
+            torch.set_num_threads(os.cpu_count() or 1)
         fwd = forward_only(model, args.size, args.batch_size, device)
-        if device.type == "cpu":
-            torch.set_num_threads(threads)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -159,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     caption = (
         f"FCN-8s ResNet-101; {args.frames} frames {fw}x{fh} -> model input {w}x{h}, batch "
         f"{args.batch_size}, one model actor; {device.type} ({device_name(device)}"
-        f"{'' if device.type == 'cuda' else ', forward pass with 1 thread as in the actor'}), "
+        f"{'' if device.type == 'cuda' else f', forward pass with {os.cpu_count()} threads as in the actor'}), "
         f"torch {torch.__version__}"
     )
     per_gpu = " per GPU" if device.type == "cuda" else ""

@@ -50,9 +50,10 @@ def flops_per_image(model: torch.nn.Module, h: int, w: int, device: torch.device
 
 
 def in_memory(
-    size: tuple[int, int], batch: int, steps: int, device: torch.device
+    size: tuple[int, int], batch: int, steps: int, device: torch.device, compile_: bool = False
 ) -> tuple[float, float]:
-    """(images/s, FLOPs per image) of SGD steps on tensors already on the device."""
+    """(images/s, FLOPs per image) of SGD steps on tensors already on the device
+    (``compile_``: the model through ``torch.compile``, warm-up includes compiling)."""
     w, h = size
     cuda = device.type == "cuda"
     model = build_model("fcn8s_resnet101", N_CLASSES).to(device).train()
@@ -64,6 +65,8 @@ def in_memory(
     set_trainable(model, learn_upsampling=recipe.learn_upsampling)
     opt, _ = make_optimizer(model, recipe, total_steps=steps + 3)
     criterion = make_loss(recipe)
+    if compile_:
+        model = torch.compile(model)
     torch.set_flush_denormal(True)  # as the training loop does
     x = torch.randn(batch, 3, h, w, device=device)
     if cuda:
@@ -83,6 +86,32 @@ def in_memory(
         step()
     synchronize(device)
     return batch * steps / (time.perf_counter() - t0), flops
+
+
+def profile_steps(size: tuple[int, int], batch: int, device: torch.device) -> str:
+    """The top device kernels of 5 training steps (after warm-up), as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w, h = size
+    model = build_model("fcn8s_resnet101", N_CLASSES).to(device).train()
+    model = model.to(memory_format=torch.channels_last)
+    recipe = make_recipe("default", "fcn8s_resnet101")
+    set_trainable(model, learn_upsampling=recipe.learn_upsampling)
+    opt, _ = make_optimizer(model, recipe, total_steps=20)
+    criterion = make_loss(recipe)
+    x = torch.randn(batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, N_CLASSES, (batch, h, w), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    for _ in range(3):
+        train_step(model, {"image": x, "label": y}, criterion, opt, autocast)
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            train_step(model, {"image": x, "label": y}, criterion, opt, autocast)
+        synchronize(device)
+    return prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
+    )
 
 
 def full_pipeline(size: tuple[int, int], batch: int, frames: int, epochs: int, cuda: bool) -> float:
@@ -135,6 +164,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed in-memory steps")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (bf16 dense)")
     p.add_argument(
+        "--more-batch-sizes",
+        default="",
+        help="comma list: in-memory rate and MFU at these batch sizes too",
+    )
+    p.add_argument("--cudnn-benchmark", choices=["on", "off", "both"], default="off")
+    p.add_argument("--profile", type=Path, help="top CUDA kernels of 5 in-memory steps")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="in-memory rate with torch.compile too (at --batch-size)",
+    )
+    p.add_argument(
         "--in-memory-only",
         action="store_true",
         help="skip the jobs.train run (for a machine with PyTorch but no Ray or MLflow)",
@@ -145,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     name = device_name(device)
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     mem_rate, flops = in_memory(args.size, args.batch_size, args.steps, device)
     torch.cuda.empty_cache() if device.type == "cuda" else None
     pipe_rate = None
@@ -172,6 +214,34 @@ def main(argv: list[str] | None = None) -> None:
         ("achieved (in-memory)", f"{achieved:.3f} TFLOP/s"),
         ("MFU (in-memory)", mfu),
     ]  # fmt: skip
+
+    def mfu_of(rate: float) -> str:
+        return f"{flops * rate / 1e12 / peak:.1%}" if peak else "n/a"
+
+    if args.compile:
+        label = f"in-memory, torch.compile, batch {args.batch_size} (MFU)"
+        try:
+            c_rate, _ = in_memory(args.size, args.batch_size, args.steps, device, compile_=True)
+            rows.append((label, f"{c_rate:.2f} images/s ({c_rate / mem_rate:.2f}x, "
+                                f"MFU {mfu_of(c_rate)})"))  # fmt: skip
+        except Exception as e:  # an inductor bug must not lose the other rows
+            rows.append((label, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+    sizes = [args.batch_size] + [int(v) for v in args.more_batch_sizes.split(",") if v.strip()]
+    for b in sizes[1:]:
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        b_rate, _ = in_memory(args.size, b, args.steps, device)
+        rows.append(
+            (f"in-memory, batch {b} (MFU)", f"{b_rate:.2f} images/s (MFU {mfu_of(b_rate)})")
+        )
+    if args.cudnn_benchmark == "both":
+        torch.backends.cudnn.benchmark = True
+        for b in sizes:
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            b_rate, _ = in_memory(args.size, b, args.steps, device)
+            rows.append((f"in-memory, batch {b}, cudnn.benchmark on (MFU)",
+                         f"{b_rate:.2f} images/s (MFU {mfu_of(b_rate)})"))  # fmt: skip
+    if args.profile is not None:
+        args.profile.write_text(profile_steps(args.size, sizes[-1], device))
     emit(caption, rows, args.out)
 
 

@@ -1,0 +1,214 @@
+"""Where a labeled frame's time goes, stage by stage, before and after issue 15's changes, and
+how many CPU cores keep one GPU busy. Needs only PyTorch, torchvision, numpy and Pillow (no
+Ray, no MLflow), so it runs on the lent GPU machines as well as here.
+
+    python -m benchmarks.bench_label_stages [--device cpu|cuda] [--frames 16]
+        [--frame-size 3384x1710] [--size 1024x384] [--batch-size 8] [--compile] [--out FILE]
+
+Per frame, on one CPU thread (what one Ray Data CPU task gets), median of ``--repeats``:
+
+- *decode + crop/resize*: before, the full decode then :meth:`FrameTransform.prepare_image`;
+  after, :meth:`FrameTransform.load_image` (JPEG decoded at 1/2 where that covers the input);
+- *write-back*: the mask restored to the frame size, PNG-encoded and its class pixels counted;
+  before, zlib's default strategy and a count of the full-size mask; after, run-length
+  strategy and the count from the small mask (:meth:`FrameTransform.restored_pixel_counts`);
+- on CUDA: nvJPEG decode of a batch (``torchvision.io.decode_jpeg(device="cuda")``) plus
+  crop + resize on the GPU, against the CPU;
+- the model's forward pass alone at ``--batch-size`` (bf16 autocast + channels_last on CUDA),
+  with ``torch.compile`` as well when ``--compile``.
+
+The last rows divide: CPU cores one model replica needs so that decode and write-back keep up
+with its forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
+from fcn_models import build_model
+from pipelines import labels
+from pipelines.frames import FrameTransform, decode_rgb, encode_jpeg, encode_png
+from pipelines.synthetic import parse_size, render_frame
+
+
+def per_item_ms(fn, items, repeats: int) -> float:
+    """Median over ``repeats`` passes of the mean ms per item."""
+    fn(items[0])  # warm-up: codec tables, allocator
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for it in items:
+            fn(it)
+        runs.append((time.perf_counter() - t0) * 1000 / len(items))
+    return statistics.median(runs)
+
+
+def png_before(mask: np.ndarray) -> bytes:
+    """encode_png as it was before issue 15: zlib level 1, default strategy."""
+    buf = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def forward_rate(model, size, batch, device, *, compile_: bool, steps: int = 20) -> float:
+    w, h = size
+    cuda = device.type == "cuda"
+    net = model.to(device).eval()
+    x = torch.randn(batch, 3, h, w, device=device)
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if compile_:
+        net = torch.compile(net)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        for _ in range(3):  # warm-up (and compilation)
+            net(x).argmax(1)
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            net(x).argmax(1)
+        synchronize(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def gpu_decode_rate(datas: list[bytes], t: FrameTransform, batch: int, repeats: int) -> float:
+    """Frames/s of nvJPEG decode of ``batch`` frames at a time plus crop + resize (bilinear,
+    antialiased) on the GPU."""
+    import torch.nn.functional as F
+    from torchvision.io import decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    chunks = [encoded[i : i + batch] for i in range(0, len(encoded), batch)]
+
+    def run(chunk):
+        imgs = decode_jpeg(chunk, device="cuda")
+        top, bottom = t._crop_rows(imgs[0].shape[1])
+        x = torch.stack(imgs)[:, :, top:bottom].float()
+        return F.interpolate(x, size=(t.height, t.width), mode="bilinear", antialias=True)
+
+    run(chunks[0])
+    torch.cuda.synchronize()
+    best = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for c in chunks:
+            run(c)
+        torch.cuda.synchronize()
+        best.append(len(datas) / (time.perf_counter() - t0))
+    return statistics.median(best)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_device_arg(p)
+    p.add_argument("--frames", type=int, default=16, help="distinct synthetic frames")
+    p.add_argument("--frame-size", type=parse_size, default=(3384, 1710))
+    p.add_argument("--size", type=parse_size, default=(1024, 384), help="model input WxH")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile's forward")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    device = parse_device(p, args)
+    torch.set_num_threads(1)  # a Ray Data CPU task's one thread (and the CPU forward's)
+
+    fw, fh = args.frame_size
+    t = FrameTransform(width=args.size[0], height=args.size[1], crop_top=round(fh * 690 / 1710))
+    rng = np.random.default_rng(0)
+    # A few distinct frames, repeated: rendering 3384x1710 frames costs more than decoding.
+    distinct = [render_frame(rng, fw, fh)[0] for _ in range(min(args.frames, 4))]
+    datas = [encode_jpeg(distinct[i % len(distinct)], quality=90) for i in range(args.frames)]
+    small = [t.load_image(d)[0] for d in datas]
+    # Masks the model could give: the frame's own lanes would do, random ids are the worst case
+    # for PNG; use a realistic one (few lane pixels), from the synthetic label.
+    _, apollo = render_frame(rng, fw, fh)
+    mask = labels.to_train_ids(t.prepare_label(apollo))[0]
+    mask[mask == labels.IGNORE_INDEX] = 0
+
+    dec_before = per_item_ms(lambda d: t.prepare_image(decode_rgb(d)), datas, args.repeats)
+    dec_after = per_item_ms(lambda d: t.load_image(d), datas, args.repeats)
+
+    def wb_before(m):
+        full = t.restore_mask(m, (fh, fw))
+        return png_before(full), labels.class_pixel_counts(full)
+
+    def wb_after(m):
+        full = t.restore_mask(m, (fh, fw))
+        return encode_png(full), t.restored_pixel_counts(m, (fh, fw))
+
+    masks = [mask] * len(datas)
+    wb_b = per_item_ms(wb_before, masks, args.repeats)
+    wb_a = per_item_ms(wb_after, masks, args.repeats)
+    png_kb = (len(png_before(t.restore_mask(mask, (fh, fw)))) / 1024,
+              len(encode_png(t.restore_mask(mask, (fh, fw)))) / 1024)  # fmt: skip
+    assert t.restored_pixel_counts(mask, (fh, fw)) == labels.class_pixel_counts(
+        t.restore_mask(mask, (fh, fw))
+    )
+    del small
+
+    model = build_model("fcn8s_resnet101", labels.N_CLASSES)
+    steps = 20 if device.type == "cuda" else 2
+    fwd = forward_rate(model, args.size, args.batch_size, device, compile_=False, steps=steps)
+    fwd_c, compile_error = None, ""
+    if args.compile:
+        try:
+            fwd_c = forward_rate(model, args.size, args.batch_size, device, compile_=True,
+                                 steps=steps)  # fmt: skip
+        except Exception as e:  # an inductor bug must not lose the other rows
+            compile_error = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    nvjpeg, nvjpeg_error = None, ""
+    if device.type == "cuda":
+        try:
+            nvjpeg = gpu_decode_rate(datas, t, args.batch_size, args.repeats)
+        except Exception as e:  # a torchvision built without nvJPEG
+            nvjpeg_error = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+    best_fwd = max(fwd, fwd_c or 0.0)
+    cores_b = best_fwd * (dec_before + wb_b) / 1000
+    cores_a = best_fwd * (dec_after + wb_a) / 1000
+    w, h = args.size
+    rows = [
+        ("decode + crop/resize, before (full decode), ms/frame", f"{dec_before:.1f}"),
+        ("decode + crop/resize, after (load_image, 1/2 decode), ms/frame", f"{dec_after:.1f}"),
+        ("  speed-up", f"{dec_before / dec_after:.2f}x"),
+        ("write-back before (restore, PNG level 1, count full mask), ms/frame", f"{wb_b:.1f}"),
+        ("write-back after (restore, PNG run-length, count small mask), ms/frame", f"{wb_a:.1f}"),
+        ("  speed-up", f"{wb_b / wb_a:.2f}x"),
+        ("mask PNG size before / after, KiB", f"{png_kb[0]:.1f} / {png_kb[1]:.1f}"),
+        (f"forward only, batch {args.batch_size}, images/s", f"{fwd:.2f}"),
+    ]
+    if compile_error:
+        rows.append((f"forward only, torch.compile, batch {args.batch_size}", compile_error))
+    if fwd_c is not None:
+        rows.append((f"forward only, torch.compile, batch {args.batch_size}, images/s",
+                     f"{fwd_c:.2f} ({fwd_c / fwd:.2f}x)"))  # fmt: skip
+    if nvjpeg_error:
+        rows.append(("nvJPEG decode + GPU crop/resize", nvjpeg_error))
+    if nvjpeg is not None:
+        rows.append((f"nvJPEG decode + GPU crop/resize, batch {args.batch_size}, frames/s",
+                     f"{nvjpeg:.1f} ({nvjpeg * dec_after / 1000:.1f} CPU threads' worth)"))  # fmt: skip
+    rows += [
+        ("CPU threads to keep one model replica busy, before", f"{cores_b:.1f}"),
+        ("CPU threads to keep one model replica busy, after", f"{cores_a:.1f}"),
+    ]
+    caption = (
+        f"Labeling stages, {args.frames} synthetic frames {fw}x{fh} (JPEG q90) -> model input "
+        f"{w}x{h}; CPU stages on 1 thread; model FCN-8s ResNet-101 on {device.type} "
+        f"({device_name(device)}{', bf16 + channels_last' if device.type == 'cuda' else ', 1 thread'}), "
+        f"torch {torch.__version__}, zlib {zlib.ZLIB_VERSION}"
+    )  # fmt: skip
+    emit(caption, rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
