@@ -5,15 +5,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo test lint bench clean venv lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions the suite last passed with (`make lock` rewrites it), so
+# a fresh clone installs what was tested. torch, torchvision and their CUDA wheels are left to
+# pyproject's ranges: machines hold 2.14.1 locally or get 2.14.0 from the registry.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable \
+		| grep -v -i -E '^(torch|torchvision|triton|nvidia-|cuda-)' > constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

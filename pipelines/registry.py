@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -79,10 +80,18 @@ def signature() -> ModelSignature:
     )
 
 
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
+def _pip_requirements(version: Callable[[str], str] | None = None) -> list[str]:
+    """What the pyfunc needs, pinned to the versions that trained it, without a local
+    version label: a local build's ``torch 2.13.0+cpu`` is served by no package index, and
+    ``torch==2.13.0`` is the same release for whichever build (CPU, CUDA) rebuilds it."""
+    from importlib.metadata import version as installed
 
-    return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "numpy", "pillow")]
+    from packaging.version import Version
+
+    version = version or installed
+    return [
+        f"{p}=={Version(version(p)).public}" for p in ("torch", "torchvision", "numpy", "pillow")
+    ]
 
 
 def log_model(

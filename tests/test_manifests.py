@@ -966,6 +966,86 @@ def test_training_cluster_has_a_gpu_per_worker() -> None:
                     )
 
 
+def deadline_problems(docs: Iterable[Doc]) -> list[str]:
+    """Every RayJob spec (a RayJob's, a RayCronJob's template) fails early when its cluster
+    never starts: ``preRunningDeadlineSeconds`` set, positive and shorter than
+    ``activeDeadlineSeconds`` (a job that never gets GPUs must not wait out the long one)."""
+    problems = []
+    for doc in docs:
+        for _, spec in walk(doc.body):
+            if not (isinstance(spec, dict) and "entrypoint" in spec and "rayClusterSpec" in spec):
+                continue
+            pre, active = spec.get("preRunningDeadlineSeconds"), spec.get("activeDeadlineSeconds")
+            if not isinstance(pre, int) or pre <= 0:
+                problems.append(f"{doc.where}: no positive preRunningDeadlineSeconds ({pre!r})")
+            elif isinstance(active, int) and pre >= active:
+                problems.append(
+                    f"{doc.where}: preRunningDeadlineSeconds {pre} >= activeDeadlineSeconds {active}"
+                )
+    return problems
+
+
+def dependency_layer_problems(dockerfile: str) -> list[str]:
+    """The dependencies are installed from pyproject.toml alone, in a layer before the code
+    is copied, so a code change does not rebuild them; the code's own install adds none."""
+    lines = re.sub(r"\\\n", " ", dockerfile).splitlines()
+    copies = [(i, ln) for i, ln in enumerate(lines) if re.match(r"\s*COPY\s", ln)]
+    installs = [(i, ln) for i, ln in enumerate(lines) if "pip install" in ln]
+    full = next((i for i, ln in copies if re.search(r"COPY\s+\.\s", ln)), None)
+    if full is None:
+        return ["no `COPY . /app`"]
+    problems = []
+    if not any(i < full and "pyproject.toml" in ln and " . " not in ln for i, ln in copies):
+        problems.append("pyproject.toml is not copied on its own before the code")
+    if not any(i < full and "-r " in ln for i, ln in installs):
+        problems.append("no dependency install (pip install -r) before `COPY . /app`")
+    for i, ln in installs:
+        if i > full and "--no-deps" not in ln:
+            problems.append(f"the install after `COPY . /app` resolves dependencies: {ln.strip()}")
+    return problems
+
+
+def test_dockerfile_installs_dependencies_before_the_code() -> None:
+    assert dependency_layer_problems(DOCKERFILE.read_text()) == []
+
+
+def test_dependency_layer_check_reports_a_code_copy_first() -> None:
+    old = (
+        "WORKDIR /app\nCOPY . /app\nRUN python -m pip install -c /tmp/c.txt /app \\\n    && true\n"
+    )
+    problems = dependency_layer_problems(old)
+    assert any("pyproject.toml is not copied" in p for p in problems)
+    assert any("no dependency install" in p for p in problems)
+    assert any("resolves dependencies" in p for p in problems)
+
+
+def test_ray_jobs_fail_early_when_their_cluster_never_starts() -> None:
+    specs = [d for d in manifest_docs() if d.kind in ("RayJob", "RayCronJob")]
+    assert {d.kind for d in specs} == {"RayJob", "RayCronJob"}
+    assert deadline_problems(specs) == []
+
+
+@pytest.mark.parametrize(
+    "fragment, problem",
+    [("", "no positive preRunningDeadlineSeconds"),
+     ("preRunningDeadlineSeconds: 0", "no positive preRunningDeadlineSeconds"),
+     ("preRunningDeadlineSeconds: 7200", ">= activeDeadlineSeconds 3600")],
+)  # fmt: skip
+def test_deadline_check_reports_missing_and_too_long_deadlines(fragment: str, problem: str) -> None:
+    text = f"""
+apiVersion: ray.io/v1
+kind: RayJob
+metadata: {{name: broken}}
+spec:
+  entrypoint: python -m jobs.train --help
+  activeDeadlineSeconds: 3600
+  {fragment}
+  rayClusterSpec: {{headGroupSpec: {{}}}}
+"""
+    problems = deadline_problems(parse_docs(text, "broken.yaml"))
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
 def test_ray_job_submit_targets_the_cluster_from_the_image_workdir() -> None:
     from ray.dashboard.modules.job.cli import submit
 
