@@ -1,11 +1,14 @@
 """Promote a registered model version to an alias (default ``champion``) only when it is better.
 
     python -m jobs.promote --model NAME --candidate VERSION|latest --eval-data URI \\
-        [--alias champion] [--min-gain 0.0]
+        [--alias champion] [--min-gain 0.0] [--actors N] [--use-gpu]
     python -m jobs.promote --model NAME --rollback [--alias champion]
 
 Both the candidate and the current alias holder are evaluated on the same shards with the
-training metric code; both results are recorded as tags on their versions. The alias moves by
+training metric code, on the cluster (Ray Data over a pool of model actors, a GPU each when the
+cluster has GPUs; the driver only sums confusion matrices). Each result is recorded as tags on
+its version and as an MLflow evaluation run whose metrics are linked to the version's logged
+model and to the dataset, so the MLflow UI compares candidate and holder. The alias moves by
 compare-and-swap: only if it still points at the version evaluated against (another promotion
 or a rollback may have moved it meanwhile). Exit status: 0 the candidate holds the alias
 (promoted now, or already), 1 not promoted (not better, or the alias moved meanwhile), 2 bad
@@ -51,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rollback", action="store_true", help="point the alias back to its previous holder"
     )
+    p.add_argument("--batch-size", type=int, default=8, help="frames per model call")
+    p.add_argument(
+        "--actors", type=int, default=None, help="model replicas (default: one per GPU, else 1)"
+    )
+    p.add_argument(
+        "--use-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one GPU per model actor (default: when the cluster has GPUs now)",
+    )
+    p.add_argument(
+        "--experiment",
+        default=None,
+        help="MLflow experiment of the evaluation runs (default: the candidate's training "
+        "experiment, so its UI compares candidate and holder next to the training runs)",
+    )
     return p
 
 
@@ -67,6 +86,56 @@ def record(client, name: str, version: str, result: dict, data) -> None:
     }
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
+
+
+def evaluation_run(
+    client, experiment_id: str, name: str, version, result: dict, data, split: str, alias: str
+) -> str:
+    """One MLflow run per evaluated version: the scores as metrics, linked to the version's
+    logged model (``model_id``: the model's page lists them, and the experiment's Models tab
+    compares candidate and holder) and to the dataset (``log_input``, the Datasets column).
+    Returns the run id."""
+    import mlflow
+    import numpy as np
+
+    from pipelines.metrics import flat_metrics
+    from pipelines.pictures import confusion_png
+
+    dataset = tracking.dataset_input(data, split)
+    metrics = {k: v for k, v in flat_metrics(result, "eval_").items() if k != "eval_confusion"}
+    metrics["eval_frames"] = result["frames"]
+    tags = {"model_name": name, "model_version": str(version.version), "alias": alias,
+            "eval_data": data.uri}  # fmt: skip
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"evaluate-{name}-v{version.version}",
+        tags=tracking.redact(tags),
+    ) as run:  # fmt: skip
+        mlflow.log_input(dataset, context="evaluation")
+        clean = {k: float(v) for k, v in metrics.items() if v == v}  # NaN: class never seen
+        mlflow.log_metrics(clean, model_id=registry.logged_model_id(version), dataset=dataset)
+        mlflow.log_image(
+            _png_image(confusion_png(np.array(result["confusion"]))), key="eval_confusion", step=0
+        )
+    return run.info.run_id
+
+
+def _png_image(data: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
+def experiment_of(client, version, explicit: str | None, uri: str) -> str:
+    """The experiment for the evaluation runs: ``--experiment``, else the one of the run that
+    logged the candidate, else ``promotion``."""
+    if explicit:
+        return tracking.ensure_experiment(explicit, uri)
+    try:
+        return client.get_run(version.run_id).info.experiment_id
+    except Exception:  # no source run (registered from elsewhere, or deleted)
+        return tracking.ensure_experiment("promotion", uri)
 
 
 def table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -101,11 +170,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"v{candidate.version} already holds {args.model}@{args.alias}; nothing to do")
         return 0
 
+    for flag in ("batch_size", "stall_minutes"):
+        if getattr(args, flag) <= 0:
+            raise registry.RegistryError(f"--{flag.replace('_', '-')} must be > 0")
+    versions = {
+        v: client.get_model_version(args.model, v)
+        for v in [candidate.version] + ([holder] if holder else [])
+    }
+    experiment_id = experiment_of(client, versions[candidate.version], args.experiment, uri)
+
     init_ray()
     quiet_ray_data()
     cluster = capacity.cluster()
     capacity.check_reader(cluster)
-    results = {}
+    gpus = int(cluster.gpus)
+    use_gpu = gpus > 0 if args.use_gpu is None else args.use_gpu
+    actors, note = capacity.fit_actor_pool(
+        cluster, args.actors or max(1, gpus), use_gpu=use_gpu, explicit=args.actors is not None
+    )
+    if note:
+        print(note, flush=True)
+    print(
+        f"evaluating on {actors} {'GPU' if use_gpu else 'CPU'} actor(s) of the cluster",
+        flush=True,
+    )
+    results, run_ids = {}, {}
     dog = watchdog.Watchdog(
         args.stall_minutes * 60,
         "evaluation",
@@ -113,13 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         with dog:
-            for version in [candidate.version] + ([holder] if holder else []):
+            for version, mv in versions.items():
                 ref = registry.ModelRef(args.model, version)
                 dog.beat(f"loading v{version}")
                 results[version] = evaluate(
-                    registry.load_predictor(ref), data.uri, args.split, progress=dog.beat
-                )
+                    registry.fetch_verified(ref, client), data.uri, args.split,
+                    batch_size=args.batch_size, actors=actors, use_gpu=use_gpu,
+                    progress=dog.beat,
+                )  # fmt: skip
                 record(client, args.model, version, results[version], data)
+                run_id = evaluation_run(client, experiment_id, args.model, mv,
+                                        results[version], data, args.split, args.alias)  # fmt: skip
+                client.set_model_version_tag(args.model, version, "eval_run_id", run_id)
+                run_ids[version] = run_id
     except watchdog.Stalled as e:
         print(f"error: {e}; the alias was not moved", file=sys.stderr)
         return NOT_PROMOTED
@@ -175,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         decision = f"kept v{holder} as {args.alias}: candidate mIoU gain {gain:+.4f} does not beat min gain {args.min_gain}"
     client.set_model_version_tag(args.model, candidate.version, f"promotion_{args.alias}", decision)
+    client.set_tag(run_ids[candidate.version], "decision", decision)
     print(decision)
     return 0 if promote else NOT_PROMOTED
 

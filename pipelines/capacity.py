@@ -106,3 +106,17 @@ def check_reader(c: Cluster) -> None:
         raise CapacityError(
             f"reading the evaluation data needs {DATA_CPUS:g} CPU; the cluster has {c.describe()}"
         )
+
+
+def node_cpus() -> int:
+    """The CPUs of the node this process runs on: what Ray counts there, at most the cores
+    this process may run on (a node started with more logical CPUs than cores, as the test
+    suite's is, must not get more threads than cores)."""
+    import os
+
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == here), None)
+    logical = int(node["Resources"].get("CPU", 1)) if node else 1
+    return max(1, min(logical, len(os.sched_getaffinity(0))))

@@ -1,5 +1,11 @@
-"""Evaluation of a predictor on ingested shards with the one metrics implementation (used by
-promotion; training evaluates inside its DDP loop with the same :mod:`pipelines.metrics`)."""
+"""Evaluation of a model version on ingested shards, on the cluster: Ray Data streams the
+split through a pool of model actors (a GPU each when the cluster has them), each batch comes
+back as its confusion matrix, and the driver only sums them. Promotion uses it; training
+evaluates inside its DDP loop with the same :mod:`pipelines.metrics`.
+
+The driver of a promotion on KubeRay is the head pod, which has no GPU and no CPUs for work
+(``num-cpus: 0``): it must never run the model itself.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
 from pipelines.labels import CLASS_NAMES
 from pipelines.metrics import confusion_matrix, scores
-from pipelines.predictor import Predictor
+from pipelines.predictor import SPEC_FILE, ModelActor, ModelSpec
 from pipelines.versions import resolve_dataset
 
 
@@ -21,46 +27,72 @@ class EvaluationError(UserError):
     """A model and a dataset that cannot be compared."""
 
 
+class Scorer(ModelActor):
+    """Actor stage: a batch of shard rows -> one row holding the batch's confusion matrix
+    (flattened, ``n_class * n_class``) and its frame count."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n_class = self.predictor.spec.n_class
+        pred = self.predictor.predict_prepared(batch["image"])
+        label = torch.as_tensor(np.array(batch["label"]))  # a copy: Ray's arrays are read-only
+        conf = confusion_matrix(torch.from_numpy(pred), label, n_class)
+        return {"confusion": conf.numpy().reshape(1, -1), "frames": np.array([len(pred)])}
+
+
 def evaluate(
-    predictor: Predictor,
+    model_files,
     data_uri: str,
     split: str = "val",
+    *,
     batch_size: int = 8,
+    actors: int = 1,
+    use_gpu: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Scores (pixel acc, mean class acc, mIoU, fwIoU, per-class IoU) and ``frames`` of the
-    predictor on one split of an ingested dataset (a version folder; a dataset root is
-    resolved to its current version). ``progress`` is called after each batch (a watchdog's
-    ``beat``).
+    """Scores (pixel acc, mean class acc, mIoU, fwIoU, per-class IoU), ``frames`` and
+    ``confusion`` of a model on one split of an ingested dataset (a version folder; a dataset
+    root is resolved to its current version). ``model_files``: the model directory's files as
+    bytes (:func:`pipelines.registry.fetch_verified`), or a Ray object reference to them.
+    ``progress`` is called after each batch is summed (a watchdog's ``beat``).
 
     The shards hold frames already cropped and resized by ingest, so the dataset's transform
     must be the model's: otherwise the model would be scored on inputs it never sees when
     serving, and the comparison would be meaningless.
     """
+    import ray
+
+    if isinstance(model_files, ray.ObjectRef):
+        model_files = ray.get(model_files)
+    spec = ModelSpec.from_json(model_files[SPEC_FILE].decode())
     version = resolve_dataset(data_uri)
     data_uri = version.uri
     data = FrameTransform.from_dict(version.manifest["transform"]).geometry
-    model = predictor.transform.geometry
+    model = spec.transform.geometry
     if data != model:
         raise EvaluationError(
             f"{data_uri}: data was ingested with {data} but the model expects {model}; "
             "re-ingest with the model's --size/--crop-top"
         )
-    n_class = predictor.spec.n_class
-    conf = torch.zeros(n_class, n_class, dtype=torch.int64)
+    n_class = spec.n_class
+    scored = build_dataset(data_uri, split).map_batches(
+        Scorer,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={"model_files": ray.put(model_files), "actors": actors},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+    )
+    conf = np.zeros((n_class, n_class), dtype=np.int64)
     frames = 0
-    for batch in build_dataset(data_uri, split).iter_batches(
-        batch_size=batch_size, batch_format="numpy"
-    ):
-        pred = predictor.predict_prepared(batch["image"])
-        label = torch.as_tensor(np.array(batch["label"]))  # a copy: Ray's arrays are read-only
-        conf += confusion_matrix(torch.from_numpy(pred), label, n_class)
-        frames += len(pred)
+    # One row per model batch: progress (the watchdog's beat) after each.
+    for batch in scored.iter_batches(batch_size=1, batch_format="numpy"):
+        conf += batch["confusion"].sum(axis=0).reshape(n_class, n_class)
+        frames += int(batch["frames"].sum())
         if progress is not None:
             progress(f"{frames} frames of {data_uri}/{split} scored")
     if frames == 0:
         raise EvaluationError(f"{data_uri}/{split}: no frames to evaluate")
-    result = scores(conf.numpy(), predictor.spec.class_names or CLASS_NAMES)
+    result = scores(conf, spec.class_names or CLASS_NAMES)
     result["frames"] = frames
-    result["confusion"] = conf.numpy().astype(np.int64).tolist()
+    result["confusion"] = conf.tolist()
     return result

@@ -42,6 +42,7 @@ from pipelines.frames import (
     encode_png,
 )
 from pipelines.lease import Lease
+from pipelines.predictor import ModelActor
 from pipelines.storage import (
     DEFAULT_RETRY,
     Location,
@@ -294,28 +295,8 @@ def load_frames(
     }
 
 
-class Segmenter:
-    """Actor stage: holds one model (built once per actor) and predicts batches.
-
-    ``model_files``: the version's files as bytes, verified by the driver
-    (:func:`pipelines.registry.fetch_verified`), or a Ray object reference to them: the
-    actors neither download the model again nor talk to MLflow."""
-
-    def __init__(self, model_files, actors: int = 1) -> None:
-        import ray
-
-        from pipelines.predictor import Predictor
-
-        if isinstance(model_files, ray.ObjectRef):
-            model_files = ray.get(model_files)
-        self.predictor = Predictor.from_files(model_files)
-        if self.predictor.device.type == "cpu":
-            import torch
-
-            # Ray gives an actor the threads of the CPUs it reserves (one). Without a GPU the
-            # model is the bottleneck and the decode/encode tasks beside it are short, so the
-            # model gets its node's CPUs, shared among the pool's ``actors``.
-            torch.set_num_threads(max(1, node_cpus() // max(1, actors)))
+class Segmenter(ModelActor):
+    """Actor stage: holds one model (built once per actor) and predicts batches."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
@@ -325,20 +306,6 @@ class Segmenter:
         out = {k: v for k, v in batch.items() if k != "prepared"}
         out["small_mask"] = masks
         return out
-
-
-def node_cpus() -> int:
-    """The CPUs of the node this process runs on: what Ray counts there, at most the cores
-    this process may run on (a node started with more logical CPUs than cores, as the test
-    suite's is, must not get more threads than cores)."""
-    import os
-
-    import ray
-
-    here = ray.get_runtime_context().get_node_id()
-    node = next((n for n in ray.nodes() if n["NodeID"] == here), None)
-    logical = int(node["Resources"].get("CPU", 1)) if node else 1
-    return max(1, min(logical, len(os.sched_getaffinity(0))))
 
 
 def encode_results(

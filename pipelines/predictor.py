@@ -203,3 +203,26 @@ class Predictor:
             self.transform.restore_mask(m, np.asarray(f).shape[:2])
             for m, f in zip(masks, frames, strict=True)
         ]
+
+
+class ModelActor:
+    """Base of the Ray Data actor stages (labeling's ``Segmenter``, evaluation's ``Scorer``):
+    one :class:`Predictor` per actor, built once.
+
+    ``model_files``: the version's files as bytes, verified by the driver
+    (:func:`pipelines.registry.fetch_verified`), or a Ray object reference to them: the
+    actors neither download the model again nor talk to MLflow."""
+
+    def __init__(self, model_files, actors: int = 1) -> None:
+        import ray
+
+        from pipelines.capacity import node_cpus
+
+        if isinstance(model_files, ray.ObjectRef):
+            model_files = ray.get(model_files)
+        self.predictor = Predictor.from_files(model_files)
+        if self.predictor.device.type == "cpu":
+            # Ray gives an actor the threads of the CPUs it reserves (one). Without a GPU the
+            # model is the bottleneck and the read/decode tasks beside it are short, so the
+            # model gets its node's CPUs, shared among the pool's ``actors``.
+            torch.set_num_threads(max(1, node_cpus() // max(1, actors)))

@@ -244,6 +244,16 @@ def fetch_verified(ref: ModelRef, client: MlflowClient | None = None) -> dict[st
     return files
 
 
+def logged_model_id(version) -> str | None:
+    """The MLflow 3 logged model (``m-...``) a registered version was created from: its
+    ``model_id``, or, where the registry store does not keep that field (the sqlite store),
+    the id in its ``models:/m-...`` source. None for a version registered otherwise."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)(/.*)?", version.source or "")
+    return match.group(1) if match else None
+
+
 def alias_holder(name: str, alias: str, client: MlflowClient) -> str | None:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)

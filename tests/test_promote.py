@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from jobs import promote
 from pipelines.evaluate import evaluate
-from pipelines.registry import ModelRef, load_predictor
+from pipelines.registry import ModelRef, load_predictor, logged_model_id
 from pipelines.versions import resolve_dataset
 
 MODEL = "lanes-promote-test"
@@ -17,6 +17,30 @@ MODEL = "lanes-promote-test"
 
 def alias_holder(alias: str = "champion") -> str:
     return str(MlflowClient().get_model_version_by_alias(MODEL, alias).version)
+
+
+def single_process_confusion(predictor, data_uri: str, split: str = "val"):
+    """The reference: every frame of the split predicted in this process, one confusion
+    matrix (what evaluation computed before it moved to Ray Data actors)."""
+    import numpy as np
+    import torch
+
+    from pipelines.dataset import build_dataset
+    from pipelines.metrics import confusion_matrix
+
+    n = predictor.spec.n_class
+    conf = torch.zeros(n, n, dtype=torch.int64)
+    for batch in build_dataset(data_uri, split).iter_batches(batch_size=4, batch_format="numpy"):
+        pred = torch.from_numpy(predictor.predict_prepared(batch["image"]))
+        conf += confusion_matrix(pred, torch.as_tensor(np.array(batch["label"])), n)
+    return conf.numpy()
+
+
+def model_files(tmp_path, model, spec) -> dict[str, bytes]:
+    from pipelines.predictor import MODEL_FILE, SPEC_FILE, save_model_dir
+
+    d = save_model_dir(tmp_path / "model", model, spec)
+    return {name: (d / name).read_bytes() for name in (MODEL_FILE, SPEC_FILE)}
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
@@ -57,8 +81,29 @@ def test_promotes_better_refuses_worse_and_rolls_back(
     assert tags[better]["promotion_champion"].startswith(f"promoted v{better}")
 
     # The recorded score is the one the metric code gives for that model on those shards.
-    direct = evaluate(load_predictor(ModelRef(MODEL, better)), local_shards)
+    from pipelines.metrics import scores
+
+    direct = scores(single_process_confusion(load_predictor(ModelRef(MODEL, better)), local_shards))
     assert float(tags[better]["eval_miou"]) == pytest.approx(direct["miou"], abs=1e-6)
+
+    # Each evaluation is an MLflow run: metrics linked to the version's logged model and to
+    # the dataset (its Datasets column), the decision on the candidate's run.
+    ds = resolve_dataset(local_shards)
+    for v in (worse, better):
+        mv = client.get_model_version(MODEL, v)
+        ev = client.get_run(mv.tags["eval_run_id"])
+        assert ev.data.metrics["eval_miou"] == pytest.approx(float(mv.tags["eval_miou"]), abs=1e-6)
+        assert ev.data.tags["model_version"] == v
+        [inp] = ev.inputs.dataset_inputs
+        assert inp.dataset.digest == ds.manifest_sha256
+        assert json.loads(inp.dataset.source)["uri"] == ds.uri
+        logged = client.get_logged_model(logged_model_id(mv))
+        on_model = {m.key: m.value for m in logged.metrics if m.run_id == ev.info.run_id}
+        assert on_model["eval_miou"] == pytest.approx(ev.data.metrics["eval_miou"])
+        assert all(m.dataset_digest == ds.manifest_sha256 for m in logged.metrics
+                   if m.run_id == ev.info.run_id)  # fmt: skip
+    cand_run = client.get_run(client.get_model_version(MODEL, better).tags["eval_run_id"])
+    assert cand_run.data.tags["decision"].startswith(f"promoted v{better}")
 
     # Worse than the holder ("latest" is v3): refused, the holder stays.
     status, out = run(capsys, "--candidate", "latest", *data)
@@ -106,22 +151,50 @@ def test_bad_input_is_one_line(tmp_path, local_shards, register_version, ray_clu
     assert MlflowClient().get_registered_model(MODEL).aliases == {}
 
 
-def test_evaluation_counts_the_models_classes(local_shards, test_transform, ray_cluster):
+def test_evaluation_counts_the_models_classes(tmp_path, local_shards, test_transform, ray_cluster):
     """The confusion matrix has the model's classes, not the label map's: a 9-class model
     scores 9 rows and columns (class 8 never occurs in the labels, so its row is empty)."""
     import numpy as np
     import torch
 
     from fcn_models import build_model
-    from pipelines.predictor import ModelSpec, Predictor
+    from pipelines.predictor import ModelSpec
 
     torch.manual_seed(0)
     model = build_model("fcn8s_resnet101", 9).eval()
     with torch.no_grad():
         model.score_layer4.bias[8] = 1.0  # predicts the extra class everywhere
-    predictor = Predictor(model, ModelSpec("fcn8s_resnet101", 9, test_transform), "cpu")
-    result = evaluate(predictor, local_shards)
+    spec = ModelSpec("fcn8s_resnet101", 9, test_transform)
+    result = evaluate(model_files(tmp_path, model, spec), local_shards)
     conf = np.array(result["confusion"])
     assert conf.shape == (9, 9)
     assert conf[8].sum() == 0 and conf[:, 8].sum() == conf.sum() > 0
     assert result["frames"] == 6 and len(result["iou"]) == 9
+
+
+def test_actor_pool_evaluation_equals_the_single_process_confusion(
+    tmp_path, local_shards, test_transform, ray_cluster
+):
+    """Two model actors, batches of 2, each batch's confusion matrix summed on the driver:
+    exactly the matrix of one process predicting every frame."""
+    import numpy as np
+    import torch
+
+    from fcn_models import build_model
+    from pipelines import labels
+    from pipelines.predictor import ModelSpec, Predictor
+
+    torch.manual_seed(3)
+    model = build_model("fcn8s_resnet101", 8).eval()
+    with torch.no_grad():  # a model whose predictions vary over the frame: a real matrix
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
+    expected = single_process_confusion(Predictor(model, spec, "cpu"), local_shards)
+    assert (expected > 0).sum() >= 4  # several (true, predicted) pairs: a non-trivial check
+    beats = []
+    result = evaluate(model_files(tmp_path, model, spec), local_shards, batch_size=2, actors=2,
+                      progress=beats.append)  # fmt: skip
+    np.testing.assert_array_equal(np.array(result["confusion"]), expected)
+    assert result["frames"] == 6
+    assert len(beats) == 3 and beats[-1].startswith("6 frames of")  # 3 batches of 2
