@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable \
-		| grep -v -i -E '^(torch|torchvision|triton|nvidia-|cuda-)' > constraints.txt
+		| grep -v -i -E '^(torch|torchvision|triton|nvidia-(cu|nc|nv)|cuda-)' > constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

@@ -57,6 +57,8 @@ class TrainConfig:
     learn_upsampling: bool = False
     seed: int = 0
     shuffle_buffer: int = 64
+    progress_seconds: float = 30.0
+    system_metrics_seconds: float = 10.0
     amp: bool | None = None  # default: on with GPUs
     backbone_weights: str | None = None
     run_name: str | None = None
@@ -167,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames per worker that each training batch is drawn from at random (0: off)",
     )
     g.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=30.0,
+        help="rank 0 logs a progress line (step, images/s, loss, ETA of the epoch and the run) "
+        "at most this often, and at the end of each epoch",
+    )
+    g.add_argument(
+        "--system-metrics-seconds",
+        type=float,
+        default=10.0,
+        help="rank 0's node: CPU, memory and GPU utilisation sampled into the MLflow run "
+        "(system/ metrics) this often; 0: off",
+    )
+    g.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -228,6 +244,12 @@ def load_config(argv: list[str] | None) -> TrainConfig:
             f"the global batch is split evenly over the workers (try "
             f"{cfg.batch_size // cfg.num_workers * cfg.num_workers} or "
             f"{-(-cfg.batch_size // cfg.num_workers) * cfg.num_workers})"
+        )
+    if cfg.progress_seconds <= 0:
+        raise ConfigError(f"--progress-seconds must be > 0, got {cfg.progress_seconds:g}")
+    if cfg.system_metrics_seconds < 0:
+        raise ConfigError(
+            f"--system-metrics-seconds must be >= 0, got {cfg.system_metrics_seconds:g}"
         )
     if cfg.shuffle_buffer < 0:
         raise ConfigError(f"--shuffle-buffer must be >= 0, got {cfg.shuffle_buffer}")
@@ -332,8 +354,11 @@ def preflight(cfg: TrainConfig, data: DatasetVersion) -> tuple[dict, dict | None
     return manifest, backbone
 
 
-def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, params: dict) -> tuple[str, bool]:
-    """The MLflow run for ``cfg.run_name``: the existing one when resuming, else a new one."""
+def start_or_resume_run(
+    cfg: TrainConfig, tracking_uri: str, params: dict, data: DatasetVersion
+) -> tuple[str, bool]:
+    """The MLflow run for ``cfg.run_name``: the existing one when resuming, else a new one
+    with its params and its data as MLflow dataset inputs (the Datasets column)."""
     import mlflow
 
     experiment_id = tracking.ensure_experiment(cfg.experiment, tracking_uri)
@@ -345,6 +370,8 @@ def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, params: dict) -> tu
         run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name)
         run_id = run.info.run_id
         mlflow.log_params(tracking.redact(params))
+        for split, context in (("train", "training"), ("val", "validation")):
+            mlflow.log_input(tracking.dataset_input(data, split), context=context)
     return run_id, resumed
 
 
@@ -392,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "val_frames": manifest["counts"]["val"],
     }
     params.pop("fail_once_at_step")
-    run_id, resumed = start_or_resume_run(cfg, tracking_uri, params)
+    run_id, resumed = start_or_resume_run(cfg, tracking_uri, params, data)
     print(
         f"{'resuming' if resumed else 'starting'} run {cfg.run_name!r} on {where} Ray: "
         f"{cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} workers, MLflow run {run_id} "

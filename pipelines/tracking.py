@@ -180,3 +180,19 @@ def dataset_input(version, split: str):
         source = resolve_dataset_source(display_uri(version.uri))
     name = f"{version.name or 'pinned'}/{split}"
     return MetaDataset(source, name=name, digest=version.manifest_sha256)
+
+
+_IMAGE_FILE = re.compile(r"(?P<key>.+)\+step\+(?P<step>\d+)\+timestamp\+\d+\+(?P<id>[0-9a-f-]+)"
+                         r"(?P<compressed>\+compressed\.webp|\.png)")  # fmt: skip
+
+
+def image_steps(client, run_id: str, key: str) -> set[int]:
+    """The steps at which the run holds image ``key`` (``log_image(key=, step=)``), complete:
+    the PNG and the thumbnail MLflow writes beside it (files
+    ``images/KEY+step+N+timestamp+T+UUID.png`` and ``...+compressed.webp``)."""
+    files: dict[tuple[int, str], set[bool]] = {}
+    for a in client.list_artifacts(run_id, "images"):
+        m = _IMAGE_FILE.fullmatch(a.path.rpartition("/")[2])
+        if m and m["key"] == key.replace("/", "~"):
+            files.setdefault((int(m["step"]), m["id"]), set()).add(m["compressed"] != ".png")
+    return {step for (step, _), kinds in files.items() if kinds == {True, False}}

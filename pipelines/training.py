@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import fcn_models
-from pipelines import labels
+from pipelines import labels, tracking
 from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
 from pipelines.metrics import confusion_matrix, flat_metrics, scores
@@ -315,12 +315,22 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, global_step = restore_train_state(train_state, optimizer, scheduler)
     criterion = make_loss(recipe)
 
-    tracker = None
+    tracker = system = None
     if rank == 0 and config.get("mlflow_run_id"):
         tracker = EpochLogger(config["tracking_uri"], config["mlflow_run_id"])
         if resumed_record is not None:
             tracker.catch_up(*resumed_record)
+        if config.get("system_metrics_seconds", 0) > 0:
+            system = SystemMetrics(config["tracking_uri"], config["mlflow_run_id"],
+                                   config["system_metrics_seconds"])  # fmt: skip
     progress = config.get("progress") if rank == 0 else None  # the driver's stall watchdog
+    lines = (
+        StepProgress(
+            config.get("progress_seconds", 30.0), steps_per_epoch, config["epochs"], start_epoch
+        )  # fmt: skip
+        if rank == 0
+        else None
+    )
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -341,7 +351,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Where the epoch's time goes (rank 0's clock): set-up until the first batch (Ray Data
         # starts the epoch's execution), waiting for later batches, and the steps themselves.
         setup_s = wait_s = 0.0
-        stream, first = iter(batches), True
+        stream, first, step_in_epoch = iter(batches), True, 0
         while True:
             t_wait = time.perf_counter()
             batch = next(stream, None)
@@ -356,11 +366,15 @@ def train_loop_per_worker(config: dict) -> None:
             )
             scheduler.step()
             global_step += 1
+            step_in_epoch += 1
             loss_sum += loss * len(batch["image"])
             seen += len(batch["image"])
             _maybe_fail_once(config, rank, global_step)
             if progress is not None:
                 progress.beat.remote(f"epoch {epoch + 1} step {global_step}")
+            if lines is not None:
+                lines.step(epoch, step_in_epoch, len(batch["image"]), loss,
+                           end_of_epoch=step_in_epoch == steps_per_epoch)  # fmt: skip
         train_seconds = time.perf_counter() - t0
 
         # -- validate: each rank scores its exact part of the split with rank 0's weights and
@@ -397,6 +411,8 @@ def train_loop_per_worker(config: dict) -> None:
             progress.beat.remote(f"epoch {epoch + 1} validated and checkpointed")
         if tracker is not None:
             tracker.log_epoch(epoch, metrics, pictures)
+        if system is not None:
+            system.keep_alive()
         if rank == 0:
             # A logger, not print: Ray Train tees a worker's print into its own logger, so
             # every print line would reach the driver twice.
@@ -405,6 +421,8 @@ def train_loop_per_worker(config: dict) -> None:
                 epoch + 1, config["epochs"], metrics["train_loss"], metrics["val_miou"],
                 metrics["val_pixel_acc"], metrics["train_images_per_s"],
             )  # fmt: skip
+    if system is not None:
+        system.close()
     if tracker is not None:
         tracker.close()
 
@@ -440,14 +458,14 @@ def evaluate_shard(
 
 
 def epoch_pictures(epoch: int, conf: torch.Tensor, samples) -> dict[str, bytes]:
-    """The epoch's pictures for MLflow, by artifact path: the confusion matrix and, with
-    ``samples`` ((frame, prediction) pairs), their overlays."""
+    """The epoch's pictures for MLflow, by image key (logged at step ``epoch``): the confusion
+    matrix and, with ``samples`` ((frame, prediction) pairs), their overlays."""
     from pipelines.pictures import confusion_png, grid, overlay, png
 
-    pictures = {f"confusion/epoch_{epoch:03d}.png": confusion_png(conf.cpu().numpy())}
+    pictures = {"confusion": confusion_png(conf.cpu().numpy())}
     if samples:
         tiles = grid([overlay(img, m) for img, m in samples], columns=2, width=512)
-        pictures[f"overlays/epoch_{epoch:03d}.png"] = png(tiles)
+        pictures["overlays"] = png(tiles)
     return pictures
 
 
@@ -457,9 +475,9 @@ def write_epoch_record(
     """The epoch's metrics and details (METRICS_FILE) and pictures (RECORD_DIR) in a
     checkpoint directory."""
     (directory / METRICS_FILE).write_text(json.dumps({**metrics, **details}, indent=1))
-    for path, data in pictures.items():
-        (directory / RECORD_DIR / path).parent.mkdir(parents=True, exist_ok=True)
-        (directory / RECORD_DIR / path).write_bytes(data)
+    for key, data in pictures.items():
+        (directory / RECORD_DIR).mkdir(parents=True, exist_ok=True)
+        (directory / RECORD_DIR / f"{key}.png").write_bytes(data)
 
 
 def read_epoch_record(directory: Path) -> tuple[int, dict, dict[str, bytes]] | None:
@@ -471,9 +489,7 @@ def read_epoch_record(directory: Path) -> tuple[int, dict, dict[str, bytes]] | N
     logged = json.loads(metrics_file.read_text())
     metrics = {k: v for k, v in logged.items() if isinstance(v, (int, float)) and k != "epoch"}
     pictures = (
-        {p.relative_to(record).as_posix(): p.read_bytes() for p in record.rglob("*.png")}
-        if record.is_dir()
-        else {}
+        {p.stem: p.read_bytes() for p in sorted(record.glob("*.png"))} if record.is_dir() else {}
     )
     return int(logged["epoch"]), metrics, pictures
 
@@ -531,6 +547,86 @@ def _overlay_samples(images, pred, transform: FrameTransform, n: int) -> list:
     return [(img, m) for img, m in zip(raw, pred[:n].byte().cpu().numpy(), strict=True)]
 
 
+class SystemMetrics:
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network,
+    and ``system/gpu_*`` where NVML is there) of this node, sampled into the run every
+    ``interval_s``. MLflow's monitor thread stops for good when a call to the tracking server
+    fails; :meth:`keep_alive` (called every epoch) starts a new one that continues the steps,
+    so a server restart costs a gap, not the rest of the run. Never raises: monitoring must
+    not end training."""
+
+    def __init__(self, tracking_uri: str, run_id: str, interval_s: float) -> None:
+        self.tracking_uri, self.run_id, self.interval_s = tracking_uri, run_id, interval_s
+        self.monitor = None
+        self.starts = 0
+        self.keep_alive()
+
+    def keep_alive(self) -> None:
+        thread = self.monitor._process if self.monitor is not None else None
+        if thread is not None and thread.is_alive():
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=self.interval_s, samples_before_logging=1,
+                resume_logging=True, tracking_uri=self.tracking_uri,
+            )  # fmt: skip
+            self.monitor.start()
+            self.starts += 1
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow system metrics not recorded (%s: %s)", type(e).__name__, e)
+            self.monitor = None
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("MLflow system metrics: %s", e)
+
+
+class StepProgress:
+    """Rank 0's progress lines, readable under ``ray job submit`` (no terminal): at most
+    every ``every_s`` seconds and at the end of each epoch, the step, images/s since the
+    last line, the loss of the last step, and the ETA of the epoch and of the run."""
+
+    def __init__(self, every_s: float, steps_per_epoch: int, epochs: int, first_epoch: int):
+        self.every_s, self.steps_per_epoch, self.epochs = every_s, steps_per_epoch, epochs
+        self.left_at_start = (epochs - first_epoch) * steps_per_epoch
+        self.done = 0  # steps run by this process (a resumed run starts at its epoch)
+        self.t_start = self.t_last = time.monotonic()
+        self.images_since = 0
+
+    def step(self, epoch: int, step_in_epoch: int, images: int, loss: torch.Tensor,
+             end_of_epoch: bool = False) -> str | None:  # fmt: skip
+        """Count a step; returns the line when one is due (and logs it)."""
+        self.done += 1
+        self.images_since += images
+        now = time.monotonic()
+        if now - self.t_last < self.every_s and not end_of_epoch:
+            return None
+        rate = self.images_since / max(now - self.t_last, 1e-9)
+        per_step = (now - self.t_start) / self.done
+        epoch_left = (self.steps_per_epoch - step_in_epoch) * per_step
+        run_left = (self.left_at_start - self.done) * per_step
+        line = (
+            f"epoch {epoch + 1}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch}: "
+            f"{rate:.1f} img/s, loss {float(loss):.4f}, epoch ETA {_duration(epoch_left)}, "
+            f"run ETA {_duration(run_left)}"
+        )  # float(loss): one host sync per line, not per step
+        log.info("%s", line)
+        self.t_last, self.images_since = now, 0
+        return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 class EpochLogger:
     """Rank 0's per-epoch MLflow record (metrics by step, the confusion matrix, overlays),
     sent by a background thread so that the tracking server's state never fails or stalls
@@ -553,14 +649,14 @@ class EpochLogger:
         self._thread.start()
 
     def log_epoch(self, epoch: int, metrics: dict, pictures: dict[str, bytes]) -> None:
-        """The epoch's metrics (at step ``epoch``) and pictures (by artifact path)."""
+        """The epoch's metrics and pictures (by image key), both at step ``epoch``."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         values = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
         self._put(f"epoch {epoch} metrics", self.client.log_batch, self.run_id, metrics=values)
-        for path, data in pictures.items():
-            self._put(f"epoch {epoch} {path}", self._log_png, path, data)
+        for key, data in pictures.items():
+            self._put(f"epoch {epoch} {key} image", self._log_image, key, epoch, data)
 
     def catch_up(self, epoch: int, metrics: dict, pictures: dict[str, bytes]) -> None:
         """Send what of an epoch's record the run lacks (a resumed run's last checkpoint:
@@ -576,21 +672,26 @@ class EpochLogger:
                 values = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
                 self.client.log_batch(self.run_id, metrics=values)
                 log.info("MLflow: epoch %d metrics re-sent from its checkpoint", epoch)
-            for path, data in pictures.items():
-                folder = path.rpartition("/")[0] or None
-                if path not in {a.path for a in self.client.list_artifacts(self.run_id, folder)}:
-                    self._log_png(path, data)
-                    log.info("MLflow: %s re-sent from its checkpoint", path)
+            for key, data in pictures.items():
+                if self._log_image(key, epoch, data):
+                    log.info("MLflow: epoch %d %s image re-sent from its checkpoint", epoch, key)
 
         self._put(f"epoch {epoch} record (catching up)", send_missing)
 
-    def _log_png(self, path: str, data: bytes) -> None:
-        import tempfile
+    def _log_image(self, key: str, step: int, data: bytes) -> bool:
+        """Log a PNG as MLflow image ``key`` at ``step`` (the run page's image slider), unless
+        the run has it already: a retry after a call that failed halfway, or a resumed run's
+        catch-up, never logs it twice. True when it was sent."""
+        import io
 
-        folder, _, name = path.rpartition("/")
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / name).write_bytes(data)
-            self.client.log_artifact(self.run_id, str(Path(tmp) / name), folder or None)
+        from PIL import Image
+
+        if step in tracking.image_steps(self.client, self.run_id, key):
+            return False
+        self.client.log_image(
+            self.run_id, Image.open(io.BytesIO(data)), key=key, step=step, synchronous=True
+        )
+        return True
 
     def _put(self, what: str, call, *args, **kwargs) -> None:
         self._queue.put((what, call, args, kwargs))

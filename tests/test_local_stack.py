@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow import MlflowClient
+
+from pipelines import tracking
+from pipelines.versions import resolve_dataset
 
 from .conftest import ROOT, free_port
 from .faults import start_outage_server
@@ -216,8 +220,13 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "stack-run"
     for key in ("val_miou", "train_loss", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
-    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "confusion")}
-    assert pictures == {"confusion/epoch_000.png"}
+    # The epoch's pictures are images at step 0 (sent once the server was back), the data
+    # is the run's input, and rank 0 logged progress lines into the job's output.
+    assert tracking.image_steps(client, run.info.run_id, "confusion") == {0}
+    [train_input] = [i for i in run.inputs.dataset_inputs
+                     if i.dataset.name.endswith("/train")]  # fmt: skip
+    assert json.loads(train_input.dataset.source)["uri"] == resolve_dataset(local_shards).uri
+    assert re.search(r"epoch 1/1 step (\d+)/\1: [\d.]+ img/s, loss [\d.]+, epoch ETA 0m00s", out)
     assert (local_stack["state"] / "mlflow.db").exists()
     # The epoch's checkpoint is complete on S3 (model, train state, metrics).
     ckpts = local_stack["s3"].location("s3://lanes/checkpoints/stack-run")

@@ -15,8 +15,10 @@ import torch
 from mlflow import MlflowClient
 
 from jobs import train
+from pipelines import tracking
 from pipelines.storage import resolve
 from pipelines.training import FAIL_MARKER, METRICS_FILE, TRAIN_STATE_FILE
+from pipelines.versions import resolve_dataset
 
 from .conftest import ROOT, _Touch, free_port
 
@@ -44,6 +46,8 @@ def train_args(data: str, storage: str, run_name: str, *extra: str) -> list[str]
         "--epochs",
         "2",
         "--no-augment",
+        "--system-metrics-seconds",
+        "1",
         *extra,
     ]
 
@@ -324,13 +328,17 @@ def test_two_worker_run_from_s3_survives_failures_and_registers_model(
     assert split[0] > 0  # the first batch of an epoch is always waited for
     # Every validation frame scored exactly once across the two ranks.
     assert metrics["val_frames"] == val_frames
-    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "confusion")}
-    artifacts |= {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "overlays")}
-    assert {
-        "confusion/epoch_000.png",
-        "confusion/epoch_001.png",
-        "overlays/epoch_001.png",
-    } <= artifacts
+    client = MlflowClient()
+    for key in ("confusion", "overlays"):  # the pictures by epoch (the UI's step slider)
+        assert tracking.image_steps(client, run.info.run_id, key) == {0, 1}, key
+    # The data it trained on, as MLflow dataset inputs: the version folder, the manifest digest.
+    version = resolve_dataset(data)
+    inputs = {i.dataset.name.rpartition("/")[2]: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val"}
+    assert {i.dataset.digest for i in inputs.values()} == {version.manifest_sha256}
+    assert json.loads(inputs["train"].dataset.source)["uri"] == version.uri
+    # Rank 0's system metrics (sampled every second here), next to images/s.
+    assert len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) > 1
     # Nothing secret in params or tags.
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert all(secret not in str(v) for v in {**run.data.params, **run.data.tags}.values())

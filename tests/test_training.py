@@ -3,21 +3,25 @@ resuming the schedule and momentum exactly, per-epoch seeds."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from fcn_models import build_model
+from pipelines import tracking
 from pipelines.augment import decode_batch
 from pipelines.dataset import NormalizeCollate, shard_files
 from pipelines.predictor import load_model_dir, save_model_dir
 from pipelines.training import (
     EpochLogger,
     RecipeError,
+    StepProgress,
+    SystemMetrics,
     epoch_pictures,
     epoch_seed,
     load_train_state,
@@ -301,7 +305,7 @@ def test_a_resumed_run_sends_only_what_its_last_epoch_record_lacks(tmp_path, mlf
     conf = torch.tensor([[5, 1], [2, 7]])
     samples = [(np.full((8, 16, 3), 100, np.uint8), np.eye(8, 16, dtype=np.uint8))] * 2
     pictures = epoch_pictures(0, conf, samples)
-    assert set(pictures) == {"confusion/epoch_000.png", "overlays/epoch_000.png"}
+    assert set(pictures) == {"confusion", "overlays"}
     metrics = {"epoch": 0, "val_miou": 0.25, "train_loss": 1.5}
     write_epoch_record(tmp_path, metrics, {"val_confusion": conf.tolist()}, pictures)
     record = read_epoch_record(tmp_path)
@@ -310,7 +314,7 @@ def test_a_resumed_run_sends_only_what_its_last_epoch_record_lacks(tmp_path, mlf
     client = MlflowClient()
     run_id = client.create_run(mlflow.create_experiment("catch-up")).info.run_id
     sent = EpochLogger(mlflow_store, run_id, flush_s=30)
-    sent.log_epoch(0, metrics, {"confusion/epoch_000.png": pictures["confusion/epoch_000.png"]})
+    sent.log_epoch(0, metrics, {"confusion": pictures["confusion"]})
     sent.close()  # then the worker died
     for _ in range(2):
         resumed = EpochLogger(mlflow_store, run_id, flush_s=30)
@@ -318,15 +322,79 @@ def test_a_resumed_run_sends_only_what_its_last_epoch_record_lacks(tmp_path, mlf
         resumed.close()
     for key in ("val_miou", "train_loss"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [0], key
-    for path, data in pictures.items():
-        folder = path.split("/")[0]
-        assert [a.path for a in client.list_artifacts(run_id, folder)] == [path]
-        local = client.download_artifacts(run_id, path, str(tmp_path))
-        assert Path(local).read_bytes() == data
+    # Each picture is one MLflow image at step 0 (PNG + thumbnail), sent once, as it was made.
+    files = sorted(a.path for a in client.list_artifacts(run_id, "images"))
+    assert len(files) == 4, files
+    for key, data in pictures.items():
+        [png] = [f for f in files if f.startswith(f"images/{key}+step+0+") and f.endswith(".png")]
+        assert f"{png[:-4]}+compressed.webp" in files
+        local = client.download_artifacts(run_id, png, str(tmp_path))
+        assert np.array_equal(
+            np.asarray(Image.open(local)), np.asarray(Image.open(io.BytesIO(data)))
+        )
+        assert tracking.image_steps(client, run_id, key) == {0}
     # A run that got nothing of the epoch gets all of it.
     empty = client.create_run(mlflow.get_experiment_by_name("catch-up").experiment_id)
     logger = EpochLogger(mlflow_store, empty.info.run_id, flush_s=30)
     logger.catch_up(*record)
     logger.close()
     assert client.get_metric_history(empty.info.run_id, "train_loss")[0].value == 1.5
-    assert len(client.list_artifacts(empty.info.run_id, "overlays")) == 1
+    assert tracking.image_steps(client, empty.info.run_id, "overlays") == {0}
+
+
+def test_progress_lines_give_rate_loss_and_etas(caplog):
+    """Rank 0's line: a step that is due (every_s elapsed) or ends the epoch logs the step,
+    images/s, the last loss and ETAs that count down from the steps left."""
+    import logging
+
+    p = StepProgress(every_s=3600, steps_per_epoch=4, epochs=3, first_epoch=1)
+    with caplog.at_level(logging.INFO, logger="jobs.train"):
+        assert p.step(1, 1, 8, torch.tensor(0.5)) is None  # not due
+        p.t_start -= 20  # the two steps took 20 s: 10 s a step, 16 images in 20 s
+        p.t_last -= 20
+        line = p.step(1, 2, 8, torch.tensor(0.25), end_of_epoch=True)
+    # This process runs epochs 2 and 3 (8 steps); 2 are done: 2 left in the epoch (20 s),
+    # 6 in the run (60 s).
+    assert line == "epoch 2/3 step 2/4: 0.8 img/s, loss 0.2500, epoch ETA 0m20s, run ETA 1m00s"
+    assert line in caplog.text
+    p.every_s = 0
+    assert "step 3/4" in p.step(1, 3, 8, torch.tensor(0.1))
+
+
+def test_system_metrics_reach_the_run_and_restart_after_the_monitor_stopped(mlflow_store):
+    """CPU and memory samples land in the run as system/ metrics; when MLflow's monitor
+    thread has stopped (it does on any failed call to the tracking server), keep_alive
+    starts a new one whose steps continue after the last."""
+    import time
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run_id = client.create_run(mlflow.create_experiment("system")).info.run_id
+    system = SystemMetrics(mlflow_store, run_id, interval_s=0.2)
+    key = "system/cpu_utilization_percentage"
+
+    def steps() -> list[int]:
+        return [m.step for m in client.get_metric_history(run_id, key)]
+
+    deadline = time.monotonic() + 30
+    while len(steps()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (
+        len(steps()) >= 2
+        and "system/system_memory_usage_percentage" in client.get_run(run_id).data.metrics
+    )
+    system.keep_alive()  # alive: nothing new
+    assert system.starts == 1
+    # Stop the thread as a failed server call would.
+    system.monitor._shutdown_event.set()
+    system.monitor._process.join(timeout=10)
+    before = max(steps())
+    system.keep_alive()
+    assert system.starts == 2
+    deadline = time.monotonic() + 30
+    while max(steps()) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    system.close()
+    assert max(steps()) > before and len(steps()) == len(set(steps()))  # no step twice
