@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a CSV source may name files outside its own folder (absolute paths, URIs, "
         "'..'); by default such records are rejected",
     )
+    p.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=30.0,
+        help="a progress line (records processed / total, rate, ETA) at most this often",
+    )
     p.add_argument("--slow-write", type=float, default=0.0, help=argparse.SUPPRESS)  # chaos
     return p
 
@@ -101,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
+    if args.progress_seconds <= 0:
+        raise IngestError(f"--progress-seconds must be > 0, got {args.progress_seconds:g}")
     for flag in ("max_bytes", "max_pixels", "read_retries", "keep_versions"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -124,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_versions=args.keep_versions,
         allow_unreadable=args.allow_unreadable,
         allow_outside_root=args.allow_outside_root,
+        progress_seconds=args.progress_seconds,
         slow_write=args.slow_write,
     )
     print(result.summary())

@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
-from pipelines import capacity, labeling, tracking, watchdog
+from pipelines import capacity, labeling, progress, tracking, watchdog
 from pipelines.dataset import read_parquet_files
 from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipelines.labeling import LabelingError
@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file")
     p.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=30.0,
+        help="a progress line (frames done / total, rate, ETA) at most this often",
+    )
+    p.add_argument(
         "--crash-at", choices=("after-write", "mid-commit"), help=argparse.SUPPRESS
     )  # chaos testing
     return p
@@ -129,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     for flag in ("batch_size", "chunk_frames", "read_retries", "max_bytes", "max_pixels",
-                 "stall_minutes"):  # fmt: skip
+                 "stall_minutes", "progress_seconds"):  # fmt: skip
         if getattr(args, flag) < 1:
             raise LabelingError(f"--{flag.replace('_', '-')} must be >= 1")
     t0 = time.time()
@@ -221,9 +227,12 @@ def label(args, lease: Lease, ref, model_files: dict[str, bytes], transform, out
         hint=f"The cluster has {cluster.describe()}; raise --stall-minutes or lower "
         "--chunk-frames if chunks are just slow",
     )
-    with dog:
+    counter = progress.counter_actor()
+    line = progress.RateLine("label", len(todo), every_s=args.progress_seconds)
+    with dog, progress.reported(line, counter, final=lambda: sum(totals.values())):
         deferred, left = label_chunks(args, lease, inputs, todo, ref, transform, output,
-                                      model_ref, actors, use_gpu, totals, dog, t0)  # fmt: skip
+                                      model_ref, actors, use_gpu, totals, dog, t0,
+                                      counter)  # fmt: skip
     for source in deferred[:10]:
         print(f"  deferred (storage errors after retries; labeled by the next run): {source}")
     print(summary(deferred, left))
@@ -231,7 +240,7 @@ def label(args, lease: Lease, ref, model_files: dict[str, bytes], transform, out
 
 
 def label_chunks(args, lease, inputs, todo, ref, transform, output, model_ref, actors,
-                 use_gpu, totals, dog, t0) -> tuple[list[str], int]:  # fmt: skip
+                 use_gpu, totals, dog, t0, counter=None) -> tuple[list[str], int]:  # fmt: skip
     """Label ``todo`` in chunks of ``--chunk-frames``, each committed on its own. Returns the
     deferred sources and the count left for the next run."""
     deferred: list[str] = []
@@ -242,7 +251,8 @@ def label_chunks(args, lease, inputs, todo, ref, transform, output, model_ref, a
             break
         chunk = todo[start : start + args.chunk_frames]
         labeled_at = datetime.now(timezone.utc)
-        ds = pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, labeled_at)
+        ds = pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, labeled_at,
+                      counter)  # fmt: skip
         staging = labeling.new_staging(output, lease.run, n)
         part = staging.join(f"labeled_date={labeled_at:%Y-%m-%d}")
         ds.write_parquet(part.path, filesystem=part.fs, min_rows_per_file=args.rows_per_file)
@@ -261,7 +271,8 @@ def label_chunks(args, lease, inputs, todo, ref, transform, output, model_ref, a
     return deferred, left
 
 
-def pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, labeled_at):
+def pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, labeled_at,
+             counter=None):  # fmt: skip
     """The Ray Data pipeline for one chunk: load (CPU) -> predict (actors) -> encode (CPU)."""
     import ray
 
@@ -320,6 +331,7 @@ def pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, la
                 "model_version": ref.version,
                 "apollo": args.apollo_ids,
                 "labeled_at": labeled_at,
+                "counter": counter,
             },
         )
     )

@@ -23,7 +23,7 @@ import sys
 from datetime import datetime, timezone
 
 from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
-from pipelines import capacity, registry, tracking, watchdog
+from pipelines import capacity, progress, registry, tracking, watchdog
 from pipelines.evaluate import evaluate
 from pipelines.versions import resolve_dataset
 
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="one GPU per model actor (default: when the cluster has GPUs now)",
+    )
+    p.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=30.0,
+        help="a progress line (frames scored / total, rate, ETA) at most this often",
     )
     p.add_argument(
         "--experiment",
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"v{candidate.version} already holds {args.model}@{args.alias}; nothing to do")
         return 0
 
-    for flag in ("batch_size", "stall_minutes"):
+    for flag in ("batch_size", "stall_minutes", "progress_seconds"):
         if getattr(args, flag) <= 0:
             raise registry.RegistryError(f"--{flag.replace('_', '-')} must be > 0")
     versions = {
@@ -205,11 +211,20 @@ def main(argv: list[str] | None = None) -> int:
             for version, mv in versions.items():
                 ref = registry.ModelRef(args.model, version)
                 dog.beat(f"loading v{version}")
+                total = int(data.manifest.get("counts", {}).get(args.split, 0))
+                line = progress.RateLine(f"evaluate v{version}", total,
+                                         every_s=args.progress_seconds)  # fmt: skip
+
+                def scored(frames: int, v=version, line=line) -> None:
+                    dog.beat(f"v{v}: {frames} frames scored")
+                    line.update(frames)
+
                 results[version] = evaluate(
                     registry.fetch_verified(ref, client), data.uri, args.split,
                     batch_size=args.batch_size, actors=actors, use_gpu=use_gpu,
-                    progress=dog.beat,
+                    progress=scored,
                 )  # fmt: skip
+                line.update(results[version]["frames"], force=True)
                 record(client, args.model, version, results[version], data)
                 run_id = evaluation_run(client, experiment_id, args.model, mv,
                                         results[version], data, args.split, args.alias)  # fmt: skip

@@ -47,13 +47,13 @@ def evaluate(
     batch_size: int = 8,
     actors: int = 1,
     use_gpu: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Scores (pixel acc, mean class acc, mIoU, fwIoU, per-class IoU), ``frames`` and
     ``confusion`` of a model on one split of an ingested dataset (a version folder; a dataset
     root is resolved to its current version). ``model_files``: the model directory's files as
     bytes (:func:`pipelines.registry.fetch_verified`), or a Ray object reference to them.
-    ``progress`` is called after each batch is summed (a watchdog's ``beat``).
+    ``progress`` is called with the frames scored so far after each batch is summed.
 
     The shards hold frames already cropped and resized by ingest, so the dataset's transform
     must be the model's: otherwise the model would be scored on inputs it never sees when
@@ -89,7 +89,7 @@ def evaluate(
         conf += batch["confusion"].sum(axis=0).reshape(n_class, n_class)
         frames += int(batch["frames"].sum())
         if progress is not None:
-            progress(f"{frames} frames of {data_uri}/{split} scored")
+            progress(frames)
     if frames == 0:
         raise EvaluationError(f"{data_uri}/{split}: no frames to evaluate")
     result = scores(conf, spec.class_names or CLASS_NAMES)

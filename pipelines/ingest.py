@@ -21,6 +21,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -338,9 +339,10 @@ class Limits:
 
 
 def _process_batch(
-    batch: pd.DataFrame, transform: FrameTransform, locate: Location, limits: Limits
+    batch: pd.DataFrame, transform: FrameTransform, locate: Location, limits: Limits, counter=None
 ) -> pa.Table:
-    """Ray Data stage: read + process each candidate of the batch; failures become reasons."""
+    """Ray Data stage: read + process each candidate of the batch; failures become reasons.
+    ``counter``: the job's progress counter, given the batch's count when it is done."""
     out = []
     for row in batch.to_dict("records"):
         rec = {
@@ -367,6 +369,9 @@ def _process_batch(
             except TransientStorageError as e:
                 rec["reason"], rec["unreadable"] = str(e), True
         out.append(rec)
+    from pipelines.progress import count
+
+    count(counter, len(out))
     return pa.Table.from_pylist(out, schema=PROCESSED_SCHEMA)
 
 
@@ -440,6 +445,7 @@ def run_ingest(
     allow_unreadable: bool = False,
     allow_outside_root: bool = False,
     progress: bool = True,
+    progress_seconds: float = 30.0,
     slow_write: float = 0.0,
 ) -> IngestResult:
     """Ingest ``source`` (Apollo tree or CSV) into a new version of the dataset at ``dest``:
@@ -453,9 +459,12 @@ def run_ingest(
     ``allow_outside_root``. Re-running on the same source gives the same shards and manifest
     (rows in :func:`shard_order_key` order). ``keep_versions``: afterwards remove all but the
     newest that many versions. ``slow_write``: chaos testing, seconds to pause after each
-    shard file.
+    shard file. ``progress``: print a line (records processed / total, rate, ETA) at most every
+    ``progress_seconds`` and at the end of the processing stage.
     """
     import ray
+
+    from pipelines import progress as lines
 
     t0 = time.time()
     limits = limits or Limits()
@@ -466,19 +475,25 @@ def run_ingest(
     splits = split_drives((c.drive for c in found.candidates), val_fraction, seed)
 
     rows = [{**c.as_row(), "split": splits[c.drive]} for c in found.candidates]
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
     blocks = max(1, min(len(rows), int(ray.available_resources().get("CPU", 1)) * 4))
-    processed = (
-        ray.data.from_items(rows, override_num_blocks=blocks)
-        .map_batches(
-            _process_batch,
-            batch_size=4,
-            batch_format="pandas",
-            fn_kwargs={"transform": transform, "locate": resolve(source), "limits": limits},
+    counter = lines.counter_actor() if progress else None
+    line = lines.RateLine("ingest", len(rows), "records", every_s=progress_seconds)
+    with lines.reported(line, counter, final=lambda: len(rows)) if progress else nullcontext():
+        processed = (
+            ray.data.from_items(rows, override_num_blocks=blocks)
+            .map_batches(
+                _process_batch,
+                batch_size=4,
+                batch_format="pandas",
+                fn_kwargs={
+                    "transform": transform,
+                    "locate": resolve(source),
+                    "limits": limits,
+                    "counter": counter,
+                },  # fmt: skip
+            )
+            .materialize()
         )
-        .materialize()
-    )
     meta = processed.drop_columns(["image", "label"]).to_pandas()
     if len(meta) != len(rows):  # every record comes back: as a row or with its reason
         raise RuntimeError(f"ingest processed {len(meta)} of {len(rows)} records")

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import labels
+from pipelines import labels, progress
 from pipelines.errors import UserError
 from pipelines.frames import (
     DEFAULT_MAX_BYTES,
@@ -317,9 +317,11 @@ def encode_results(
     model_version: str,
     apollo: bool,
     labeled_at: datetime,
+    counter=None,
 ) -> pa.Table:
     """CPU stage: masks back to the frame size, PNG-encoded, in the output schema. Deferred
-    frames get no row."""
+    frames get no row. ``counter``: a :class:`pipelines.progress.Counter` the batch's frames
+    are added to (the job's progress lines)."""
     cols: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
     for i in range(len(batch["source"])):
         if batch["deferred"][i]:
@@ -355,6 +357,7 @@ def encode_results(
         }
         for k, v in row.items():
             cols[k].append(v)
+    progress.count(counter, len(batch["source"]))
     return pa.table(cols, schema=OUTPUT_SCHEMA)
 
 

@@ -38,6 +38,7 @@ from pipelines.errors import UserError
 from pipelines.frames import FrameTransform
 from pipelines.metrics import confusion_matrix, flat_metrics, scores
 from pipelines.predictor import ModelSpec, load_model_dir, load_tensors, save_model_dir, unwrap
+from pipelines.progress import duration
 
 log = logging.getLogger("jobs.train")
 
@@ -612,19 +613,12 @@ class StepProgress:
         run_left = (self.left_at_start - self.done) * per_step
         line = (
             f"epoch {epoch + 1}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch}: "
-            f"{rate:.1f} img/s, loss {float(loss):.4f}, epoch ETA {_duration(epoch_left)}, "
-            f"run ETA {_duration(run_left)}"
+            f"{rate:.1f} img/s, loss {float(loss):.4f}, epoch ETA {duration(epoch_left)}, "
+            f"run ETA {duration(run_left)}"
         )  # float(loss): one host sync per line, not per step
         log.info("%s", line)
         self.t_last, self.images_since = now, 0
         return line
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class EpochLogger:

@@ -427,6 +427,10 @@ def test_broken_deliveries_are_reported_not_fatal(tmp_path, ray_cluster, capsys,
     for path, why in expected.items():
         assert re.search(why, rejected[path]), (path, rejected[path])
     assert f"rejected {broken}" in out.out and "(committed: the current version)" in out.out
+    # The progress line for every record, rejected ones included (no terminal needed).
+    total = good + broken
+    assert re.search(rf"^ingest: {total}/{total} records \(100%\), [\d.]+ records/s$", out.out,
+                     re.M), out.out  # fmt: skip
     rows = sum(len(t) for t in (read_split(str(tmp_path / "out"), s) for s in ("train", "val"))
                if t is not None)  # fmt: skip
     assert rows == good

@@ -103,6 +103,8 @@ def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, caps
     n_good = sum(1 for why in expected.values() if not why)
     assert counts(out) == (len(expected), n_good, len(expected) - n_good, 0)
     assert "ignored (not a .jpg/.jpeg/.png frame)" in out and "readme.txt" in out
+    n = len(expected)
+    assert re.search(rf"^label: {n}/{n} frames \(100%\), [\d.]+ frames/s$", out, re.M), out
 
     table = read_output(s["output"]).to_pylist()
     rows = {r["source"]: r for r in table}

@@ -2,6 +2,7 @@
 the candidate is better, record both results, roll back."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -73,6 +74,8 @@ def test_promotes_better_refuses_worse_and_rolls_back(
     status, out = run(capsys, "--candidate", better, *data)
     assert status == 0 and alias_holder() == better
     assert f"candidate v{better}" in out and f"champion v{worse}" in out
+    for v in (better, worse):  # the progress line of each evaluation
+        assert re.search(rf"^evaluate v{v}: 6/6 frames \(100%\), [\d.]+ frames/s$", out, re.M)
     client = MlflowClient()
     tags = {v: client.get_model_version(MODEL, v).tags for v in (worse, better)}
     assert float(tags[better]["eval_miou"]) > float(tags[worse]["eval_miou"])
@@ -197,4 +200,4 @@ def test_actor_pool_evaluation_equals_the_single_process_confusion(
                       progress=beats.append)  # fmt: skip
     np.testing.assert_array_equal(np.array(result["confusion"]), expected)
     assert result["frames"] == 6
-    assert len(beats) == 3 and beats[-1].startswith("6 frames of")  # 3 batches of 2
+    assert beats == [2, 4, 6]  # 3 batches of 2, summed one after the other
