@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows cropped from the bottom (e.g. the ego hood)",
     )
     p.add_argument(
+        "--source-height",
+        type=int,
+        default=None,
+        help="frame height the crops are counted in (default: the height of the first frame "
+        "found); frames of another height from the same camera lose the same fraction of rows",
+    )
+    p.add_argument(
         "--val-fraction", type=float, default=0.1, help="fraction of drives held out for validation"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the drive split")
@@ -113,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise IngestError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    transform = FrameTransform(
-        width=args.size[0],
-        height=args.size[1],
-        crop_top=args.crop_top,
-        crop_bottom=args.crop_bottom,
-    )
+    try:
+        transform = FrameTransform(
+            width=args.size[0],
+            height=args.size[1],
+            crop_top=args.crop_top,
+            crop_bottom=args.crop_bottom,
+            source_height=args.source_height,
+        )
+    except ValueError as e:  # --crop-* / --source-height that leave nothing
+        raise IngestError(f"--size/--crop-top/--crop-bottom/--source-height: {e}") from None
     init_ray()
     quiet_ray_data()
     result = run_ingest(

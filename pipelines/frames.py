@@ -29,6 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # 1-3 MB: anything far larger is a mistake, and decoding it would run a worker out of memory.
 DEFAULT_MAX_PIXELS = 60_000_000
 DEFAULT_MAX_BYTES = 64 * 2**20
+MIN_FRAME = 64  # pixels a side: smaller frames are rejected (nothing to label in them)
 
 
 class FrameError(UserError):
@@ -43,6 +44,12 @@ class FrameTransform:
     dropped, the rest is resized to ``width`` x ``height`` (images bilinear, labels nearest so
     ids are never blended). The defaults are the ApolloScape lane-competition recipe: 3384x1710
     frames, 690 sky rows cropped, 1024x384 model input.
+
+    ``source_height``: the frame height the crops are counted in (ingest records its source
+    frames' height). A frame of another height from the same camera (a half- or
+    quarter-resolution copy) loses the same *fraction* of its rows: 690 of 1710 rows at full
+    size, 345 of 855 at half size. Without it (transforms recorded before it existed) the crops
+    are absolute rows whatever the frame's height.
     """
 
     width: int = 1024
@@ -51,12 +58,21 @@ class FrameTransform:
     crop_bottom: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    source_height: int | None = None
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.height < 1:
             raise ValueError(f"model input size must be positive, got {self.width}x{self.height}")
         if self.crop_top < 0 or self.crop_bottom < 0:
             raise ValueError("crop_top and crop_bottom must be >= 0")
+        if (
+            self.source_height is not None
+            and self.source_height <= self.crop_top + self.crop_bottom
+        ):
+            raise ValueError(
+                f"source_height {self.source_height} leaves no rows after cropping "
+                f"{self.crop_top} top and {self.crop_bottom} bottom rows"
+            )
         # JSON round trips give lists; keep tuples so instances compare and hash.
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -87,14 +103,28 @@ class FrameTransform:
         return self.width, self.height
 
     # -- forward: raw frame -> model input -------------------------------------------------
-    def _crop_rows(self, frame_height: int) -> tuple[int, int]:
-        bottom = frame_height - self.crop_bottom
-        if bottom - self.crop_top < 1:
+    def crop_rows(self, frame_height: int, frame_width: int | None = None) -> tuple[int, int]:
+        """The kept rows [top, bottom) of a frame of that height: the crops scaled by
+        ``frame_height / source_height`` (when recorded), or :class:`FrameError` for a frame
+        under ``MIN_FRAME`` pixels a side or with no rows left."""
+        if frame_height < MIN_FRAME or (frame_width is not None and frame_width < MIN_FRAME):
+            size = (
+                f"{frame_width}x{frame_height}"
+                if frame_width is not None
+                else f"height {frame_height}"
+            )
+            raise FrameError(f"frame {size} is smaller than {MIN_FRAME}x{MIN_FRAME} pixels")
+        top, cut = self.crop_top, self.crop_bottom
+        if self.source_height is not None and frame_height != self.source_height:
+            scale = frame_height / self.source_height
+            top, cut = round(top * scale), round(cut * scale)
+        bottom = frame_height - cut
+        if bottom - top < 1:
             raise FrameError(
                 f"frame height {frame_height} leaves no rows after cropping "
-                f"{self.crop_top} top and {self.crop_bottom} bottom rows"
+                f"{top} top and {cut} bottom rows"
             )
-        return self.crop_top, bottom
+        return top, bottom
 
     def prepare_image(self, frame: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB frame -> (height, width, 3) uint8, cropped and resized."""
@@ -103,7 +133,7 @@ class FrameTransform:
                 f"expected an 8-bit RGB frame (H, W, 3) uint8, got shape {frame.shape} "
                 f"dtype {frame.dtype}"
             )
-        top, bottom = self._crop_rows(frame.shape[0])
+        top, bottom = self.crop_rows(*frame.shape[:2])
         return self._resize_kept(Image.fromarray(frame), frame.shape[1], top, bottom, 1.0)
 
     def _resize_kept(
@@ -124,7 +154,7 @@ class FrameTransform:
         on a quarter of the pixels: 3384x1710 -> 512x192 costs 32 ms instead of 113 ms
         (benchmarks/RESULTS.md). Not 1/4 or 1/8: their reduced IDCT moved the model input
         away from the full decode's (p99 of the pixel error 22 against 2)."""
-        top, bottom = self._crop_rows(frame_h)
+        top, bottom = self.crop_rows(frame_h, frame_w)
         if frame_w // 2 >= self.width and (bottom - top) // 2 >= self.height:
             return 2
         return 1
@@ -141,7 +171,7 @@ class FrameTransform:
         is exactly the one of the full decode."""
         img = _open_rgb(data, max_pixels=max_pixels, what=what)
         frame_w, frame_h = img.size
-        top, bottom = self._crop_rows(frame_h)
+        top, bottom = self.crop_rows(frame_h, frame_w)
         s = self.draft_scale(frame_w, frame_h)
         if s > 1 and img.format == "JPEG":
             # PIL picks the largest scale whose result still covers the size asked for.
@@ -159,7 +189,7 @@ class FrameTransform:
                 f"expected a single-channel 8-bit label (H, W) uint8, got shape {label.shape} "
                 f"dtype {label.dtype}"
             )
-        top, bottom = self._crop_rows(label.shape[0])
+        top, bottom = self.crop_rows(*label.shape)
         img = Image.fromarray(np.ascontiguousarray(label[top:bottom]))
         return np.asarray(img.resize(self.size, Image.Resampling.NEAREST))
 
@@ -183,7 +213,7 @@ class FrameTransform:
         """(height, width) training-id mask -> (H, W) at the original frame size: resized back
         nearest-neighbour over the kept rows, cropped rows filled with background (0)."""
         frame_h, frame_w = frame_hw
-        top, bottom = self._crop_rows(frame_h)
+        top, bottom = self.crop_rows(frame_h, frame_w)
         out = np.zeros((frame_h, frame_w), dtype=np.uint8)
         img = Image.fromarray(np.ascontiguousarray(mask.astype(np.uint8)))
         out[top:bottom] = np.asarray(img.resize((frame_w, bottom - top), Image.Resampling.NEAREST))
@@ -197,7 +227,7 @@ class FrameTransform:
         from pipelines.labels import N_CLASSES
 
         frame_h, frame_w = frame_hw
-        top, bottom = self._crop_rows(frame_h)
+        top, bottom = self.crop_rows(frame_h, frame_w)
         h, w = mask.shape
         rows = _nearest_repeats(h, bottom - top)
         cols = _nearest_repeats(w, frame_w)

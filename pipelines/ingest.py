@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -474,6 +474,8 @@ def run_ingest(
     found.candidates.sort(key=lambda c: c.image_id)
     splits = split_drives((c.drive for c in found.candidates), val_fraction, seed)
 
+    if transform.source_height is None:
+        transform = replace(transform, source_height=source_height(found, source, limits))
     rows = [{**c.as_row(), "split": splits[c.drive]} for c in found.candidates]
     blocks = max(1, min(len(rows), int(ray.available_resources().get("CPU", 1)) * 4))
     counter = lines.counter_actor() if progress else None
@@ -566,6 +568,23 @@ def run_ingest(
         commit_version(dest_loc, name, hashlib.sha256(data).hexdigest()[:16])
     pruned = prune_versions(dest_loc, keep_versions) if keep_versions else []
     return IngestResult(manifest, dest_loc.uri, name, version_loc.uri, committed, pruned)
+
+
+def source_height(found, source: str, limits: Limits, tries: int = 5) -> int | None:
+    """The height of the delivery's frames, from the header of the first that can be opened
+    (a few tries: a broken first file must not decide): what the crops are counted in, so a
+    frame of the same camera at another resolution is cropped by the same fraction. None when
+    none opens (nothing valid to ingest anyway)."""
+    from PIL import Image
+
+    anchor = resolve(source)
+    for c in [c for c in found.candidates if not c.reason and c.image][:tries]:
+        try:
+            data = _read(anchor, c.image, "image", c.image_size, limits)
+            return Image.open(io.BytesIO(data)).size[1]
+        except Exception:  # noqa: BLE001 - that record's own processing reports why
+            continue
+    return None
 
 
 def shard_order_key(image_id: str, seed: int) -> str:

@@ -32,7 +32,7 @@ import fcn_models
 import pipelines
 from pipelines import tracking
 from pipelines.errors import UserError
-from pipelines.frames import FrameTransform
+from pipelines.frames import MIN_FRAME, FrameTransform
 from pipelines.predictor import MODEL_FILE, SPEC_FILE, ModelSpec, Predictor
 
 ARTIFACT_KEY = "model_dir"
@@ -125,8 +125,10 @@ def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, str]):
     Returns the ``ModelVersion``."""
     spec = ModelSpec.from_json((Path(model_dir) / SPEC_FILE).read_text())
     t = spec.transform
-    # A small valid frame: enough rows to survive the crop, any width.
-    example = np.zeros((1, t.crop_top + t.crop_bottom + 32, 64, 3), dtype=np.uint8)
+    # A small valid frame: 64x64 keeps rows when the crop is relative to the source height;
+    # with absolute crops, enough rows to survive them.
+    rows = MIN_FRAME if t.source_height else max(MIN_FRAME, t.crop_top + t.crop_bottom + 32)
+    example = np.zeros((1, rows, MIN_FRAME, 3), dtype=np.uint8)
     info = log_model(model_dir, registered_model_name=name, input_example=example)
     version = str(info.registered_model_version)
     client = MlflowClient()

@@ -212,7 +212,8 @@ def make_model(constant_class: int | None = None, seed: int = 0):
 
 @pytest.fixture
 def register_version(tmp_path, mlflow_store, test_transform):
-    """``register_version(name, constant_class=None, seed=0) -> version``: registers a model
+    """``register_version(name, constant_class=None, seed=0, transform=None) -> version``:
+    registers a model
     built by :func:`make_model` the way jobs.train does (pyfunc + tags) in the test's store.
 
     Every version it registers carries a planted ``python_model.pkl`` that would create a
@@ -225,9 +226,11 @@ def register_version(tmp_path, mlflow_store, test_transform):
     from pipelines.predictor import ModelSpec, save_model_dir
     from pipelines.registry import register_model_dir
 
-    def register(name: str, constant_class: int | None = None, seed: int = 0) -> str:
+    def register(
+        name: str, constant_class: int | None = None, seed: int = 0, transform=None
+    ) -> str:
         model_dir = tmp_path / f"model-{name}-{constant_class}-{seed}"
-        spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
+        spec = ModelSpec("fcn8s_resnet101", 8, transform or test_transform, labels.CLASS_NAMES)
         save_model_dir(model_dir, make_model(constant_class, seed), spec)
         # An experiment of our own: the default one would put artifacts in ./mlruns.
         experiment = tracking.ensure_experiment("registered-by-tests", mlflow_store)

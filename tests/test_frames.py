@@ -65,11 +65,42 @@ def test_transform_round_trips_through_dict():
     assert FrameTransform.from_dict(t.to_dict()) == t
 
 
-@pytest.mark.parametrize("height", [10, 40])
+@pytest.mark.parametrize("height", [64, 70])
 def test_too_few_rows_is_a_frame_error(height):
-    t = FrameTransform(width=8, height=8, crop_top=30, crop_bottom=10)
+    t = FrameTransform(width=8, height=8, crop_top=60, crop_bottom=10)  # absolute crops
     with pytest.raises(FrameError, match=f"frame height {height} leaves no rows"):
-        t.prepare_image(np.zeros((height, 20, 3), dtype=np.uint8))
+        t.prepare_image(np.zeros((height, 80, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(63, 100), (100, 63), (10, 10)])
+def test_frames_under_64_pixels_a_side_are_refused(shape):
+    t = FrameTransform(width=8, height=8, crop_top=4, source_height=100)
+    with pytest.raises(FrameError, match=rf"frame {shape[1]}x{shape[0]} is smaller than 64x64"):
+        t.prepare_image(np.zeros((*shape, 3), dtype=np.uint8))
+    t.prepare_image(np.zeros((64, 64, 3), dtype=np.uint8))  # the smallest accepted
+
+
+def test_crops_scale_with_the_frame_height_when_the_source_height_is_known():
+    """The same camera at 1x, 0.5x and 0.25x: each loses the same fraction of its rows, and
+    the model input is the same picture (within resampling); an old transform without a
+    source height keeps its absolute rows."""
+    from pipelines.synthetic import render_frame
+
+    t = FrameTransform(width=128, height=48, crop_top=280, crop_bottom=40, source_height=768)
+    full, _ = render_frame(np.random.default_rng(2), 1536, 768)
+    assert t.crop_rows(768) == (280, 728)
+    assert t.crop_rows(384) == (140, 364)
+    assert t.crop_rows(192) == (70, 182)
+    reference = t.prepare_image(full).astype(int)
+    for f in (2, 4):
+        small = np.asarray(Image.fromarray(full).resize((1536 // f, 768 // f), Image.BILINEAR))
+        x = t.prepare_image(small).astype(int)
+        assert x.shape == reference.shape and np.abs(x - reference).mean() < 3, f
+        mask = t.restore_mask(np.ones((48, 128), np.uint8), (768 // f, 1536 // f))
+        rows = np.flatnonzero(mask.any(axis=1))
+        assert (rows[0], rows[-1] + 1) == (280 // f, 728 // f)
+    legacy = FrameTransform(width=128, height=48, crop_top=280, crop_bottom=40)
+    assert legacy.crop_rows(384) == (280, 344)
 
 
 def test_codecs_round_trip():
@@ -170,7 +201,7 @@ def test_load_image_without_reduction_matches_prepare_image():
 
 @pytest.mark.parametrize(
     "mask_hw, frame_hw, crop_top, crop_bottom",
-    [((192, 512), (1710, 3384), 690, 0), ((20, 50), (130, 200), 30, 7), ((37, 61), (50, 61), 0, 0)],
+    [((192, 512), (1710, 3384), 690, 0), ((20, 50), (130, 200), 30, 7), ((37, 61), (67, 64), 0, 0)],
 )
 def test_restored_pixel_counts_equal_counting_the_restored_mask(
     mask_hw, frame_hw, crop_top, crop_bottom

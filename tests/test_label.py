@@ -92,6 +92,38 @@ def labeling_setup(s3_prefix, register_version, ray_cluster):
     }
 
 
+def test_frames_at_half_and_quarter_resolution_are_cropped_by_the_same_fraction(
+    s3_prefix, register_version, ray_cluster, test_transform, capsys
+):
+    """A model ingested from FRAME_H-row frames labels the same camera's frames at 1x, 0.5x
+    and 0.25x: each loses the same fraction of its rows to the sky crop (not CROP_TOP rows,
+    which would leave a quarter-size frame nothing), and each mask is the model's prediction
+    on that frame at its own size."""
+    from dataclasses import replace
+
+    transform = replace(test_transform, source_height=FRAME_H)
+    version = register_version(MODEL, transform=transform)
+    frame = render_frame(np.random.default_rng(11), FRAME_W, FRAME_H)[0]
+    root = resolve(f"{s3_prefix}/scaled")
+    sizes = {}
+    for f in (1, 2, 4):
+        w, h = FRAME_W // f, FRAME_H // f
+        small = np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BILINEAR))
+        root.join(f"cam/x{f}.png").write_bytes(png(small))
+        sizes[f"{root.uri}/cam/x{f}.png"] = (h, w, small)
+    status, out = run_label(capsys, "--input", root.uri, "--output", f"{s3_prefix}/scaled-out",
+                            "--model", f"models:/{MODEL}/{version}")  # fmt: skip
+    assert status == 0 and counts(out) == (3, 3, 0, 0), out
+    predictor = load_predictor(ModelRef(MODEL, version))
+    for row in read_output(f"{s3_prefix}/scaled-out").to_pylist():
+        h, w, small = sizes[row["source"]]
+        mask = decode_png_mask(row["mask"])
+        assert row["status"] == "ok" and mask.shape == (h, w)
+        top = round(CROP_TOP * h / FRAME_H)
+        assert (mask[:top] == 0).all()
+        assert (mask == predictor.predict([small])[0]).mean() > 0.999
+
+
 @pytest.mark.slow
 def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, capsys):
     s = labeling_setup
