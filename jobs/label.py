@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file")
     p.add_argument(
+        "--uncertain-below",
+        type=float,
+        default=0.5,
+        help="a pixel is uncertain when the model's largest class probability is under this "
+        "(the uncertain_fraction column)",
+    )
+    p.add_argument(
+        "--review-below",
+        type=float,
+        default=None,
+        help="also write the frames whose confidence is under this to "
+        "OUTPUT/review/labeled_date=DATE/RUN.parquet (ids, sources, scores), for people to review",
+    )
+    p.add_argument(
         "--progress-seconds",
         type=float,
         default=30.0,
@@ -138,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                  "stall_minutes", "progress_seconds"):  # fmt: skip
         if getattr(args, flag) < 1:
             raise LabelingError(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("uncertain_below", "review_below"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value <= 1:
+            raise LabelingError(f"--{flag.replace('_', '-')} must be in (0, 1], got {value:g}")
     t0 = time.time()
     tracking_uri = tracking.configure()
     tracking.check_tracking(tracking_uri)
@@ -244,6 +262,7 @@ def label_chunks(args, lease, inputs, todo, ref, transform, output, model_ref, a
     """Label ``todo`` in chunks of ``--chunk-frames``, each committed on its own. Returns the
     deferred sources and the count left for the next run."""
     deferred: list[str] = []
+    scored: list = []  # this run's rows' scores, for --review-below
     left = len(todo)
     for n, start in enumerate(range(0, len(todo), args.chunk_frames)):
         if args.time_limit is not None and time.time() - t0 > args.time_limit:
@@ -257,6 +276,8 @@ def label_chunks(args, lease, inputs, todo, ref, transform, output, model_ref, a
         part = staging.join(f"labeled_date={labeled_at:%Y-%m-%d}")
         ds.write_parquet(part.path, filesystem=part.fs, min_rows_per_file=args.rows_per_file)
         result = labeling.reconcile(staging, {r["source"] for r in chunk})
+        if args.review_below is not None:
+            scored.append(labeling.staged_scores(staging))
         if args.crash_at == "after-write":
             import os
 
@@ -268,6 +289,13 @@ def label_chunks(args, lease, inputs, todo, ref, transform, output, model_ref, a
         deferred += result.deferred
         left -= len(chunk)
         dog.beat(f"chunk {n + 1} committed")
+    if args.review_below is not None and scored:
+        import pyarrow as pa
+
+        uri, n_review = labeling.write_review(output, lease.run, pa.concat_tables(scored),
+                                              args.review_below)  # fmt: skip
+        print(f"review: {n_review} frames with confidence under {args.review_below:g} -> {uri}",
+              flush=True)  # fmt: skip
     return deferred, left
 
 
@@ -315,6 +343,7 @@ def pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, la
             fn_constructor_kwargs={
                 "model_files": model_ref,
                 "actors": actors,
+                "uncertain_below": args.uncertain_below,
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if use_gpu else 0,

@@ -67,6 +67,12 @@ OUTPUT_SCHEMA = pa.schema(
         ("mask", pa.binary()),  # PNG, training ids, frame size; null on error
         ("apollo_mask", pa.binary()),  # PNG, Apollo ids (inverse map); null unless asked for
         ("class_pixels", pa.list_(pa.int64())),  # pixels per training class; null on error
+        # How sure the model is (softmax's largest probability p per pixel, at model input
+        # size); null on error: mean p over pixels predicted as lanes (null: none predicted),
+        # mean p over all pixels, share of pixels with p under --uncertain-below.
+        ("confidence", pa.float32()),
+        ("pixel_confidence", pa.float32()),
+        ("uncertain_fraction", pa.float32()),
         ("model_name", pa.string()),
         ("model_version", pa.string()),
         ("status", pa.string()),  # "ok" or "error"
@@ -145,7 +151,57 @@ def committed_files(output: Location) -> list[str]:
         )  # fmt: skip
     except FileNotFoundError:
         return []
-    return sorted(p for p in found.files if p.lower().endswith(".parquet"))
+    return sorted(p for p in found.files if _is_output_file(output, p))
+
+
+REVIEW = "review"  # OUTPUT/review/labeled_date=.../RUN.parquet: frames under --review-below
+
+
+def staged_scores(staging: Location) -> pa.Table:
+    """The columns :func:`write_review` needs, from a chunk's staging folder (before it is
+    committed: the rows of this run only, without reading any mask)."""
+    columns = [*REVIEW_SCHEMA.names, "status", "labeled_at"]
+    tables = []
+    for info in staging.list_files((".parquet",)):
+        with staging.fs.open_input_file(info.path) as f:
+            tables.append(pq.read_table(f, columns=columns))
+    schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
+    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+
+
+def _is_output_file(output: Location, path: str) -> bool:
+    """A committed output file: ``.parquet``, not under ``OUTPUT/review/``."""
+    return path.lower().endswith(".parquet") and not path.startswith(
+        output.join(REVIEW).path.rstrip("/") + "/"
+    )
+
+
+REVIEW_SCHEMA = pa.schema(
+    [OUTPUT_SCHEMA.field(c) for c in ("image_id", "source", "confidence", "pixel_confidence",
+                                      "uncertain_fraction", "model_name", "model_version")]
+)  # fmt: skip
+
+
+def write_review(output: Location, run: str, rows: pa.Table, below: float) -> tuple[str, int]:
+    """The ok rows of ``rows`` (this run's) that the model is unsure of: ``confidence``
+    (lanes) under ``below``, or, where no lane was predicted, ``pixel_confidence`` under it.
+    Written as one small Parquet file ``OUTPUT/review/labeled_date=DATE/RUN.parquet``, so a
+    labeling team pulls exactly those frames. Returns (its URI, rows)."""
+    import pyarrow.compute as pc
+
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    score = pc.coalesce(ok["confidence"], ok["pixel_confidence"])
+    picked = ok.filter(pc.less(score, below)).select(REVIEW_SCHEMA.names).cast(REVIEW_SCHEMA)
+    # The date of the run's first chunk, as its rows' partition.
+    first = rows["labeled_at"][0].as_py() if len(rows) else datetime.now().astimezone()
+    date = first.strftime("%Y-%m-%d")
+    dest = output.join(REVIEW, f"labeled_date={date}", f"{run}.parquet")
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(picked, buf)
+    dest.write_bytes(buf.getvalue())
+    return dest.uri, picked.num_rows
 
 
 def already_labeled(output: Location, model_name: str, model_version: str) -> set[str]:
@@ -168,7 +224,7 @@ def already_labeled(output: Location, model_name: str, model_version: str) -> se
         return set()
     # Discovery's fragments keep each file's size from the listing (no extra request per file
     # on S3, as a list of paths would need).
-    fragments = [f for f in found.get_fragments() if f.path.lower().endswith(".parquet")]
+    fragments = [f for f in found.get_fragments() if _is_output_file(output, f.path)]
     dataset = pads.FileSystemDataset(fragments, schema, found.format, found.filesystem)
     wanted = (pc.field("model_name") == model_name) & (pc.field("model_version") == model_version)
     return set(dataset.to_table(columns=["source"], filter=wanted)["source"].to_pylist())
@@ -182,8 +238,12 @@ def read_output(output_uri: str) -> pa.Table:
         return OUTPUT_SCHEMA.empty_table()
     import pyarrow.dataset as pads
 
+    # An explicit schema: files written before a column existed (confidence, ...) read as
+    # nulls in it instead of failing the read.
+    date = pa.schema([("labeled_date", pa.string())])
     return pads.dataset(
-        files, filesystem=output.fs, format="parquet", partitioning="hive",
+        files, schema=pa.unify_schemas([OUTPUT_SCHEMA, date]), filesystem=output.fs,
+        format="parquet", partitioning=pads.partitioning(date, flavor="hive"),
         partition_base_dir=output.path,
     ).to_table()  # fmt: skip
 
@@ -295,16 +355,31 @@ def load_frames(
     }
 
 
+SCORES = ("confidence", "pixel_confidence", "uncertain_fraction")
+
+
 class Segmenter(ModelActor):
-    """Actor stage: holds one model (built once per actor) and predicts batches."""
+    """Actor stage: holds one model (built once per actor) and predicts batches, with each
+    frame's confidence (:meth:`pipelines.predictor.Predictor.predict_scored`)."""
+
+    def __init__(self, model_files, actors: int = 1, uncertain_below: float = 0.5) -> None:
+        super().__init__(model_files, actors)
+        self.uncertain_below = uncertain_below
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
+        n = len(ok)
         masks = np.zeros(batch["prepared"].shape[:3], dtype=np.uint8)
+        scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SCORES}
         if ok.any():  # error and deferred rows carry a zero placeholder: not predicted
-            masks[ok] = self.predictor.predict_prepared(batch["prepared"][ok])
+            masks[ok], got = self.predictor.predict_scored(
+                batch["prepared"][ok], self.uncertain_below
+            )
+            for k in SCORES:
+                scores[k][ok] = got[k]
         out = {k: v for k, v in batch.items() if k != "prepared"}
         out["small_mask"] = masks
+        out.update(scores)
         return out
 
 
@@ -349,6 +424,7 @@ def encode_results(
             "mask": mask,
             "apollo_mask": apollo_png,
             "class_pixels": pixels,
+            **{k: _score(batch[k][i]) if not error else None for k in SCORES},
             "model_name": model_name,
             "model_version": model_version,
             "status": "error" if error else "ok",
@@ -359,6 +435,11 @@ def encode_results(
             cols[k].append(v)
     progress.count(counter, len(batch["source"]))
     return pa.table(cols, schema=OUTPUT_SCHEMA)
+
+
+def _score(v) -> float | None:
+    v = float(v)
+    return None if np.isnan(v) else v
 
 
 # -- one chunk: stage, reconcile, commit ---------------------------------------------------------

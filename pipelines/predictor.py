@@ -172,9 +172,7 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return self.model(x).float()
 
-    def predict_prepared(self, images: np.ndarray) -> np.ndarray:
-        """(N, h, w, 3) uint8 frames already at the model's input size (e.g. ingested shards)
-        -> (N, h, w) uint8 training-id masks."""
+    def _chunks(self, images: np.ndarray):
         images = np.asarray(images)
         want = (self.transform.height, self.transform.width)
         if images.ndim != 4 or images.shape[1:3] != want or images.shape[3] != 3:
@@ -182,12 +180,46 @@ class Predictor:
                 f"expected prepared frames of shape (N, {want[0]}, {want[1]}, 3), "
                 f"got {images.shape}"
             )
-        out = []
         for i in range(0, len(images), self.max_batch):
             # Writable and contiguous (Ray hands out read-only views; torch warns on those).
-            chunk = torch.from_numpy(np.require(images[i : i + self.max_batch], requirements="CW"))
-            out.append(self.logits(chunk).argmax(1).to(torch.uint8).cpu().numpy())
+            yield torch.from_numpy(np.require(images[i : i + self.max_batch], requirements="CW"))
+
+    def predict_prepared(self, images: np.ndarray) -> np.ndarray:
+        """(N, h, w, 3) uint8 frames already at the model's input size (e.g. ingested shards)
+        -> (N, h, w) uint8 training-id masks."""
+        out = [self.logits(c).argmax(1).to(torch.uint8).cpu().numpy() for c in self._chunks(images)]
+        want = (self.transform.height, self.transform.width)
         return np.concatenate(out) if out else np.zeros((0, *want), dtype=np.uint8)
+
+    def predict_scored(
+        self, images: np.ndarray, uncertain_below: float = 0.5
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`predict_prepared` plus, per frame, how sure the model is (at the model's
+        input size, from the softmax's largest probability ``p`` at each pixel):
+
+        - ``confidence``: mean ``p`` over the pixels predicted as a lane class (not class 0);
+          NaN where no pixel is;
+        - ``pixel_confidence``: mean ``p`` over all pixels;
+        - ``uncertain_fraction``: share of pixels with ``p < uncertain_below``.
+        """
+        masks, stats = [], {"confidence": [], "pixel_confidence": [], "uncertain_fraction": []}
+        for chunk in self._chunks(images):
+            p, pred = self.logits(chunk).softmax(1).max(1)  # (N, h, w) each
+            lane = (pred > 0).float()
+            lanes = lane.sum((1, 2))
+            lane_p = (p * lane).sum((1, 2)) / lanes.clamp(min=1)
+            stats["confidence"].append(torch.where(lanes > 0, lane_p, torch.nan).cpu().numpy())
+            stats["pixel_confidence"].append(p.mean((1, 2)).cpu().numpy())
+            stats["uncertain_fraction"].append(
+                (p < uncertain_below).float().mean((1, 2)).cpu().numpy()
+            )
+            masks.append(pred.to(torch.uint8).cpu().numpy())
+        want = (self.transform.height, self.transform.width)
+        if not masks:
+            return np.zeros((0, *want), np.uint8), {k: np.zeros(0, np.float32) for k in stats}
+        return np.concatenate(masks), {
+            k: np.concatenate(v).astype(np.float32) for k, v in stats.items()
+        }
 
     def prepare(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Raw (H, W, 3) uint8 frames -> (N, h, w, 3) at the model's input size."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -128,7 +129,8 @@ def test_frames_at_half_and_quarter_resolution_are_cropped_by_the_same_fraction(
 def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, capsys):
     s = labeling_setup
     argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
-            "--max-pixels", str(MAX_PIXELS), "--apollo-ids", "--rows-per-file", "4"]  # fmt: skip
+            "--max-pixels", str(MAX_PIXELS), "--apollo-ids", "--rows-per-file", "4",
+            "--review-below", "1"]  # fmt: skip
     status, out = run_label(capsys, *argv)
     assert status == 0, out
     expected = s["expected"]
@@ -165,10 +167,19 @@ def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, caps
         # as labeling does, at half size where that covers the input): the pipeline adds
         # nothing. (Batches differ, so float summation order may differ: a few tie flips.)
         t = predictor.transform
-        small = predictor.predict_prepared(t.load_image(data)[0][None])[0]
-        direct = t.restore_mask(small, frame.shape[:2])
+        small, scores = predictor.predict_scored(t.load_image(data)[0][None])
+        direct = t.restore_mask(small[0], frame.shape[:2])
         assert (direct == mask).mean() > 0.999
+        for k in ("confidence", "pixel_confidence", "uncertain_fraction"):  # its scores too
+            assert row[k] == pytest.approx(float(scores[k][0]), abs=1e-4), k
     assert len({r["mask"] for r in table if r["status"] == "ok"}) > 1  # not a constant model
+    # --review-below 1: every frame labeled ok is listed for review (ids and scores), once.
+    [line] = [x for x in out.splitlines() if x.startswith("review: ")]
+    review = pq.read_table(io.BytesIO(resolve(line.split(" -> ")[1]).read_bytes()))
+    assert sorted(review.column("source").to_pylist()) == sorted(
+        r["source"] for r in table if r["status"] == "ok"
+    )
+    assert all(r["confidence"] is None or r["confidence"] < 1 for r in review.to_pylist())
 
     # A second run finds nothing new and writes nothing.
     files_before = sorted(i.path for i in resolve(s["output"]).list_files())
