@@ -34,6 +34,9 @@ def rows(sources: list[str], version: str, model: str = MODEL, status: str = "ok
             "mask": [b"\x89PNG fake" if ok else None] * n,
             "apollo_mask": [None] * n,
             "class_pixels": [[24, 0, 0, 0, 0, 0, 0, 0] if ok else None] * n,
+            "confidence": [0.8 if ok else None] * n,
+            "pixel_confidence": [0.9 if ok else None] * n,
+            "uncertain_fraction": [0.1 if ok else None] * n,
             "model_name": [model] * n,
             "model_version": [version] * n,
             "status": [status] * n,
@@ -68,7 +71,13 @@ def two_versions(output) -> Location:
     """Rows of model versions 1 and 2 on two dates (a file mixing both too), error rows, and
     another model's version 1."""
     put(output, f"labeled_date={DAY1}/a_000000.parquet", rows(src("a1", "a2"), "1"))
-    put(output, f"labeled_date={DAY1}/b_000000.parquet", rows(src("bad1"), "1", status="error"))
+    # Written before the score columns existed: read with them as nulls.
+    legacy = rows(src("bad1"), "1", status="error").drop_columns(
+        ["confidence", "pixel_confidence", "uncertain_fraction"]
+    )
+    put(output, f"labeled_date={DAY1}/b_000000.parquet", legacy)
+    # A --review-below list: under the output, but no output rows.
+    put(output, f"review/labeled_date={DAY2}/run-x.parquet", rows(src("zz"), "1"))
     put(output, f"labeled_date={DAY2}/c_000000.parquet", rows(src("a1", "a2", "c3"), "2"))
     put(output, f"labeled_date={DAY2}/d_000000.parquet",
         pa.concat_tables([rows(src("d4"), "1"), rows(src("d5"), "2")]))  # fmt: skip
@@ -87,6 +96,10 @@ def test_committed_files_and_read_output_see_every_committed_row(two_versions):
     names = [p.rsplit("/", 1)[-1] for p in committed_files(two_versions)]
     assert names == [f"{k}_000000.parquet" for k in "abcde"]
     table = read_output(two_versions.uri)
+    scores = {(r["source"], r["model_version"]): r["confidence"] for r in table.to_pylist()}
+    assert (
+        scores[(src("a1")[0], "1")] == pytest.approx(0.8) and scores[(src("bad1")[0], "1")] is None
+    )
     got = sorted(
         (r["source"].split("/")[-1], r["model_name"], r["model_version"], r["labeled_date"])
         for r in table.select(["source", "model_name", "model_version", "labeled_date"]).to_pylist()
