@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import psutil
@@ -47,6 +48,7 @@ def local_stack():
         "RAY_GCS_PORT": free_port(),
         "RAY_DASHBOARD_PORT": free_port(),
         "MLFLOW_PORT": free_port(),
+        "PG_PORT": free_port(),
     }
     # The stack's S3 (checkpoints) is an outage server the test can take away for a while.
     s3 = start_outage_server(outage_seconds=10)
@@ -60,6 +62,12 @@ def local_stack():
             [str(START), "--num-cpus", "2"], env=env, capture_output=True, text=True, timeout=300
         )
         assert start.returncode == 0, start.stdout + start.stderr
+        if "note: no PostgreSQL server binaries" in start.stdout:
+            warnings.warn(
+                "the local stack ran MLflow on sqlite: no PostgreSQL server binaries here "
+                "(apt-get install postgresql to test the PostgreSQL backend)",
+                stacklevel=1,
+            )
         yield {"state": state, "env": env, "ports": ports, "start_output": start.stdout, "s3": s3}
     finally:
         subprocess.run([str(STOP)], env=env, capture_output=True, timeout=120)
@@ -227,7 +235,28 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(
                      if i.dataset.name.endswith("/train")]  # fmt: skip
     assert json.loads(train_input.dataset.source)["uri"] == resolve_dataset(local_shards).uri
     assert re.search(r"epoch 1/1 step (\d+)/\1: [\d.]+ img/s, loss [\d.]+, epoch ETA 0m00s", out)
-    assert (local_stack["state"] / "mlflow.db").exists()
+    # The backend store: PostgreSQL where its server binaries are installed (the runs are
+    # rows of its database), else sqlite, as start.sh said.
+    state, pg_port = local_stack["state"], ports["PG_PORT"]
+    if (state / "pg_password").exists():
+        import psycopg2
+
+        assert (
+            f"store: postgresql+psycopg2://mlflow@127.0.0.1:{pg_port}/mlflow"
+            in (local_stack["start_output"])
+        )
+        db = psycopg2.connect(host="127.0.0.1", port=pg_port, user="mlflow", dbname="mlflow",
+                              password=(state / "pg_password").read_text().strip())  # fmt: skip
+        try:
+            with db.cursor() as cur:
+                cur.execute("SELECT name, status FROM runs")
+                assert ("stack-run", "FINISHED") in cur.fetchall()
+        finally:
+            db.close()
+        assert not (state / "mlflow.db").exists()
+    else:
+        assert "note: no PostgreSQL server binaries" in local_stack["start_output"]
+        assert (state / "mlflow.db").exists()
     # The epoch's checkpoint is complete on S3 (model, train state, metrics).
     ckpts = local_stack["s3"].location("s3://lanes/checkpoints/stack-run")
     metrics = sorted(json.loads(ckpts.at_path(i.path).read_text())["epoch"]
@@ -319,7 +348,8 @@ def test_start_refuses_a_server_it_did_not_start_and_leaves_nothing_running(tmp_
     s3_port = free_port()
     state = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
     env = stack_env(state, MLFLOW_PORT=stale.server_port, S3_PORT=s3_port,
-                    RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port())  # fmt: skip
+                    RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port(),
+                    PG_PORT=free_port())  # fmt: skip
     try:
         start = subprocess.run([str(START), "--s3"], env=env, capture_output=True, text=True,
                                timeout=300)  # fmt: skip
@@ -340,8 +370,10 @@ def test_start_refuses_a_server_it_did_not_start_and_leaves_nothing_running(tmp_
 def test_start_interrupted_stops_what_it_started(tmp_path):
     state = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
     s3_port, mlflow_port = free_port(), free_port()
+    pg_port = free_port()
     env = stack_env(state, MLFLOW_PORT=mlflow_port, S3_PORT=s3_port,
-                    RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port())  # fmt: skip
+                    RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port(),
+                    PG_PORT=pg_port)  # fmt: skip
     start = subprocess.Popen([str(START), "--s3"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -354,7 +386,7 @@ def test_start_interrupted_stops_what_it_started(tmp_path):
         assert start.returncode == 130, err
         assert "interrupted: stopping what was started" in err
         time.sleep(1)
-        assert not listening(s3_port) and not listening(mlflow_port)
+        assert not any(listening(p) for p in (s3_port, mlflow_port, pg_port))
         assert not list(state.glob("*.pid"))
     finally:
         if start.poll() is None:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Start the local stack on 127.0.0.1: a Ray head (dashboard + job server, token
-# authentication on), an MLflow tracking server (sqlite backend store), and with --s3 a local
-# S3-protocol server (moto) to try the s3:// paths. Then:
+# authentication on), an MLflow tracking server on a PostgreSQL backend store (an instance
+# initialised under the state folder; sqlite where the PostgreSQL server binaries are missing,
+# or with --sqlite), and with --s3 a local S3-protocol server (moto) to try the s3:// paths.
+# Then:
 #
 #   source .local-stack/env.sh
 #   ray job submit --working-dir . -- python -m jobs.train ...
@@ -17,7 +19,9 @@ RAY_GCS_PORT="${RAY_GCS_PORT:-6390}"
 RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 S3_PORT="${S3_PORT:-9000}"
+PG_PORT="${PG_PORT:-5433}"
 WITH_S3=0
+BACKEND=postgres
 ARTIFACTS=""
 RAY_CPUS=""
 RESTART_MLFLOW=0
@@ -30,6 +34,7 @@ usage: infra/local/start.sh [--s3] [--artifacts URI] [--num-cpus N]
   --artifacts URI  where the MLflow server stores artifacts (default: $STATE/mlartifacts;
                    s3://lanes/mlartifacts with --s3)
   --num-cpus N     logical CPUs of the Ray head (default: all cores, at least 4)
+  --sqlite         MLflow's backend store in sqlite instead of PostgreSQL (127.0.0.1:$PG_PORT)
   --restart-mlflow restart only the MLflow server of the running stack (same store, port and
                    artifacts; running jobs buffer their records meanwhile)
 USAGE
@@ -40,6 +45,7 @@ while [ $# -gt 0 ]; do
     --s3) WITH_S3=1 ;;
     --artifacts) ARTIFACTS="$2"; shift ;;
     --num-cpus) RAY_CPUS="$2"; shift ;;
+    --sqlite) BACKEND=sqlite ;;
     --restart-mlflow) RESTART_MLFLOW=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -161,21 +167,74 @@ if [ "$WITH_S3" = 1 ]; then
   echo "S3 server      http://127.0.0.1:$S3_PORT  (bucket: lanes)"
 fi
 
-# MLflow: runs and the registry in sqlite, artifacts served (proxied) by the server itself,
-# so clients need no access to the artifact store. Its port and artifacts are remembered for
-# --restart-mlflow.
+# PostgreSQL, the backend store real deployments use: an instance initialised once under
+# $STATE/pg, listening on 127.0.0.1:$PG_PORT only (and a Unix socket in $STATE/pg/run), a
+# role "mlflow" whose generated password reaches the MLflow server through PGPASSWORD. The
+# server binaries come from Debian's postgresql package; without them the stack says so and
+# uses sqlite. Run as root, PostgreSQL (which refuses root) runs as the "postgres" user.
+pg_bin() {
+  local dir
+  dir="$(pg_config --bindir 2>/dev/null || true)"
+  [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ] && { echo "$dir"; return; }
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ] && { echo "$dir"; return; }
+  done
+}
+start_postgres() {
+  local as=() data="$STATE/pg/data" run="$STATE/pg/run"
+  if [ "$(id -u)" = 0 ]; then
+    as=(runuser -u postgres --)
+    chmod o+x "$STATE"  # traverse only: the postgres user reaches $STATE/pg, lists nothing
+  fi
+  mkdir -p "$STATE/pg/run"
+  chmod 700 "$STATE/pg" "$run"
+  [ "$(id -u)" = 0 ] && chown -R postgres: "$STATE/pg"
+  if [ ! -f "$data/PG_VERSION" ]; then
+    "${as[@]}" "$PG_BIN/initdb" -D "$data" -U postgres --auth-local=trust \
+      --auth-host=scram-sha-256 > "$STATE/postgres.log" 2>&1 || fail "initdb failed; see $STATE/postgres.log"
+  fi
+  "${as[@]}" "$PG_BIN/postgres" -D "$data" -h 127.0.0.1 -p "$PG_PORT" -k "$run" \
+    >> "$STATE/postgres.log" 2>&1 &
+  "${PROC[@]}" record "$STATE" postgres $!
+  for _ in $(seq 1 120); do
+    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" && break
+    "${PROC[@]}" alive "$STATE" postgres || fail "postgres exited; see $STATE/postgres.log"
+    sleep 0.5
+  done
+  "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" || fail "postgres did not start in 60s; see $STATE/postgres.log"
+  "${PROC[@]}" owns "$STATE" postgres "$PG_PORT" >&2 || fail "postgres: port $PG_PORT is taken by another server; set PG_PORT"
+  # The role and database, once; the password goes in on stdin, not the command line.
+  "${as[@]}" psql -X -q -h "$run" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+    >> "$STATE/postgres.log" 2>&1 <<SQL || fail "could not create the mlflow role; see $STATE/postgres.log"
+SELECT 'CREATE ROLE mlflow LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'mlflow')\\gexec
+ALTER ROLE mlflow PASSWORD '$(cat "$STATE/pg_password")';
+SELECT 'CREATE DATABASE mlflow OWNER mlflow' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'mlflow')\\gexec
+SQL
+  echo "PostgreSQL     127.0.0.1:$PG_PORT  (data: $STATE/pg/data; role mlflow, password in $STATE/pg_password)"
+}
+
+# MLflow: runs and the registry in PostgreSQL (or sqlite), artifacts served (proxied) by the
+# server itself, so clients need no access to the artifact store. Its port, store and
+# artifacts are remembered for --restart-mlflow.
 start_mlflow() {
-  # The secrets reach the server through its environment, not its command line.
+  local store
+  if [ "$BACKEND" = postgres ]; then
+    store="postgresql+psycopg2://mlflow@127.0.0.1:$PG_PORT/mlflow"
+  else
+    store="sqlite:///$STATE/mlflow.db"
+  fi
+  # The secrets (and the store's URI) reach the server through its environment, not its
+  # command line.
   MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow_auth.ini" \
   MLFLOW_AUTH_ADMIN_PASSWORD="$(cat "$STATE/mlflow_password")" \
   MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$STATE/mlflow_flask_secret")" \
+  MLFLOW_BACKEND_STORE_URI="$store" PGPASSWORD="$(cat "$STATE/pg_password" 2>/dev/null)" \
   "$BIN/mlflow" server --app-name basic-auth --host 127.0.0.1 --port "$MLFLOW_PORT" \
-    --workers 1 --backend-store-uri "sqlite:///$STATE/mlflow.db" \
-    --artifacts-destination "$ARTIFACTS" >> "$STATE/mlflow.log" 2>&1 &
+    --workers 1 --artifacts-destination "$ARTIFACTS" >> "$STATE/mlflow.log" 2>&1 &
   "${PROC[@]}" record "$STATE" mlflow $!
   wait_http "http://127.0.0.1:$MLFLOW_PORT/api/2.0/mlflow/experiments/search?max_results=1" \
     mlflow "$MLFLOW_PORT" "basic admin $STATE/mlflow_password"
-  echo "MLflow server  http://127.0.0.1:$MLFLOW_PORT  (store: $STATE/mlflow.db; user admin, password in $STATE/mlflow_password)"
+  echo "MLflow server  http://127.0.0.1:$MLFLOW_PORT  (store: $store; user admin, password in $STATE/mlflow_password)"
 }
 if [ "$RESTART_MLFLOW" = 1 ]; then
   # shellcheck disable=SC1091
@@ -185,8 +244,23 @@ if [ "$RESTART_MLFLOW" = 1 ]; then
   start_mlflow
   exit 0
 fi
+if [ "$BACKEND" = postgres ]; then
+  PG_BIN="$(pg_bin)"
+  if [ -z "$PG_BIN" ]; then
+    echo "note: no PostgreSQL server binaries (install them: apt-get install postgresql); MLflow's store is sqlite"
+    BACKEND=sqlite
+  elif [ "$(id -u)" = 0 ] && ! id postgres > /dev/null 2>&1; then
+    echo "note: running as root without a 'postgres' user to run PostgreSQL as; MLflow's store is sqlite"
+    BACKEND=sqlite
+  fi
+fi
+if [ "$BACKEND" = postgres ]; then
+  secret "$STATE/pg_password"
+  start_postgres
+fi
 ARTIFACTS="${ARTIFACTS:-$STATE/mlartifacts}"
-printf 'MLFLOW_PORT=%q\nARTIFACTS=%q\n' "$MLFLOW_PORT" "$ARTIFACTS" > "$STATE/mlflow.conf"
+printf 'MLFLOW_PORT=%q\nARTIFACTS=%q\nBACKEND=%q\nPG_PORT=%q\n' "$MLFLOW_PORT" "$ARTIFACTS" \
+  "$BACKEND" "$PG_PORT" > "$STATE/mlflow.conf"
 start_mlflow
 
 # Ray head. The environment exported above (token, MLflow URI, S3 endpoint) is inherited
