@@ -1193,12 +1193,14 @@ def test_mlflow_server_requires_basic_auth(tmp_path: Path, monkeypatch: pytest.M
     assert config.admin_password == stand_ins["admin_password"]
     assert config.default_permission in {"NO_PERMISSIONS", "READ"}
     assert config.authorization_function == DEFAULT_AUTHORIZATION_FUNCTION
-    # The user store persists on the tracking database's volume.
-    assert config.database_uri.startswith("sqlite:////"), config.database_uri
-    tracking_db = option_value(server["args"], "--backend-store-uri").removeprefix("sqlite:///")
-    auth_db = config.database_uri.removeprefix("sqlite:///")
-    assert volume_at(spec, server, auth_db) == volume_at(spec, server, tracking_db)
-    assert "persistentVolumeClaim" in volume_at(spec, server, auth_db)[0]
+    # Runs, registry and users live in PostgreSQL, whose URIs (with the database password)
+    # come from a documented Secret: never a sqlite file, a literal or a command-line flag.
+    assert config.database_uri == stand_ins["auth_uri"], config.database_uri
+    assert "--backend-store-uri" not in server["args"]
+    store = secret_ref(env.get("MLFLOW_BACKEND_STORE_URI"))
+    assert store and store[1] in documented.get(store[0], set()), store
+    assert "postgresql+psycopg2://" in K8S_README.read_text()
+    assert not [v for v in spec.get("volumes") or [] if "persistentVolumeClaim" in v]
 
 
 def test_no_credential_literals() -> None:
