@@ -52,6 +52,32 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return parser.parse_args(argv)
 
 
+def add_actor_pool_args(p) -> None:
+    """``--batch-size``, ``--actors`` and ``--use-gpu`` of the jobs that run a pool of model
+    actors (labeling, promotion's evaluation); sized by ``capacity.plan_actor_pool``."""
+    p.add_argument("--batch-size", type=int, default=8, help="frames per model call")
+    p.add_argument(
+        "--actors", type=int, default=None, help="model replicas (default: one per GPU, else 1)"
+    )
+    p.add_argument(
+        "--use-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one GPU per model actor (default: when the cluster has GPUs now; pass --use-gpu "
+        "for GPU workers that autoscale from zero)",
+    )
+
+
+def add_progress_arg(p, what: str) -> None:
+    """``--progress-seconds`` (every job prints progress lines without a terminal)."""
+    p.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=30.0,
+        help=f"a progress line ({what}) at most this often",
+    )
+
+
 def init_ray(min_cpus: int = 0) -> str:
     """Connect to the Ray cluster (``RAY_ADDRESS``, set by ``ray job submit``) or start a local
     one. Token authentication stays on: local clusters generate a token, remote clusters

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
+from jobs._cli import add_progress_arg, cli, init_ray, parse_args, quiet_ray_data
 from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, FrameTransform
 from pipelines.ingest import IngestError, Limits, run_ingest
 from pipelines.storage import Retry
@@ -101,12 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a CSV source may name files outside its own folder (absolute paths, URIs, "
         "'..'); by default such records are rejected",
     )
-    p.add_argument(
-        "--progress-seconds",
-        type=float,
-        default=30.0,
-        help="a progress line (records processed / total, rate, ETA) at most this often",
-    )
+    add_progress_arg(p, "records processed / total, rate, ETA")
     p.add_argument("--slow-write", type=float, default=0.0, help=argparse.SUPPRESS)  # chaos
     return p
 

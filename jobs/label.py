@@ -18,7 +18,14 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
+from jobs._cli import (
+    add_actor_pool_args,
+    add_progress_arg,
+    cli,
+    init_ray,
+    parse_args,
+    quiet_ray_data,
+)
 from pipelines import capacity, labeling, progress, tracking, watchdog
 from pipelines.dataset import read_parquet_files
 from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -46,17 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="frames per model call")
-    p.add_argument(
-        "--actors", type=int, default=None, help="model replicas (default: one per GPU, else 1)"
-    )
-    p.add_argument(
-        "--use-gpu",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="one GPU per model actor (default: when the cluster has GPUs now; pass --use-gpu "
-        "for GPU workers that autoscale from zero)",
-    )
+    add_actor_pool_args(p)
     p.add_argument(
         "--apollo-ids", action="store_true", help="also write apollo_mask (Apollo label ids)"
     )
@@ -133,12 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the frames whose confidence is under this to "
         "OUTPUT/review/labeled_date=DATE/RUN.parquet (ids, sources, scores), for people to review",
     )
-    p.add_argument(
-        "--progress-seconds",
-        type=float,
-        default=30.0,
-        help="a progress line (frames done / total, rate, ETA) at most this often",
-    )
+    add_progress_arg(p, "frames done / total, rate, ETA")
     p.add_argument(
         "--crash-at", choices=("after-write", "mid-commit"), help=argparse.SUPPRESS
     )  # chaos testing
@@ -227,11 +219,7 @@ def label(args, lease: Lease, ref, model_files: dict[str, bytes], transform, out
 
     model_ref = ray.put(model_files)  # once: every actor of every chunk reads it from here
     cluster = capacity.cluster(args.cluster_cpus)
-    gpus = int(cluster.gpus)
-    use_gpu = gpus > 0 if args.use_gpu is None else args.use_gpu
-    actors, note = capacity.fit_actor_pool(
-        cluster, args.actors or max(1, gpus), use_gpu=use_gpu, explicit=args.actors is not None
-    )
+    actors, use_gpu, note = capacity.plan_actor_pool(cluster, args.actors, args.use_gpu)
     if note:
         print(note, flush=True)
     print(

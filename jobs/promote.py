@@ -22,7 +22,14 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from jobs._cli import cli, init_ray, parse_args, quiet_ray_data
+from jobs._cli import (
+    add_actor_pool_args,
+    add_progress_arg,
+    cli,
+    init_ray,
+    parse_args,
+    quiet_ray_data,
+)
 from pipelines import capacity, progress, registry, tracking, watchdog
 from pipelines.evaluate import evaluate
 from pipelines.versions import resolve_dataset
@@ -54,22 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rollback", action="store_true", help="point the alias back to its previous holder"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="frames per model call")
-    p.add_argument(
-        "--actors", type=int, default=None, help="model replicas (default: one per GPU, else 1)"
-    )
-    p.add_argument(
-        "--use-gpu",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="one GPU per model actor (default: when the cluster has GPUs now)",
-    )
-    p.add_argument(
-        "--progress-seconds",
-        type=float,
-        default=30.0,
-        help="a progress line (frames scored / total, rate, ETA) at most this often",
-    )
+    add_actor_pool_args(p)
+    add_progress_arg(p, "frames scored / total, rate, ETA")
     p.add_argument(
         "--experiment",
         default=None,
@@ -189,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_ray_data()
     cluster = capacity.cluster()
     capacity.check_reader(cluster)
-    gpus = int(cluster.gpus)
-    use_gpu = gpus > 0 if args.use_gpu is None else args.use_gpu
-    actors, note = capacity.fit_actor_pool(
-        cluster, args.actors or max(1, gpus), use_gpu=use_gpu, explicit=args.actors is not None
-    )
+    actors, use_gpu, note = capacity.plan_actor_pool(cluster, args.actors, args.use_gpu)
     if note:
         print(note, flush=True)
     print(

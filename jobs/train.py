@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import fcn_models
-from jobs._cli import ConfigError, cli, init_ray, parse_args, quiet_ray_data
+from jobs._cli import ConfigError, add_progress_arg, cli, init_ray, parse_args, quiet_ray_data
 from pipelines import capacity, labels, tracking, watchdog
 from pipelines.augment import Augment
 from pipelines.dataset import build_dataset, shard_files, split_config
@@ -168,13 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="frames per worker that each training batch is drawn from at random (0: off)",
     )
-    g.add_argument(
-        "--progress-seconds",
-        type=float,
-        default=30.0,
-        help="rank 0 logs a progress line (step, images/s, loss, ETA of the epoch and the run) "
-        "at most this often, and at the end of each epoch",
-    )
+    add_progress_arg(g, "rank 0: step, images/s, loss, ETA of the epoch and the run; also at "
+                     "the end of each epoch")  # fmt: skip
     g.add_argument(
         "--system-metrics-seconds",
         type=float,

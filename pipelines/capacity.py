@@ -100,6 +100,21 @@ def fit_actor_pool(
     return room, f"the cluster has {c.describe()}: {room} model actors (not {actors})"
 
 
+def plan_actor_pool(
+    c: Cluster, actors: int | None, use_gpu: bool | None
+) -> tuple[int, bool, str | None]:
+    """The model actors of a labeling or evaluation job: ``use_gpu`` None means "when the
+    cluster has GPUs now", ``actors`` None one per GPU (else one), fitted by
+    :func:`fit_actor_pool` (an explicit ``actors`` that does not fit is an error). Returns
+    (actors, use_gpu, note when lowered)."""
+    gpus = int(c.gpus)
+    use_gpu = gpus > 0 if use_gpu is None else use_gpu
+    fitted, note = fit_actor_pool(
+        c, actors or max(1, gpus), use_gpu=use_gpu, explicit=actors is not None
+    )
+    return fitted, use_gpu, note
+
+
 def check_reader(c: Cluster) -> None:
     """Evaluation reads with Ray Data tasks in the driver's cluster: at least one CPU."""
     if c.cpus < DATA_CPUS:

@@ -40,7 +40,7 @@ class Scorer(ModelActor):
 
 
 def evaluate(
-    model_files,
+    model_files: dict[str, bytes],
     data_uri: str,
     split: str = "val",
     *,
@@ -52,7 +52,8 @@ def evaluate(
     """Scores (pixel acc, mean class acc, mIoU, fwIoU, per-class IoU), ``frames`` and
     ``confusion`` of a model on one split of an ingested dataset (a version folder; a dataset
     root is resolved to its current version). ``model_files``: the model directory's files as
-    bytes (:func:`pipelines.registry.fetch_verified`), or a Ray object reference to them.
+    bytes (:func:`pipelines.registry.fetch_verified`), put in Ray's object store once for the
+    actors.
     ``progress`` is called with the frames scored so far after each batch is summed.
 
     The shards hold frames already cropped and resized by ingest, so the dataset's transform
@@ -61,8 +62,6 @@ def evaluate(
     """
     import ray
 
-    if isinstance(model_files, ray.ObjectRef):
-        model_files = ray.get(model_files)
     spec = ModelSpec.from_json(model_files[SPEC_FILE].decode())
     version = resolve_dataset(data_uri)
     data_uri = version.uri
