@@ -186,13 +186,36 @@ _IMAGE_FILE = re.compile(r"(?P<key>.+)\+step\+(?P<step>\d+)\+timestamp\+\d+\+(?P
                          r"(?P<compressed>\+compressed\.webp|\.png)")  # fmt: skip
 
 
-def image_steps(client, run_id: str, key: str) -> set[int]:
-    """The steps at which the run holds image ``key`` (``log_image(key=, step=)``), complete:
-    the PNG and the thumbnail MLflow writes beside it (files
-    ``images/KEY+step+N+timestamp+T+UUID.png`` and ``...+compressed.webp``)."""
-    files: dict[tuple[int, str], set[bool]] = {}
+def _image_files(client, run_id: str, key: str) -> dict[tuple[int, str], list[str]]:
+    """Image ``key``'s artifact paths by (step, upload id): ``log_image(key=, step=)`` writes
+    ``images/KEY+step+N+timestamp+T+UUID.png`` and then ``...+compressed.webp`` beside it."""
+    files: dict[tuple[int, str], list[str]] = {}
     for a in client.list_artifacts(run_id, "images"):
         m = _IMAGE_FILE.fullmatch(a.path.rpartition("/")[2])
         if m and m["key"] == key.replace("/", "~"):
-            files.setdefault((int(m["step"]), m["id"]), set()).add(m["compressed"] != ".png")
-    return {step for (step, _), kinds in files.items() if kinds == {True, False}}
+            files.setdefault((int(m["step"]), m["id"]), []).append(a.path)
+    return files
+
+
+def image_steps(client, run_id: str, key: str) -> set[int]:
+    """The steps at which the run holds image ``key`` complete (the PNG and its thumbnail)."""
+    return {step for (step, _), paths in _image_files(client, run_id, key).items()
+            if len(paths) == 2}  # fmt: skip
+
+
+def remove_partial_images(client, run_id: str, key: str, step: int) -> list[str]:
+    """Delete the half of image ``key`` at ``step`` that a send cut short left behind (its PNG
+    uploaded, the process killed or the server lost before the thumbnail): the image is sent
+    again whole, and the run page must not show the stray half beside it. Returns the paths
+    deleted. Only call it from the one process that sends the run's images."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    halves = [p for (s, _), paths in _image_files(client, run_id, key).items()
+              if s == step and len(paths) == 1 for p in paths]  # fmt: skip
+    if halves:
+        repo = get_artifact_repository(
+            client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri
+        )
+        for path in halves:
+            repo.delete_artifacts(path)
+    return halves

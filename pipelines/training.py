@@ -687,6 +687,8 @@ class EpochLogger:
 
         if step in tracking.image_steps(self.client, self.run_id, key):
             return False
+        for path in tracking.remove_partial_images(self.client, self.run_id, key, step):
+            log.info("MLflow: removed %s, the half of an image a cut-short send left", path)
         self.client.log_image(
             self.run_id, Image.open(io.BytesIO(data)), key=key, step=step, synchronous=True
         )

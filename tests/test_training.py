@@ -295,10 +295,11 @@ def test_validation_replicas_agree_only_after_the_buffer_broadcast(broadcast):
 
 
 def test_a_resumed_run_sends_only_what_its_last_epoch_record_lacks(tmp_path, mlflow_store):
-    """The worker sending epoch 0's record died after the metrics went out and before the
-    overlays did (its node was lost). The resumed run's catch-up, from the checkpoint, sends
-    the overlays; the metrics and the confusion matrix are not recorded twice; a second
-    catch-up (another restart) changes nothing."""
+    """The worker sending epoch 0's record died after the metrics went out, halfway through
+    the overlays (its node was lost with their PNG sent and their thumbnail not). The resumed
+    run's catch-up, from the checkpoint, removes that half and sends the overlays whole; the
+    metrics and the confusion matrix are not recorded twice; a second catch-up (another
+    restart) changes nothing."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -315,16 +316,26 @@ def test_a_resumed_run_sends_only_what_its_last_epoch_record_lacks(tmp_path, mlf
     run_id = client.create_run(mlflow.create_experiment("catch-up")).info.run_id
     sent = EpochLogger(mlflow_store, run_id, flush_s=30)
     sent.log_epoch(0, metrics, {"confusion": pictures["confusion"]})
-    sent.close()  # then the worker died
+    sent.close()
+    # ... and it died halfway through the overlays: their PNG is there, the thumbnail is not.
+    half = (
+        tmp_path / "half" / f"overlays+step+0+timestamp+1+{'0' * 8}-0000-0000-0000-{'0' * 12}.png"
+    )
+    half.parent.mkdir()
+    half.write_bytes(pictures["overlays"])
+    client.log_artifact(run_id, str(half), "images")
+    assert tracking.image_steps(client, run_id, "overlays") == set()  # half an image is none
     for _ in range(2):
         resumed = EpochLogger(mlflow_store, run_id, flush_s=30)
         resumed.catch_up(*record)
         resumed.close()
     for key in ("val_miou", "train_loss"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [0], key
-    # Each picture is one MLflow image at step 0 (PNG + thumbnail), sent once, as it was made.
+    # Each picture is one MLflow image at step 0 (PNG + thumbnail), sent once, as it was made;
+    # the stray half is gone.
     files = sorted(a.path for a in client.list_artifacts(run_id, "images"))
     assert len(files) == 4, files
+    assert f"images/{half.name}" not in files
     for key, data in pictures.items():
         [png] = [f for f in files if f.startswith(f"images/{key}+step+0+") and f.endswith(".png")]
         assert f"{png[:-4]}+compressed.webp" in files
