@@ -134,6 +134,7 @@ def output_table(first: int, n: int, pool: list[bytes], labeled_at: datetime) ->
         "confidence": [0.9] * n,
         "pixel_confidence": [0.95] * n,
         "uncertain_fraction": [0.01] * n,
+        "novelty": [0.05] * n,
         "model_name": [MODEL] * n,
         "model_version": [VERSION] * n,
         "status": ["ok"] * n,

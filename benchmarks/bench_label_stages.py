@@ -15,7 +15,9 @@ Per frame, on one CPU thread (what one Ray Data CPU task gets), median of ``--re
 - on CUDA: nvJPEG decode of a batch (``torchvision.io.decode_jpeg(device="cuda")``) plus
   crop + resize on the GPU, against the CPU;
 - the model's forward pass alone at ``--batch-size`` (bf16 autocast + channels_last on CUDA),
-  with ``torch.compile`` as well when ``--compile``.
+  with ``torch.compile`` as well when ``--compile``;
+- the labeling actor's call (:class:`Predictor`) with and without the per-frame scores
+  (softmax statistics, BatchNorm novelty): what ``confidence`` and ``novelty`` cost.
 
 The last rows divide: CPU cores one model replica needs so that decode and write-back keep up
 with its forward pass.
@@ -38,6 +40,7 @@ from benchmarks.common import add_device_arg, device_name, emit, parse_device, s
 from fcn_models import build_model
 from pipelines import labels
 from pipelines.frames import FrameTransform, decode_rgb, encode_jpeg, encode_png
+from pipelines.predictor import ModelSpec, Predictor
 from pipelines.synthetic import parse_size, render_frame
 
 
@@ -79,6 +82,24 @@ def forward_rate(model, size, batch, device, *, compile_: bool, steps: int = 20)
             net(x).argmax(1)
         synchronize(device)
     return batch * steps / (time.perf_counter() - t0)
+
+
+def predictor_rates(
+    model, t: FrameTransform, batch: int, device, steps: int
+) -> tuple[float, float]:
+    """The labeling actor's call, images/s: masks only (``predict_prepared``) and masks with
+    the per-frame scores (``predict_scored``: softmax statistics and novelty)."""
+    predictor = Predictor(model, ModelSpec("fcn8s_resnet101", labels.N_CLASSES, t), device)
+    x = np.random.default_rng(1).integers(0, 256, (batch, t.height, t.width, 3), np.uint8)
+
+    def rate(fn) -> float:
+        fn(x)  # warm-up; both return host arrays, so each call ends synchronised
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn(x)
+        return batch * steps / (time.perf_counter() - t0)
+
+    return rate(predictor.predict_prepared), rate(predictor.predict_scored)
 
 
 def gpu_decode_rate(datas: list[bytes], t: FrameTransform, batch: int, repeats: int) -> float:
@@ -159,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model("fcn8s_resnet101", labels.N_CLASSES)
     steps = 20 if device.type == "cuda" else 2
     fwd = forward_rate(model, args.size, args.batch_size, device, compile_=False, steps=steps)
+    masks_only, with_scores = predictor_rates(model, t, args.batch_size, device, steps)
     fwd_c, compile_error = None, ""
     if args.compile:
         try:
@@ -187,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         ("mask PNG size before / after, KiB", f"{png_kb[0]:.1f} / {png_kb[1]:.1f}"),
         (f"forward only, batch {args.batch_size}, images/s", f"{fwd:.2f}"),
     ]
+    rows.append((f"labeling actor, batch {args.batch_size}: masks only / masks + scores "
+                 "(confidence, novelty), images/s",
+                 f"{masks_only:.2f} / {with_scores:.2f} ({with_scores / masks_only:.2f}x)"))  # fmt: skip
     if compile_error:
         rows.append((f"forward only, torch.compile, batch {args.batch_size}", compile_error))
     if fwd_c is not None:

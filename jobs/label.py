@@ -127,8 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--review-below",
         type=float,
         default=None,
-        help="also write the frames whose confidence is under this to "
-        "OUTPUT/review/labeled_date=DATE/RUN.parquet (ids, sources, scores), for people to review",
+        help="also write the frames whose confidence is under this, or whose novelty is over "
+        "--review-novelty-above, to OUTPUT/review/labeled_date=DATE/RUN.parquet (ids, sources, "
+        "scores), for people to review",
+    )
+    p.add_argument(
+        "--review-novelty-above",
+        type=float,
+        default=labeling.NOVELTY_ABOVE,
+        help="with --review-below: a frame this unlike the training data (the novelty column) "
+        "is listed for review whatever its confidence (default %(default)g)",
     )
     add_progress_arg(p, "frames done / total, rate, ETA")
     p.add_argument(
@@ -148,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and not 0 < value <= 1:
             raise LabelingError(f"--{flag.replace('_', '-')} must be in (0, 1], got {value:g}")
+    if not args.review_novelty_above > 0:
+        raise LabelingError(
+            f"--review-novelty-above must be > 0, got {args.review_novelty_above:g}"
+        )
     t0 = time.time()
     tracking_uri = tracking.configure()
     tracking.check_tracking(tracking_uri)
@@ -281,9 +293,9 @@ def label_chunks(args, lease, inputs, todo, ref, transform, output, model_ref, a
         import pyarrow as pa
 
         uri, n_review = labeling.write_review(output, lease.run, pa.concat_tables(scored),
-                                              args.review_below)  # fmt: skip
-        print(f"review: {n_review} frames with confidence under {args.review_below:g} -> {uri}",
-              flush=True)  # fmt: skip
+                                              args.review_below, args.review_novelty_above)  # fmt: skip
+        print(f"review: {n_review} frames with confidence under {args.review_below:g} or novelty "
+              f"over {args.review_novelty_above:g} -> {uri}", flush=True)  # fmt: skip
     return deferred, left
 
 

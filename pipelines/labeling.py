@@ -42,7 +42,7 @@ from pipelines.frames import (
     encode_png,
 )
 from pipelines.lease import Lease
-from pipelines.predictor import ModelActor
+from pipelines.predictor import SCORE_NAMES, ModelActor
 from pipelines.storage import (
     DEFAULT_RETRY,
     Location,
@@ -73,6 +73,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("confidence", pa.float32()),
         ("pixel_confidence", pa.float32()),
         ("uncertain_fraction", pa.float32()),
+        # How unlike the training data the frame is (median over the model's BatchNorm layers
+        # of the squared standardized distance of its feature means); null without BatchNorm.
+        ("novelty", pa.float32()),
         ("model_name", pa.string()),
         ("model_version", pa.string()),
         ("status", pa.string()),  # "ok" or "error"
@@ -154,7 +157,11 @@ def committed_files(output: Location) -> list[str]:
     return sorted(p for p in found.files if _is_output_file(output, p))
 
 
-REVIEW = "review"  # OUTPUT/review/labeled_date=.../RUN.parquet: frames under --review-below
+REVIEW = "review"  # OUTPUT/review/labeled_date=.../RUN.parquet: frames for people to review
+#: Default of ``--review-novelty-above``: frames like the training data score under 0.1 in
+#: tests/test_confidence, noise, black or blown-out frames hundreds to thousands; 10 leaves
+#: room both ways.
+NOVELTY_ABOVE = 10.0
 
 
 def staged_scores(staging: Location) -> pa.Table:
@@ -177,21 +184,26 @@ def _is_output_file(output: Location, path: str) -> bool:
 
 
 REVIEW_SCHEMA = pa.schema(
-    [OUTPUT_SCHEMA.field(c) for c in ("image_id", "source", "confidence", "pixel_confidence",
-                                      "uncertain_fraction", "model_name", "model_version")]
+    [OUTPUT_SCHEMA.field(c) for c in ("image_id", "source", *SCORE_NAMES, "model_name",
+                                      "model_version")]
 )  # fmt: skip
 
 
-def write_review(output: Location, run: str, rows: pa.Table, below: float) -> tuple[str, int]:
-    """The ok rows of ``rows`` (this run's) that the model is unsure of: ``confidence``
-    (lanes) under ``below``, or, where no lane was predicted, ``pixel_confidence`` under it.
+def write_review(
+    output: Location, run: str, rows: pa.Table, below: float, novelty_above: float = NOVELTY_ABOVE
+) -> tuple[str, int]:
+    """The ok rows of ``rows`` (this run's) that people should look at: the model is unsure
+    (``confidence`` of its lanes under ``below``, or, where no lane was predicted,
+    ``pixel_confidence`` under it), or the frame is unlike the training data (``novelty``
+    above ``novelty_above``: there the softmax is no guide, it is often sure and wrong).
     Written as one small Parquet file ``OUTPUT/review/labeled_date=DATE/RUN.parquet``, so a
     labeling team pulls exactly those frames. Returns (its URI, rows)."""
     import pyarrow.compute as pc
 
     ok = rows.filter(pc.equal(rows["status"], "ok"))
-    score = pc.coalesce(ok["confidence"], ok["pixel_confidence"])
-    picked = ok.filter(pc.less(score, below)).select(REVIEW_SCHEMA.names).cast(REVIEW_SCHEMA)
+    unsure = pc.less(pc.coalesce(ok["confidence"], ok["pixel_confidence"]), below)
+    novel = pc.fill_null(pc.greater(ok["novelty"], novelty_above), False)
+    picked = ok.filter(pc.or_(unsure, novel)).select(REVIEW_SCHEMA.names).cast(REVIEW_SCHEMA)
     # The date of the run's first chunk, as its rows' partition.
     first = rows["labeled_at"][0].as_py() if len(rows) else datetime.now().astimezone()
     date = first.strftime("%Y-%m-%d")
@@ -355,9 +367,6 @@ def load_frames(
     }
 
 
-SCORES = ("confidence", "pixel_confidence", "uncertain_fraction")
-
-
 class Segmenter(ModelActor):
     """Actor stage: holds one model (built once per actor) and predicts batches, with each
     frame's confidence (:meth:`pipelines.predictor.Predictor.predict_scored`)."""
@@ -370,12 +379,12 @@ class Segmenter(ModelActor):
         ok = batch["error"] == ""
         n = len(ok)
         masks = np.zeros(batch["prepared"].shape[:3], dtype=np.uint8)
-        scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SCORES}
+        scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SCORE_NAMES}
         if ok.any():  # error and deferred rows carry a zero placeholder: not predicted
             masks[ok], got = self.predictor.predict_scored(
                 batch["prepared"][ok], self.uncertain_below
             )
-            for k in SCORES:
+            for k in SCORE_NAMES:
                 scores[k][ok] = got[k]
         out = {k: v for k, v in batch.items() if k != "prepared"}
         out["small_mask"] = masks
@@ -424,7 +433,7 @@ def encode_results(
             "mask": mask,
             "apollo_mask": apollo_png,
             "class_pixels": pixels,
-            **{k: _score(batch[k][i]) if not error else None for k in SCORES},
+            **{k: _score(batch[k][i]) if not error else None for k in SCORE_NAMES},
             "model_name": model_name,
             "model_version": model_version,
             "status": "error" if error else "ok",

@@ -172,6 +172,7 @@ def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, caps
         assert (direct == mask).mean() > 0.999
         for k in ("confidence", "pixel_confidence", "uncertain_fraction"):  # its scores too
             assert row[k] == pytest.approx(float(scores[k][0]), abs=1e-4), k
+        assert row["novelty"] == pytest.approx(float(scores["novelty"][0]), rel=1e-3)
     assert len({r["mask"] for r in table if r["status"] == "ok"}) > 1  # not a constant model
     # --review-below 1: every frame labeled ok is listed for review (ids and scores), once.
     [line] = [x for x in out.splitlines() if x.startswith("review: ")]
@@ -232,6 +233,22 @@ def test_bad_model_reference_is_one_line(tmp_path, mlflow_store, capsys):
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0], err
         assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--review-below", "0", "--review-below must be in (0, 1], got 0"),
+     ("--uncertain-below", "1.5", "--uncertain-below must be in (0, 1], got 1.5"),
+     ("--review-novelty-above", "-1", "--review-novelty-above must be > 0, got -1")],
+)  # fmt: skip
+def test_score_thresholds_out_of_range_are_one_line(tmp_path, capsys, flag, value, message):
+    argv = ["--input", str(tmp_path), "--output", str(tmp_path / "out"),
+            "--model", "models:/lanes@champion", flag, value]  # fmt: skip
+    assert label_job.main(argv) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        f"error: {message}"
+    ]
 
 
 def _killed_run(argv: list[str], crash_at: str) -> str:

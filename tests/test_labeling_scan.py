@@ -37,6 +37,7 @@ def rows(sources: list[str], version: str, model: str = MODEL, status: str = "ok
             "confidence": [0.8 if ok else None] * n,
             "pixel_confidence": [0.9 if ok else None] * n,
             "uncertain_fraction": [0.1 if ok else None] * n,
+            "novelty": [0.05 if ok else None] * n,
             "model_name": [model] * n,
             "model_version": [version] * n,
             "status": [status] * n,
@@ -73,7 +74,7 @@ def two_versions(output) -> Location:
     put(output, f"labeled_date={DAY1}/a_000000.parquet", rows(src("a1", "a2"), "1"))
     # Written before the score columns existed: read with them as nulls.
     legacy = rows(src("bad1"), "1", status="error").drop_columns(
-        ["confidence", "pixel_confidence", "uncertain_fraction"]
+        ["confidence", "pixel_confidence", "uncertain_fraction", "novelty"]
     )
     put(output, f"labeled_date={DAY1}/b_000000.parquet", legacy)
     # A --review-below list: under the output, but no output rows.
