@@ -8,7 +8,8 @@ other on the same machine.
 
 (a) labeling: ``benchmarks.plain_scripts label`` (DataLoader decoding the frames, model, masks
     back to full size, PNG, one Parquet file) against ``python -m jobs.label``: wall time of
-    each whole command, start-up included;
+    each whole command, start-up included; ``jobs.label`` twice: starting its own Ray, and
+    connecting to a Ray head already up (as a job under ``ray job submit`` does);
 (b) training: ``benchmarks.plain_scripts train`` (two gloo DDP processes, DataLoader decoding
     the raw JPEG/PNG every step) against ``python -m jobs.train`` with 2 workers on shards
     ingested from the same frames (the ingest is not timed): steady images/s, the mean of the
@@ -43,6 +44,18 @@ def run(cmd: list[str], env: dict) -> tuple[str, float]:
     return proc.stdout, took
 
 
+def start_cluster(tmp_path: Path):
+    """A Ray head on 127.0.0.1 with this machine's CPUs (Ray's own ``cluster_utils``), for a job
+    to connect to as under ``ray job submit``; ``.shutdown()`` stops it."""
+    from ray.cluster_utils import Cluster
+
+    return Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": os.cpu_count(), "node_ip_address": "127.0.0.1",
+                        "include_dashboard": False, "temp_dir": str(tmp_path / "ray")},
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=48)
@@ -54,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=["label", "train"])
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    # Ray's single-machine mode: every Ray started here binds to, and every driver resolves
+    # 127.0.0.1 to, the loopback address. Read when Ray is imported: set before any import.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
     import mlflow
 
@@ -98,6 +114,19 @@ def main(argv: list[str] | None = None) -> None:
             m = SUMMARY.search(out)
             if not m or int(m[1]) != args.frames or int(m[2]):
                 raise RuntimeError(f"unexpected labeling summary:\n{out[-2000:]}")
+            # Under `ray job submit` the cluster is up before the job starts: the same command
+            # against a Ray head started first (and stopped after), into a new output.
+            cluster = start_cluster(tmp_path)
+            try:
+                out, up_s = run([py, "-m", "jobs.label", "--input", str(frames_dir), "--output",
+                                 str(tmp_path / "labeled-up"), "--model", "models:/bench/1",
+                                 "--batch-size", str(args.batch_size)],
+                                {**env, "RAY_ADDRESS": cluster.address})  # fmt: skip
+            finally:
+                cluster.shutdown()
+            up = SUMMARY.search(out)
+            if not up or int(up[1]) != args.frames or int(up[2]):
+                raise RuntimeError(f"unexpected labeling summary:\n{out[-2000:]}")
             rows += [
                 (f"labeling {args.frames} frames {fw}x{fh} -> {w}x{h}, plain script, wall s (its own clock)",
                  f"{plain_s:.1f} ({plain['seconds']:.1f}; {args.frames / plain_s:.2f} images/s)"),
@@ -105,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"{job_s:.1f} ({float(m[3]):.1f}; {args.frames / job_s:.2f} images/s)"),
                 ("labeling, plain / project (>= 1 is the project faster)",
                  f"{plain_s / job_s:.2f}"),
+                ("labeling, jobs.label on a Ray cluster already up, wall s (its own clock)",
+                 f"{up_s:.1f} ({float(up[3]):.1f}; {args.frames / up_s:.2f} images/s)"),
+                ("labeling, plain / project on a cluster already up", f"{plain_s / up_s:.2f}"),
             ]  # fmt: skip
 
         if args.only in (None, "train"):
