@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
         if device.type == "cpu":
-            # Without a GPU the model actor takes the node's CPUs (labeling.Segmenter): time
+            # Without a GPU the model actor takes the node's CPUs (segmenter.Segmenter): time
             # the forward pass with the same, so the ratio measures the pipeline around it.
             torch.set_num_threads(os.cpu_count() or 1)
         fwd = forward_only(model, args.size, args.batch_size, device)

@@ -32,6 +32,7 @@ from pipelines.frames import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipelines.labeling import LabelingError
 from pipelines.lease import LEASE_NAME, Lease, LeaseHeld, new_run_id
 from pipelines.registry import fetch_verified, resolve_version, version_transform
+from pipelines.segmenter import Segmenter
 from pipelines.storage import Retry, resolve
 
 
@@ -337,7 +338,7 @@ def pipeline(args, inputs, chunk, ref, transform, model_ref, actors, use_gpu, la
             },
         )
         .map_batches(
-            labeling.Segmenter,
+            Segmenter,
             batch_size=args.batch_size,
             batch_format="numpy",
             fn_constructor_kwargs={

@@ -1,7 +1,9 @@
 """Batch labeling: frames in object storage -> predicted masks in Parquet, incrementally.
 
 Stages (Ray Data): load + validate + crop/resize frames (CPU tasks) -> predict (one model per
-actor, GPU when there is one) -> restore masks to the frame size + encode (CPU tasks) -> write.
+actor, GPU when there is one: :class:`pipelines.segmenter.Segmenter`) -> restore masks to the
+frame size + encode (CPU tasks) -> write. This module imports no PyTorch: a CPU task's worker
+process starts without it (1-3 s of imports on a loaded node, measured in benchmarks/RESULTS.md).
 
 Bookkeeping that makes it schedulable:
 
@@ -42,7 +44,6 @@ from pipelines.frames import (
     encode_png,
 )
 from pipelines.lease import Lease
-from pipelines.predictor import SCORE_NAMES, ModelActor
 from pipelines.storage import (
     DEFAULT_RETRY,
     Location,
@@ -182,6 +183,9 @@ def _is_output_file(output: Location, path: str) -> bool:
         output.join(REVIEW).path.rstrip("/") + "/"
     )
 
+
+#: The per-frame scores (:meth:`pipelines.predictor.Predictor.predict_scored`), output columns.
+SCORE_NAMES = ("confidence", "pixel_confidence", "uncertain_fraction", "novelty")
 
 REVIEW_SCHEMA = pa.schema(
     [OUTPUT_SCHEMA.field(c) for c in ("image_id", "source", *SCORE_NAMES, "model_name",
@@ -365,31 +369,6 @@ def load_frames(
         "error": errors,
         "deferred": deferred,
     }
-
-
-class Segmenter(ModelActor):
-    """Actor stage: holds one model (built once per actor) and predicts batches, with each
-    frame's confidence (:meth:`pipelines.predictor.Predictor.predict_scored`)."""
-
-    def __init__(self, model_files, actors: int = 1, uncertain_below: float = 0.5) -> None:
-        super().__init__(model_files, actors)
-        self.uncertain_below = uncertain_below
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error"] == ""
-        n = len(ok)
-        masks = np.zeros(batch["prepared"].shape[:3], dtype=np.uint8)
-        scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SCORE_NAMES}
-        if ok.any():  # error and deferred rows carry a zero placeholder: not predicted
-            masks[ok], got = self.predictor.predict_scored(
-                batch["prepared"][ok], self.uncertain_below
-            )
-            for k in SCORE_NAMES:
-                scores[k][ok] = got[k]
-        out = {k: v for k, v in batch.items() if k != "prepared"}
-        out["small_mask"] = masks
-        out.update(scores)
-        return out
 
 
 def encode_results(

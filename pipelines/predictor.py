@@ -127,10 +127,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-#: The per-frame scores of :meth:`Predictor.predict_scored` (labeling output columns).
-SCORE_NAMES = ("confidence", "pixel_confidence", "uncertain_fraction", "novelty")
-
-
 class FeatureNovelty:
     """How unlike the training data a frame is, read off the model's BatchNorm layers: their
     running statistics are the training data's per-channel feature mean and variance, so a
@@ -262,7 +258,8 @@ class Predictor:
         - ``uncertain_fraction``: share of pixels with ``p < uncertain_below``;
         - ``novelty``: how unlike the training data the frame is (:class:`FeatureNovelty`).
         """
-        masks, stats = [], {k: [] for k in SCORE_NAMES}
+        masks = []
+        stats = {"confidence": [], "pixel_confidence": [], "uncertain_fraction": [], "novelty": []}
         for chunk in self._chunks(images):
             with self.novelty.recording() as layers:
                 logits = self.logits(chunk)

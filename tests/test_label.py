@@ -197,8 +197,8 @@ def test_model_actor_without_gpu_takes_its_share_of_the_node(ray_cluster, tmp_pa
     bytes the driver verified (no MLflow in the actor)."""
     import torch
 
-    from pipelines.labeling import Segmenter
     from pipelines.predictor import MODEL_FILE, SPEC_FILE, ModelSpec, save_model_dir
+    from pipelines.segmenter import Segmenter
 
     from .conftest import make_model
 
