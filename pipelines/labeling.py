@@ -74,8 +74,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("confidence", pa.float32()),
         ("pixel_confidence", pa.float32()),
         ("uncertain_fraction", pa.float32()),
-        # How unlike the training data the frame is (median over the model's BatchNorm layers
-        # of the squared standardized distance of its feature means); null without BatchNorm.
+        # How unlike the training data the frame is (median over one in three of the model's
+        # BatchNorm layers of the squared standardized distance of its feature means); null
+        # without BatchNorm.
         ("novelty", pa.float32()),
         ("model_name", pa.string()),
         ("model_version", pa.string()),

@@ -687,8 +687,13 @@ class EpochLogger:
 
         if step in tracking.image_steps(self.client, self.run_id, key):
             return False
-        for path in tracking.remove_partial_images(self.client, self.run_id, key, step):
-            log.info("MLflow: removed %s, the half of an image a cut-short send left", path)
+        try:
+            for path in tracking.remove_partial_images(self.client, self.run_id, key, step):
+                log.info("MLflow: removed %s, the half of an image a cut-short send left", path)
+        except Exception as e:  # noqa: BLE001 - a store that refuses deletes must not stop the image
+            log.warning("MLflow: could not remove the half of image %s step %d a cut-short send "
+                        "left (%s: %s); sending the image anyway", key, step, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "")  # fmt: skip
         self.client.log_image(
             self.run_id, Image.open(io.BytesIO(data)), key=key, step=step, synchronous=True
         )

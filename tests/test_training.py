@@ -353,6 +353,34 @@ def test_a_resumed_run_sends_only_what_its_last_epoch_record_lacks(tmp_path, mlf
     assert tracking.image_steps(client, empty.info.run_id, "overlays") == {0}
 
 
+def test_a_store_that_refuses_deletes_still_gets_the_image(mlflow_store, monkeypatch, caplog):
+    """Removing a stray half is best effort: where the artifact store refuses deletes (a
+    bucket policy without DeleteObject), the image is still sent, once, with a warning;
+    the logger's queue does not retry the refusal for ever."""
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("AccessDenied: s3:DeleteObject")
+
+    monkeypatch.setattr(tracking, "remove_partial_images", refuse)
+    client = MlflowClient()
+    run_id = client.create_run(mlflow.create_experiment("refuses-deletes")).info.run_id
+    conf = torch.tensor([[5, 1], [2, 7]])
+    pictures = epoch_pictures(
+        0, conf, [(np.full((8, 16, 3), 90, np.uint8), np.eye(8, 16, dtype=np.uint8))]
+    )
+    logger = EpochLogger(mlflow_store, run_id, flush_s=10)
+    with caplog.at_level(logging.WARNING, logger="jobs.train"):
+        logger.log_epoch(0, {"val_miou": 0.5}, {"confusion": pictures["confusion"]})
+        logger.close()
+    assert tracking.image_steps(client, run_id, "confusion") == {0}
+    assert any("could not remove the half of image confusion step 0" in r.message
+               for r in caplog.records)  # fmt: skip
+
+
 def test_progress_lines_give_rate_loss_and_etas(caplog):
     """Rank 0's line: a step that is due (every_s elapsed) or ends the epoch logs the step,
     images/s, the last loss and ETAs that count down from the steps left."""
