@@ -24,6 +24,7 @@ Bookkeeping that makes it schedulable:
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -213,8 +214,6 @@ def write_review(
     first = rows["labeled_at"][0].as_py() if len(rows) else datetime.now().astimezone()
     date = first.strftime("%Y-%m-%d")
     dest = output.join(REVIEW, f"labeled_date={date}", f"{run}.parquet")
-    import io
-
     buf = io.BytesIO()
     pq.write_table(picked, buf)
     dest.write_bytes(buf.getvalue())

@@ -39,7 +39,7 @@ class RateLine:
         self.emit = emit or (lambda line: print(line, flush=True))
         self.clock = clock
         self.t0 = self.t_last = clock()
-        self.done = self.done_last = 0
+        self.done_last = 0
 
     def format(self, done: int) -> str:
         elapsed = max(self.clock() - self.t0, 1e-9)
@@ -55,7 +55,6 @@ class RateLine:
     def update(self, done: int, force: bool = False) -> str | None:
         """Record ``done``; emit and return the line when it is due (``every_s`` since the
         last one, or ``force`` with something new)."""
-        self.done = done
         now = self.clock()
         if not (force and done != self.done_last) and now - self.t_last < self.every_s:
             return None

@@ -626,6 +626,12 @@ class StepProgress:
         return line
 
 
+def _brief(e: Exception) -> str:
+    """``Type: first line of the message`` (at most 200 characters) for a log line."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 class EpochLogger:
     """Rank 0's per-epoch MLflow record (metrics by step, the confusion matrix, overlays),
     sent by a background thread so that the tracking server's state never fails or stalls
@@ -692,8 +698,7 @@ class EpochLogger:
                 log.info("MLflow: removed %s, the half of an image a cut-short send left", path)
         except Exception as e:  # noqa: BLE001 - a store that refuses deletes must not stop the image
             log.warning("MLflow: could not remove the half of image %s step %d a cut-short send "
-                        "left (%s: %s); sending the image anyway", key, step, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "")  # fmt: skip
+                        "left (%s); sending the image anyway", key, step, _brief(e))  # fmt: skip
         self.client.log_image(
             self.run_id, Image.open(io.BytesIO(data)), key=key, step=step, synchronous=True
         )
@@ -714,8 +719,8 @@ class EpochLogger:
                     call(*args, **kwargs)
                     break
                 except Exception as e:  # noqa: BLE001 - the server's state must not end training
-                    log.warning("MLflow: %s not recorded yet (%s: %s); retrying in %.0f s",
-                                what, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", delay)  # fmt: skip
+                    log.warning("MLflow: %s not recorded yet (%s); retrying in %.0f s",
+                                what, _brief(e), delay)  # fmt: skip
                     time.sleep(delay)
                     delay = min(delay * 2, 10.0)  # a server back is used within 10 s
             self._queue.task_done()

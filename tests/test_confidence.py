@@ -44,8 +44,23 @@ def test_scores_are_the_softmax_statistics_of_each_frame(test_transform):
     assert np.isnan(scores["confidence"]).all() and (scores["pixel_confidence"] > 0).all()
 
 
+def scored_rows(image_ids: list[str], scores: dict, status: list[str] | None = None) -> pa.Table:
+    """Labeled rows as write_review reads them: ids, sources s3://in/ID.jpg, the scores,
+    model m v3, labeled on 2026-11-27."""
+    n = len(image_ids)
+    columns = {
+        "image_id": image_ids,
+        "source": [f"s3://in/{i}.jpg" for i in image_ids],
+        **scores,
+        "model_name": ["m"] * n,
+        "model_version": ["3"] * n,
+        "status": status or ["ok"] * n,
+        "labeled_at": [datetime(2026, 11, 27, 8, tzinfo=timezone.utc)] * n,
+    }
+    return pa.table(columns, schema=pa.schema([OUTPUT_SCHEMA.field(c) for c in columns]))
+
+
 def test_review_lists_the_unsure_ok_frames_and_is_not_read_as_output(tmp_path):
-    at = datetime(2026, 11, 27, 8, tzinfo=timezone.utc)
     rows = {
         "a": ("ok", 0.40, 0.90, 0.5),  # unsure about its lanes
         "b": ("ok", 0.95, 0.99, 0.5),
@@ -55,22 +70,13 @@ def test_review_lists_the_unsure_ok_frames_and_is_not_read_as_output(tmp_path):
         "f": ("ok", 0.98, 0.99, 25.0),  # sure, but unlike the training data
         "g": ("ok", 0.98, 0.99, 10.0),  # at the threshold: not over it
     }
-    table = pa.table(
-        {
-            "image_id": list(rows),
-            "source": [f"s3://in/{k}.jpg" for k in rows],
-            "confidence": [v[1] for v in rows.values()],
-            "pixel_confidence": [v[2] for v in rows.values()],
-            "uncertain_fraction": [0.1] * len(rows),
-            "novelty": [v[3] for v in rows.values()],
-            "model_name": ["m"] * len(rows),
-            "model_version": ["3"] * len(rows),
-            "status": [v[0] for v in rows.values()],
-            "labeled_at": [at] * len(rows),
-        },
-        schema=pa.schema([OUTPUT_SCHEMA.field(c) for c in (
-            "image_id", "source", "confidence", "pixel_confidence", "uncertain_fraction",
-            "novelty", "model_name", "model_version", "status", "labeled_at")]),
+    table = scored_rows(
+        list(rows),
+        {"confidence": [v[1] for v in rows.values()],
+         "pixel_confidence": [v[2] for v in rows.values()],
+         "uncertain_fraction": [0.1] * len(rows),
+         "novelty": [v[3] for v in rows.values()]},
+        status=[v[0] for v in rows.values()],
     )  # fmt: skip
     output = resolve(str(tmp_path / "out"))
     uri, n = write_review(output, "run-1", table, below=0.5, novelty_above=10.0)
@@ -177,21 +183,10 @@ def test_a_trained_model_is_sure_of_noise_and_only_novelty_sends_noise_to_review
     assert max(seen["novelty"].max(), new["novelty"].max()) < NOVELTY_ABOVE
     assert min(noisy["novelty"].min(), odd["novelty"].min()) > 10 * NOVELTY_ABOVE
 
-    at = datetime(2026, 11, 27, 8, tzinfo=timezone.utc)
-    scores = {k: np.concatenate([seen[k], noisy[k]]) for k in seen}
-    n = len(scores["novelty"])
-    table = pa.table(
-        {
-            "image_id": [f"trained-{i}" for i in range(8)] + [f"noise-{i}" for i in range(4)],
-            "source": [f"s3://in/{i}.jpg" for i in range(n)],
-            **{k: pa.array(v, pa.float32(), from_pandas=True) for k, v in scores.items()},
-            "model_name": ["m"] * n,
-            "model_version": ["1"] * n,
-            "status": ["ok"] * n,
-            "labeled_at": [at] * n,
-        }
-    )
+    ids = [f"trained-{i}" for i in range(8)] + [f"noise-{i}" for i in range(4)]
+    table = scored_rows(ids, {k: pa.array(np.concatenate([seen[k], noisy[k]]), from_pandas=True)
+                              for k in seen})  # fmt: skip
     output = resolve(str(tmp_path / "out"))
-    uri, picked = write_review(output, "run-1", table, below=0.3)
+    uri, _ = write_review(output, "run-1", table, below=0.3)
     review = pq.read_table(resolve(uri).path)
     assert review.column("image_id").to_pylist() == [f"noise-{i}" for i in range(4)]
