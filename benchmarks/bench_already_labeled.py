@@ -53,7 +53,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from benchmarks.common import emit
-from pipelines.labeling import OUTPUT_SCHEMA, already_labeled
+from pipelines.labeling.output import already_labeled
+from pipelines.labeling.schema import OUTPUT_SCHEMA
 from pipelines.storage import Location, resolve
 
 MODEL, VERSION = "lanes", "7"
@@ -89,7 +90,7 @@ def mask_pool(n: int = 64, size: tuple[int, int] = (846, 428), seed: int = 0) ->
     encodes them."""
     from PIL import Image, ImageDraw
 
-    from pipelines.frames import encode_png
+    from pipelines.core.codecs import encode_png
 
     rng = np.random.default_rng(seed)
     w, h = size

@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit
-from pipelines.augment import Augment
-from pipelines.dataset import build_dataset, read_shards, torch_batches
-from pipelines.frames import FrameTransform
-from pipelines.ingest import run_ingest
-from pipelines.synthetic import parse_size, write_tree
+from pipelines.core.frames import FrameTransform, parse_size
+from pipelines.data.augment import Augment
+from pipelines.data.ingest import IngestConfig, ingest
+from pipelines.data.shards import build_dataset, read_shards
+from pipelines.data.synthetic import write_tree
+from pipelines.training.batches import torch_batches
 
 
 def read_rate(batches, epochs: int) -> tuple[float, float]:
@@ -76,8 +77,10 @@ def run(
         synth_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        result = run_ingest(
-            str(raw), str(shards), transform=transform, val_fraction=0.25, progress=False
+        result = ingest(
+            IngestConfig.of_transform(
+                str(raw), str(shards), transform, val_fraction=0.25, progress_seconds=None
+            )
         )
         ingest_s = time.perf_counter() - t0
         valid = result.valid

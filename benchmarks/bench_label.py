@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
-from pipelines.synthetic import parse_size
+from pipelines.core.frames import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(r"labeled (\d+), errors (\d+).*\[([\d.]+)s\]")
@@ -89,11 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
 
     from fcn_models import build_model
-    from pipelines import labels, tracking
-    from pipelines.frames import FrameTransform
-    from pipelines.predictor import ModelSpec, save_model_dir
-    from pipelines.registry import register_model_dir
-    from pipelines.synthetic import write_tree
+    from pipelines.core import labels
+    from pipelines.core.frames import FrameTransform
+    from pipelines.data.synthetic import write_tree
+    from pipelines.inference.model_dir import ModelSpec, save_model_dir
+    from pipelines.ops import tracking
+    from pipelines.registry.pyfunc import register_model_dir
 
     fw, fh = args.frame_size
     transform = FrameTransform(

@@ -38,10 +38,12 @@ from PIL import Image
 
 from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
 from fcn_models import build_model
-from pipelines import labels
-from pipelines.frames import FrameTransform, decode_rgb, encode_jpeg, encode_png
-from pipelines.predictor import ModelSpec, Predictor
-from pipelines.synthetic import parse_size, render_frame
+from pipelines.core import labels
+from pipelines.core.codecs import decode_rgb, encode_jpeg, encode_png
+from pipelines.core.frames import FrameTransform, parse_size
+from pipelines.data.synthetic import render_frame
+from pipelines.inference.model_dir import ModelSpec
+from pipelines.inference.predictor import Predictor
 
 
 def per_item_ms(fn, items, repeats: int) -> float:

@@ -34,21 +34,16 @@ import torch.nn.functional as F
 
 from benchmarks.common import add_device_arg, device_name, emit, parse_device
 from fcn_models import FCN8sResNet101, bilinear_upsampling, build_model
-from pipelines.augment import Augment, decode_batch
-from pipelines.frames import FrameTransform
-from pipelines.ingest import discover, process_pair, split_drives
-from pipelines.labels import N_CLASSES
-from pipelines.metrics import confusion_matrix, scores
+from pipelines.core.frames import FrameTransform, parse_size
+from pipelines.core.labels import N_CLASSES
+from pipelines.core.metrics import confusion_matrix, scores
+from pipelines.data.augment import Augment, decode_batch
+from pipelines.data.discover import discover, split_drives
+from pipelines.data.ingest import process_pair
+from pipelines.data.synthetic import write_tree
 from pipelines.storage import resolve
-from pipelines.synthetic import parse_size, write_tree
-from pipelines.training import (
-    epoch_seed,
-    make_loss,
-    make_optimizer,
-    make_recipe,
-    set_trainable,
-    train_step,
-)
+from pipelines.training.loop import epoch_seed, train_step
+from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
 
 VARIANTS = ("before", "shuffle", "groups", "after")
 

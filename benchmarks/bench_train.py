@@ -31,9 +31,10 @@ import torch
 
 from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
 from fcn_models import build_model
-from pipelines.labels import N_CLASSES
-from pipelines.synthetic import parse_size
-from pipelines.training import make_loss, make_optimizer, make_recipe, set_trainable, train_step
+from pipelines.core.frames import parse_size
+from pipelines.core.labels import N_CLASSES
+from pipelines.training.loop import train_step
+from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -119,9 +120,9 @@ def full_pipeline(size: tuple[int, int], batch: int, frames: int, epochs: int, c
     import mlflow
     import ray
 
-    from pipelines.frames import FrameTransform
-    from pipelines.ingest import run_ingest
-    from pipelines.synthetic import write_tree
+    from pipelines.core.frames import FrameTransform
+    from pipelines.data.ingest import IngestConfig, ingest
+    from pipelines.data.synthetic import write_tree
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -130,8 +131,7 @@ def full_pipeline(size: tuple[int, int], batch: int, frames: int, epochs: int, c
         transform = FrameTransform(width=size[0], height=size[1], crop_top=345)
         ray.init(num_cpus=os.cpu_count(), logging_level="ERROR", include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        run_ingest(str(tmp_path / "raw"), str(tmp_path / "shards"), transform=transform,
-                   val_fraction=0.25, progress=False)  # fmt: skip
+        ingest(IngestConfig.of_transform(str(tmp_path / "raw"), str(tmp_path / "shards"), transform, val_fraction=0.25, progress_seconds=None))  # fmt: skip
         ray.shutdown()
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}

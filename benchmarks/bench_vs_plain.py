@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit
-from pipelines.synthetic import parse_size
+from pipelines.core.frames import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(r"labeled (\d+), errors (\d+).*\[([\d.]+)s\]")
@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
 
     from fcn_models import build_model
-    from pipelines import labels, tracking
-    from pipelines.frames import FrameTransform
-    from pipelines.predictor import ModelSpec, save_model_dir
-    from pipelines.registry import register_model_dir
-    from pipelines.synthetic import write_tree
+    from pipelines.core import labels
+    from pipelines.core.frames import FrameTransform
+    from pipelines.data.synthetic import write_tree
+    from pipelines.inference.model_dir import ModelSpec, save_model_dir
+    from pipelines.ops import tracking
+    from pipelines.registry.pyfunc import register_model_dir
 
     fw, fh = args.frame_size
     crop_top = round(fh * 690 / 1710)
@@ -142,12 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.only in (None, "train"):
             w, h = args.train_size
             # The ingest in its own process (its own Ray), not timed.
-            run([py, "-c", "from pipelines.ingest import run_ingest;"
-                          "from pipelines.frames import FrameTransform; import ray;"
+            run([py, "-c", "from pipelines.data.ingest import IngestConfig, ingest; import ray;"
                           "ray.init(logging_level='ERROR', include_dashboard=False);"
-                          f"run_ingest({str(tmp_path / 'raw')!r}, {str(tmp_path / 'shards')!r},"
-                          f" transform=FrameTransform(width={w}, height={h}, crop_top={crop_top}),"
-                          " val_fraction=0.25, progress=False)"], env)  # fmt: skip
+                          f"ingest(IngestConfig(source={str(tmp_path / 'raw')!r}, "
+                          f"dest={str(tmp_path / 'shards')!r}, size=({w}, {h}), "
+                          f"crop_top={crop_top}, val_fraction=0.25, progress_seconds=None))"],
+                env)  # fmt: skip
             out, _ = run([py, "-m", "benchmarks.plain_scripts", "train", "--frames",
                           str(tmp_path / "raw"), "--size", f"{w}x{h}", "--crop-top",
                           str(crop_top), "--batch-size", str(args.batch_size), "--epochs",

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from fcn_models import build_model
-from pipelines.labels import to_train_ids
+from pipelines.core.labels import to_train_ids
 
 N_CLASS = 8
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255

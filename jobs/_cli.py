@@ -1,113 +1,103 @@
-"""Glue shared by the job entry points: YAML config files, connecting to Ray, and turning bad
-input into one clear line instead of a stack trace."""
+"""What every job's door shares: a parser generated from the job's config class (each option
+declared once, in :mod:`pipelines.core.options`), YAML config files, and bad input as one clear
+line instead of a stack trace."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable
+from dataclasses import MISSING
+from typing import Any, TypeVar
 
 import yaml
 
-from pipelines.errors import UserError
+from pipelines.core.errors import UserError
+from pipelines.core.options import ConfigError, declared
 
-log = logging.getLogger("jobs")
+__all__ = ["ConfigError", "build_parser", "cli", "load_config"]
 
-
-class ConfigError(UserError):
-    """Bad job arguments or config file."""
-
-
+C = TypeVar("C")
 USER_ERRORS = (UserError, FileNotFoundError)
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; with ``--config FILE`` (YAML, keys spelled like the flags), the file
-    gives the defaults and flags on the command line override it."""
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` whose ValueError message reaches the user as it is."""
+
+    @functools.wraps(parse)
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def build_parser(
+    config: type, prog: str, description: str, defaults: dict[str, Any] | None = None
+) -> argparse.ArgumentParser:
+    """The parser of a job whose options are the fields of ``config``, in their groups;
+    ``defaults`` (from a config file) replace the declared defaults and satisfy required
+    flags."""
+    defaults = defaults or {}
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description + " Options may also come from --config FILE (YAML, keys "
+        "named like the flags); flags override the file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    groups: dict[str | None, Any] = {None: p}
+    for d in declared(config):
+        where = groups.get(d.option.group) or groups.setdefault(
+            d.option.group, p.add_argument_group(d.option.group)
+        )
+        kw: dict[str, Any] = {"help": d.option.help, "dest": d.name}
+        default = defaults.get(d.name, None if d.default is MISSING else d.default)
+        if d.default is MISSING and d.name not in defaults:
+            kw["required"] = True
+        elif d.base is bool:
+            plain = d.default is False  # an off switch: --flag; else --flag / --no-flag
+            kw["action"] = "store_true" if plain else argparse.BooleanOptionalAction
+        if "action" not in kw:  # argparse says "invalid int value" for the plain types itself
+            kw["type"] = _typed(d.option.parse) if d.option.parse else d.base
+        if d.option.choices is not None:
+            kw["choices"] = d.option.choices
+        where.add_argument(d.flag, default=default, **kw)
+    return p
+
+
+def read_config_file(config: type, path: str) -> dict[str, Any]:
+    """The option values of a YAML config file (keys spelled like the flags or the fields)."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: cannot read YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value")
+    names = {d.name for d in declared(config)}
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def load_config(config: type[C], argv: list[str] | None, prog: str, description: str) -> C:
+    """``config`` from the command line (and ``--config FILE``): parsed, typed and checked."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        try:
-            with open(known.config) as f:
-                values = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"--config {known.config}: cannot read YAML ({e})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"--config {known.config}: expected a mapping of option: value")
-        dests = {a.dest: a for a in parser._actions}
-        defaults = {}
-        for key, value in values.items():
-            dest = str(key).replace("-", "_")
-            if dest not in dests or dest in ("help", "config"):
-                raise ConfigError(f"--config {known.config}: unknown option {key!r}")
-            defaults[dest] = value
-        parser.set_defaults(**defaults)
-        # A value from the file satisfies a required flag.
-        for dest in defaults:
-            dests[dest].required = False
-    return parser.parse_args(argv)
-
-
-def add_actor_pool_args(p) -> None:
-    """``--batch-size``, ``--actors`` and ``--use-gpu`` of the jobs that run a pool of model
-    actors (labeling, promotion's evaluation); sized by ``capacity.plan_actor_pool``."""
-    p.add_argument("--batch-size", type=int, default=8, help="frames per model call")
-    p.add_argument(
-        "--actors", type=int, default=None, help="model replicas (default: one per GPU, else 1)"
-    )
-    p.add_argument(
-        "--use-gpu",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="one GPU per model actor (default: when the cluster has GPUs now; pass --use-gpu "
-        "for GPU workers that autoscale from zero)",
-    )
-
-
-def add_progress_arg(p, what: str) -> None:
-    """``--progress-seconds`` (every job prints progress lines without a terminal)."""
-    p.add_argument(
-        "--progress-seconds",
-        type=float,
-        default=30.0,
-        help=f"a progress line ({what}) at most this often",
-    )
-
-
-def init_ray(min_cpus: int = 0) -> str:
-    """Connect to the Ray cluster (``RAY_ADDRESS``, set by ``ray job submit``) or start a local
-    one. Token authentication stays on: local clusters generate a token, remote clusters
-    need ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
-    import ray
-
-    if ray.is_initialized():
-        return "existing"
-    ray_logging = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **ray_logging)
-        return "cluster"
-    # Local: enough logical CPUs for the train workers plus Ray Data's decoding tasks.
-    # The dashboard (127.0.0.1 only) also serves the state API that Ray Train queries.
-    # address="local": a new local Ray, even when `ray start` left one running on this
-    # machine (plain ray.init() would join that one instead; set RAY_ADDRESS to do that).
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), **ray_logging)
-    return "local"
-
-
-def quiet_ray_data() -> None:
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    ctx.print_on_execution_start = False
-    if not sys.stderr.isatty():
-        # Without a terminal Ray Data logs a multi-line progress report every few seconds;
-        # the jobs print their own one-line summaries instead.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    defaults = read_config_file(config, known.config) if known.config else {}
+    args = vars(build_parser(config, prog, description, defaults).parse_args(argv))
+    args.pop("config")
+    return config(**args)
 
 
 def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

@@ -70,7 +70,7 @@ def prepare_dir(path: Path) -> None:
 
 
 def write_frames(out: Path, n: int, *, seed: int, labels: bool, road: str) -> None:
-    from pipelines.synthetic import write_tree
+    from pipelines.data.synthetic import write_tree
 
     step = max(1, n // 4)
     for start in range(0, n, step):
@@ -80,28 +80,6 @@ def write_frames(out: Path, n: int, *, seed: int, labels: bool, road: str) -> No
             road=road, with_labels=labels,
         )  # fmt: skip
         print(f"    {start + count}/{n} frames", flush=True)
-
-
-def preview(output: str, dest: Path, n: int = 4) -> Path:
-    """Predicted masks over their frames, tiled into one PNG."""
-    import numpy as np
-    from PIL import Image
-
-    from pipelines.frames import decode_png_mask, decode_rgb
-    from pipelines.labeling import read_output
-    from pipelines.pictures import grid, overlay
-    from pipelines.storage import resolve
-
-    rows = read_output(output).to_pylist()
-    rows = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["image_id"])[:n]
-    pictures = []
-    for r in rows:
-        frame = decode_rgb(resolve(r["source"]).read_bytes())
-        pictures.append(overlay(frame, decode_png_mask(r["mask"])))
-    Image.fromarray(
-        grid(pictures, columns=2, width=640) if pictures else np.zeros((8, 8, 3), np.uint8)
-    ).save(dest)
-    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     run_name = f"demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
     from jobs import ingest, label, promote, train
-    from jobs._cli import init_ray, quiet_ray_data
+    from pipelines.labeling.output import preview
+    from pipelines.ops.cluster import init_ray, quiet_ray_data
 
     steps = Steps(7)
     steps(f"synthetic drive data: {args.frames} labeled frames ({FRAME_W}x{FRAME_H}) in {raw}")

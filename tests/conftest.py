@@ -155,28 +155,36 @@ MODEL_W, MODEL_H = 128, 64
 
 @pytest.fixture(scope="session")
 def test_transform():
-    from pipelines.frames import FrameTransform
+    from pipelines.core.frames import FrameTransform
 
     return FrameTransform(width=MODEL_W, height=MODEL_H, crop_top=CROP_TOP)
 
 
 @pytest.fixture(scope="session")
 def synthetic_tree(tmp_path_factory) -> Path:
-    from pipelines.synthetic import write_tree
+    from pipelines.data.synthetic import write_tree
 
     out = tmp_path_factory.mktemp("synthetic")
     write_tree(out, 24, records=4, width=FRAME_W, height=FRAME_H, seed=1)
     return out
 
 
+def ingest_config(source, dest, transform, **options):
+    """The tests' ingest of ``source`` into ``dest`` with ``transform``'s geometry, without
+    progress lines."""
+    from pipelines.data.ingest import IngestConfig
+
+    return IngestConfig.of_transform(source, dest, transform, progress_seconds=None, **options)
+
+
 @pytest.fixture(scope="session")
 def local_shards(synthetic_tree, tmp_path_factory, ray_cluster, test_transform) -> str:
     """The synthetic tree ingested to a local folder (read-only for tests)."""
-    from pipelines.ingest import run_ingest
+    from pipelines.data.ingest import ingest
 
     dest = tmp_path_factory.mktemp("shards")
-    result = run_ingest(
-        str(synthetic_tree), str(dest), transform=test_transform, val_fraction=0.25, progress=False
+    result = ingest(
+        ingest_config(str(synthetic_tree), str(dest), test_transform, val_fraction=0.25)
     )
     assert result.valid == 24
     return str(dest)
@@ -222,9 +230,10 @@ def register_version(tmp_path, mlflow_store, test_transform):
     as data."""
     import mlflow
 
-    from pipelines import labels, tracking
-    from pipelines.predictor import ModelSpec, save_model_dir
-    from pipelines.registry import register_model_dir
+    from pipelines.core import labels
+    from pipelines.inference.model_dir import ModelSpec, save_model_dir
+    from pipelines.ops import tracking
+    from pipelines.registry.pyfunc import register_model_dir
 
     def register(
         name: str, constant_class: int | None = None, seed: int = 0, transform=None

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pipelines.capacity import (
+from pipelines.ops.capacity import (
     DATA_CPUS,
     CapacityError,
     Cluster,
@@ -13,7 +13,7 @@ from pipelines.capacity import (
     fit_actor_pool,
     fit_training,
 )
-from pipelines.watchdog import Stalled, Watchdog
+from pipelines.ops.watchdog import Stalled, Watchdog
 
 HEAD = Cluster(cpus=2, gpus=0, source="the Ray cluster")
 

@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.labeling import OUTPUT_SCHEMA, REVIEW, committed_files, write_review
-from pipelines.predictor import ModelSpec, Predictor
+from pipelines.inference.model_dir import ModelSpec
+from pipelines.inference.predictor import Predictor
+from pipelines.labeling.output import committed_files, write_review
+from pipelines.labeling.schema import OUTPUT_SCHEMA, REVIEW
 from pipelines.storage import resolve
 
 from .conftest import make_model
@@ -98,7 +100,7 @@ def test_novelty_is_the_median_standardized_distance_from_the_batchnorm_statisti
     mean)^2 / (running var + eps); then the median over layers. Computed here by hand on a
     model of three BatchNorm layers with set statistics; a model without BatchNorm has none
     (NaN)."""
-    from pipelines.frames import FrameTransform
+    from pipelines.core.frames import FrameTransform
 
     transform = FrameTransform(width=64, height=32, crop_top=0)
     torch.manual_seed(0)
@@ -138,10 +140,10 @@ def test_a_trained_model_is_sure_of_noise_and_only_novelty_sends_noise_to_review
     more), but their novelty is far above the review threshold, and the frames it was trained
     on, and new frames of the same kind, are far below it; the review list is the noise."""
     from fcn_models import build_model
-    from pipelines.frames import FrameTransform
-    from pipelines.labeling import NOVELTY_ABOVE
-    from pipelines.labels import to_train_ids
-    from pipelines.synthetic import render_frame
+    from pipelines.core.frames import FrameTransform
+    from pipelines.core.labels import to_train_ids
+    from pipelines.data.synthetic import render_frame
+    from pipelines.labeling.schema import NOVELTY_ABOVE
 
     from .conftest import CROP_TOP, FRAME_H, FRAME_W
 

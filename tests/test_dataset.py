@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.augment import Augment, decode_batch
-from pipelines.dataset import DataError, build_dataset, read_shards, torch_batches
-from pipelines.frames import encode_jpeg, encode_png
-from pipelines.labels import IGNORE_INDEX
-from pipelines.training import epoch_seed
+from pipelines.core.codecs import encode_jpeg, encode_png
+from pipelines.core.labels import IGNORE_INDEX
+from pipelines.data.augment import Augment, decode_batch
+from pipelines.data.shards import DataError, build_dataset, read_shards
+from pipelines.training.batches import torch_batches
+from pipelines.training.loop import epoch_seed
 
 
 def test_train_batches_are_normalized_tensors(local_shards, test_transform, ray_cluster):
@@ -61,7 +62,7 @@ def test_eval_dataset_is_exactly_the_shards(local_shards, ray_cluster):
     rows = build_dataset(local_shards, "val").take_all()
     raw = read_shards(local_shards, "val").take_all()
     assert len(rows) == len(raw) == 6
-    from pipelines.frames import decode_png_mask
+    from pipelines.core.codecs import decode_png_mask
 
     assert sorted(r["label"].tobytes() for r in rows) == sorted(
         decode_png_mask(r["label"]).tobytes() for r in raw
@@ -69,7 +70,7 @@ def test_eval_dataset_is_exactly_the_shards(local_shards, ray_cluster):
 
 
 def test_missing_shards_are_a_clear_error(tmp_path):
-    from pipelines.versions import DatasetError
+    from pipelines.data.versions import DatasetError
 
     with pytest.raises(DatasetError, match="no manifest.json"):
         read_shards(str(tmp_path), "train")  # not a dataset at all
@@ -152,7 +153,7 @@ def test_augment_keeps_image_and_label_aligned():
 
 def test_crop_and_pad_take_the_same_window_of_image_and_label():
     """Exact, pixel for pixel: the window (or padding) of the image is the label's."""
-    from pipelines.augment import _crop_or_pad
+    from pipelines.data.augment import _crop_or_pad
 
     rng = np.random.default_rng(1)
     palette = rng.integers(1, 256, (8, 3)).astype(np.uint8)  # no class is black

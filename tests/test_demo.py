@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipelines.labeling import read_output
+from pipelines.labeling.output import read_output
 
 from .conftest import ROOT
 

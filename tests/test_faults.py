@@ -13,7 +13,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipelines import registry, tracking
+from pipelines.ops import tracking
+from pipelines.registry import aliases
+from pipelines.registry.versions import RegistryError
 
 from .conftest import ROOT, job_env, start_job
 
@@ -24,15 +26,13 @@ MODEL = "lanes-faults-test"
 def test_alias_lock_excludes_waits_and_clears_a_stale_one(mlflow_store, monkeypatch):
     client = MlflowClient()
     client.create_registered_model(MODEL)
-    lock = registry.LOCK_NAME.format(name=MODEL, alias="champion")
-    with registry.alias_lock(MODEL, "champion", client):
+    lock = aliases.LOCK_NAME.format(name=MODEL, alias="champion")
+    with aliases.alias_lock(MODEL, "champion", client):
         assert client.get_registered_model(lock)  # held: the lock model exists
         start = time.monotonic()
         with (
-            pytest.raises(
-                registry.RegistryError, match=f"another promotion or rollback holds {lock}"
-            ),
-            registry.alias_lock(MODEL, "champion", client, wait_s=1.0),
+            pytest.raises(RegistryError, match=f"another promotion or rollback holds {lock}"),
+            aliases.alias_lock(MODEL, "champion", client, wait_s=1.0),
         ):
             pass
         assert time.monotonic() - start >= 1.0  # it waited before giving up
@@ -40,8 +40,8 @@ def test_alias_lock_excludes_waits_and_clears_a_stale_one(mlflow_store, monkeypa
         client.get_registered_model(lock)  # released
     # One left behind by a killed job: removed once older than the TTL, then taken.
     client.create_registered_model(lock)
-    monkeypatch.setattr(registry, "LOCK_TTL_S", 0.0)
-    with registry.alias_lock(MODEL, "champion", client, wait_s=0.0):
+    monkeypatch.setattr(aliases, "LOCK_TTL_S", 0.0)
+    with aliases.alias_lock(MODEL, "champion", client, wait_s=0.0):
         pass
 
 
@@ -52,14 +52,14 @@ def test_alias_moves_only_from_the_holder_it_was_evaluated_against(mlflow_store,
     v1, v2, v3 = (
         str(client.create_model_version(MODEL, source=tmp_path.as_uri()).version) for _ in range(3)
     )
-    assert registry.move_alias(MODEL, "champion", v1, client, expected=None) is None
-    with pytest.raises(registry.AliasMoved, match=f"moved from nothing to v{v1}"):
-        registry.move_alias(MODEL, "champion", v2, client, expected=None)
-    assert registry.move_alias(MODEL, "champion", v3, client, expected=v1) == v1
-    with pytest.raises(registry.AliasMoved, match=f"moved from v{v1} to v{v3}"):
-        registry.move_alias(MODEL, "champion", v2, client, expected=v1)
-    registry.rollback_alias(MODEL, "champion", client)
-    history = registry.alias_history(MODEL, "champion", client)
+    assert aliases.move_alias(MODEL, "champion", v1, client, expected=None) is None
+    with pytest.raises(aliases.AliasMoved, match=f"moved from nothing to v{v1}"):
+        aliases.move_alias(MODEL, "champion", v2, client, expected=None)
+    assert aliases.move_alias(MODEL, "champion", v3, client, expected=v1) == v1
+    with pytest.raises(aliases.AliasMoved, match=f"moved from v{v1} to v{v3}"):
+        aliases.move_alias(MODEL, "champion", v2, client, expected=v1)
+    aliases.rollback_alias(MODEL, "champion", client)
+    history = aliases.alias_history(MODEL, "champion", client)
     assert [(h["version"], h["previous"], h["how"]) for h in history] == [
         (v1, None, "promote"),
         (v3, v1, "promote"),
@@ -77,7 +77,7 @@ def test_two_promotions_at_once_one_wins_history_intact(
     holder = register_version(MODEL, constant_class=1)  # all "dividing": scores next to nothing
     candidates = [register_version(MODEL, constant_class=0, seed=s) for s in (1, 2)]  # background
     client = MlflowClient()
-    registry.move_alias(MODEL, "champion", holder, client)
+    aliases.move_alias(MODEL, "champion", holder, client)
     procs = [
         start_job("jobs.promote", "--model", MODEL, "--candidate", c, "--eval-data", local_shards)
         for c in candidates
@@ -93,14 +93,14 @@ def test_two_promotions_at_once_one_wins_history_intact(
 
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == winner
     model = client.get_registered_model(MODEL)
-    assert model.tags[registry.PREVIOUS_ALIAS_TAG.format(alias="champion")] == holder
-    history = json.loads(model.tags[registry.HISTORY_TAG.format(alias="champion")])
+    assert model.tags[aliases.PREVIOUS_ALIAS_TAG.format(alias="champion")] == holder
+    history = json.loads(model.tags[aliases.HISTORY_TAG.format(alias="champion")])
     assert [(h["version"], h["previous"]) for h in history] == [(holder, None), (winner, holder)]
     tag = client.get_model_version(MODEL, loser).tags["promotion_champion"]
     assert tag.startswith("not promoted:")
     # The lock is gone: the next promotion or rollback goes ahead.
     assert not client.search_registered_models(
-        f"name = '{registry.LOCK_NAME.format(name=MODEL, alias='champion')}'"
+        f"name = '{aliases.LOCK_NAME.format(name=MODEL, alias='champion')}'"
     )
 
 

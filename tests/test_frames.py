@@ -7,15 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.frames import (
+from pipelines.core.codecs import (
     FrameError,
-    FrameTransform,
     decode_label,
     decode_png_mask,
     decode_rgb,
     encode_jpeg,
     encode_png,
 )
+from pipelines.core.frames import FrameTransform
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -84,7 +84,7 @@ def test_crops_scale_with_the_frame_height_when_the_source_height_is_known():
     """The same camera at 1x, 0.5x and 0.25x: each loses the same fraction of its rows, and
     the model input is the same picture (within resampling); an old transform without a
     source height keeps its absolute rows."""
-    from pipelines.synthetic import render_frame
+    from pipelines.data.synthetic import render_frame
 
     t = FrameTransform(width=128, height=48, crop_top=280, crop_bottom=40, source_height=768)
     full, _ = render_frame(np.random.default_rng(2), 1536, 768)
@@ -151,7 +151,7 @@ def test_load_image_rejects_a_truncated_jpeg_at_half_size():
 
 @pytest.fixture(scope="module")
 def full_frame() -> np.ndarray:
-    from pipelines.synthetic import render_frame
+    from pipelines.data.synthetic import render_frame
 
     return render_frame(np.random.default_rng(1), 3384, 1710)[0]
 
@@ -206,7 +206,7 @@ def test_load_image_without_reduction_matches_prepare_image():
 def test_restored_pixel_counts_equal_counting_the_restored_mask(
     mask_hw, frame_hw, crop_top, crop_bottom
 ):
-    from pipelines.labels import N_CLASSES, class_pixel_counts
+    from pipelines.core.labels import N_CLASSES, class_pixel_counts
 
     t = FrameTransform(width=mask_hw[1], height=mask_hw[0], crop_top=crop_top,
                        crop_bottom=crop_bottom)  # fmt: skip

@@ -13,21 +13,18 @@ import pytest
 from PIL import Image
 
 from jobs import ingest as ingest_job
-from pipelines import labels
-from pipelines.frames import FrameTransform, decode_label, decode_png_mask, decode_rgb
-from pipelines.ingest import (
-    SHARD_COLUMNS,
-    IngestError,
-    Limits,
-    discover,
-    run_ingest,
-    split_drives,
-)
+from pipelines.core import labels
+from pipelines.core.codecs import decode_label, decode_png_mask, decode_rgb
+from pipelines.core.frames import FrameTransform
+from pipelines.data.discover import IngestError, discover, split_drives
+from pipelines.data.ingest import ingest
+from pipelines.data.shards import SHARD_COLUMNS
+from pipelines.data.sources import Limits
+from pipelines.data.synthetic import frame_paths, label_png, render_frame, write_tree
+from pipelines.data.versions import resolve_dataset
 from pipelines.storage import resolve
-from pipelines.synthetic import frame_paths, label_png, render_frame, write_tree
-from pipelines.versions import resolve_dataset
 
-from .conftest import CROP_TOP, FRAME_H, FRAME_W, SHARED_DATA, job_env
+from .conftest import CROP_TOP, FRAME_H, FRAME_W, SHARED_DATA, ingest_config, job_env
 
 
 def read_split(uri: str, split: str):
@@ -132,9 +129,7 @@ def make_bad_tree(root):
 
 def test_every_bad_input_is_in_the_manifest(tmp_path, ray_cluster, test_transform):
     bad = make_bad_tree(tmp_path / "src")
-    result = run_ingest(
-        str(tmp_path / "src"), str(tmp_path / "out"), transform=test_transform, progress=False
-    )
+    result = ingest(ingest_config(str(tmp_path / "src"), str(tmp_path / "out"), test_transform))
     m = result.manifest
     assert m["counts"]["found"] == 3 + len(bad) + 1
     assert m["counts"]["valid"] == 4 and m["counts"]["rejected"] == len(bad)
@@ -155,13 +150,9 @@ def test_every_bad_input_is_in_the_manifest(tmp_path, ray_cluster, test_transfor
 
 def test_rerun_is_idempotent(tmp_path, ray_cluster, synthetic_tree, test_transform):
     dest = str(tmp_path / "out")
-    first = run_ingest(
-        str(synthetic_tree), dest, transform=test_transform, val_fraction=0.25, progress=False
-    )
+    first = ingest(ingest_config(str(synthetic_tree), dest, test_transform, val_fraction=0.25))
     rows1 = {s: read_split(dest, s) for s in ("train", "val")}
-    second = run_ingest(
-        str(synthetic_tree), dest, transform=test_transform, val_fraction=0.25, progress=False
-    )
+    second = ingest(ingest_config(str(synthetic_tree), dest, test_transform, val_fraction=0.25))
     rows2 = {s: read_split(dest, s) for s in ("train", "val")}
     for s in ("train", "val"):
         assert len(rows2[s]) == len(rows1[s])  # no duplicates
@@ -176,7 +167,7 @@ def test_rerun_is_idempotent(tmp_path, ray_cluster, synthetic_tree, test_transfo
 def test_ingest_to_s3_and_read_back_with_ray_data(
     s3_prefix, synthetic_tree, ray_cluster, test_transform
 ):
-    from pipelines.dataset import build_dataset
+    from pipelines.data.shards import build_dataset
 
     code = ingest_job.main(
         [
@@ -222,7 +213,7 @@ def test_source_on_s3(s3_prefix, synthetic_tree, tmp_path, ray_cluster, test_tra
     src.join("Labels_road02/Label/Record009/Camera 5/lonely_Camera_5_bin.png").write_bytes(b"x")
     found = discover(src.uri)
     pairs = sum(c.reason is None for c in found.candidates)
-    result = run_ingest(src.uri, str(tmp_path / "out"), transform=test_transform, progress=False)
+    result = ingest(ingest_config(src.uri, str(tmp_path / "out"), test_transform))
     c = result.manifest["counts"]
     assert c["found"] == len(found.candidates) == c["valid"] + c["rejected"]
     assert c["valid"] == pairs == 18  # every complete pair read from S3 was good
@@ -249,12 +240,8 @@ def test_real_apollo_labels_with_generated_frames(tmp_path, ray_cluster):
         frame, _ = render_frame(rng, 3384, 2710)
         Image.fromarray(frame).save(p.image, format="JPEG", quality=80)
     transform = FrameTransform(width=256, height=96, crop_top=690)
-    result = run_ingest(
-        str(tmp_path / "src"),
-        str(tmp_path / "out"),
-        transform=transform,
-        val_fraction=0.0,
-        progress=False,
+    result = ingest(
+        ingest_config(str(tmp_path / "src"), str(tmp_path / "out"), transform, val_fraction=0.0)
     )
     m = result.manifest
     assert m["counts"] == {
@@ -300,11 +287,11 @@ def test_csv_source(tmp_path, synthetic_tree, ray_cluster, test_transform):
     lines.append("d1/../../outside.jpg,../outside_bin.png,drive0")
     (delivery / "pairs.csv").write_text("\n".join(lines) + "\n")
 
-    def ingest(out: str, **kw):
-        return run_ingest(str(delivery / "pairs.csv"), str(tmp_path / out),
-                          transform=test_transform, val_fraction=0.5, progress=False, **kw)  # fmt: skip
+    def ingest_csv(out: str, **kw):
+        return ingest(ingest_config(str(delivery / "pairs.csv"), str(tmp_path / out),
+                                    test_transform, val_fraction=0.5, **kw))  # fmt: skip
 
-    result = ingest("out")
+    result = ingest_csv("out")
     c = result.manifest["counts"]
     assert (c["found"], c["valid"], c["rejected"]) == (8, 4, 4)
     reasons = sorted(r["reason"] for r in result.manifest["rejected"])
@@ -319,16 +306,11 @@ def test_csv_source(tmp_path, synthetic_tree, ray_cluster, test_transform):
         "drive0",
         "drive1",
     }
-    c = ingest("out-allowed", allow_outside_root=True).manifest["counts"]
+    c = ingest_csv("out-allowed", allow_outside_root=True).manifest["counts"]
     assert (c["found"], c["valid"], c["rejected"]) == (8, 6, 2)
     (tmp_path / "bad.csv").write_text("path;other\nx;y\n")
     with pytest.raises(IngestError, match="header 'image,label'"):
-        run_ingest(
-            str(tmp_path / "bad.csv"),
-            str(tmp_path / "out2"),
-            transform=test_transform,
-            progress=False,
-        )
+        ingest(ingest_config(str(tmp_path / "bad.csv"), str(tmp_path / "out2"), test_transform))
 
 
 def test_nothing_valid_exits_nonzero(tmp_path, ray_cluster, capsys):
@@ -362,15 +344,13 @@ def test_nothing_valid_exits_nonzero(tmp_path, ray_cluster, capsys):
 def test_config_file_and_flag_override(tmp_path):
     cfg = tmp_path / "ingest.yaml"
     cfg.write_text("source: /a\ndest: /b\nsize: 320x96\ncrop-top: 10\n")
-    from jobs._cli import parse_args
-
-    args = parse_args(ingest_job.build_parser(), ["--config", str(cfg), "--crop-top", "20"])
+    args = ingest_job.load_config(["--config", str(cfg), "--crop-top", "20"])
     assert (args.source, args.dest, args.size, args.crop_top) == ("/a", "/b", (320, 96), 20)
     cfg.write_text("source: /a\ndest: /b\nsizes: 1x1\n")
     from jobs._cli import ConfigError
 
     with pytest.raises(ConfigError, match="unknown option 'sizes'"):
-        parse_args(ingest_job.build_parser(), ["--config", str(cfg)])
+        ingest_job.load_config(["--config", str(cfg)])
 
 
 # -- broken deliveries -------------------------------------------------------------------------
@@ -444,20 +424,21 @@ def test_processing_stages_keep_one_schema_for_empty_and_rejected_blocks(test_tr
     a block with no rows, or with only rejected rows, included."""
     import pandas as pd
 
-    from pipelines.ingest import PROCESSED_SCHEMA, SHARD_SCHEMA, Limits, _process_batch, _valid_rows
+    from pipelines.data.ingest import PROCESSED_SCHEMA, process_batch, valid_rows
+    from pipelines.data.shards import SHARD_SCHEMA
 
     columns = ["image_id", "source_image", "source_label", "drive", "split", "reason",
                "image_size", "label_size"]  # fmt: skip
     anchor = resolve(".")
-    empty = _process_batch(pd.DataFrame(columns=columns), test_transform, anchor, Limits())
+    empty = process_batch(pd.DataFrame(columns=columns), test_transform, anchor, Limits())
     assert empty.schema == PROCESSED_SCHEMA and empty.num_rows == 0
     rejected = pd.DataFrame(
         [["a", "", "/x_bin.png", "d", "train", "image missing", -1, 10]], columns=columns
     )
-    block = _process_batch(rejected, test_transform, anchor, Limits())
+    block = process_batch(rejected, test_transform, anchor, Limits())
     assert block.schema == PROCESSED_SCHEMA and block["reason"].to_pylist() == ["image missing"]
     for b in (empty, block):
-        valid = _valid_rows(b, {})
+        valid = valid_rows(b, {})
         assert valid.num_rows == 0
         assert valid.schema == SHARD_SCHEMA.append(pa.field("file", pa.string()))
 
@@ -466,14 +447,13 @@ def test_processing_stages_keep_one_schema_for_empty_and_rejected_blocks(test_tr
 def test_reingest_is_a_new_version_and_readers_stay_pinned(
     tmp_path, ray_cluster, synthetic_tree, test_transform
 ):
-    from pipelines.dataset import shard_files
-    from pipelines.versions import list_versions
+    from pipelines.data.shards import shard_files
+    from pipelines.data.versions import list_versions
 
     small = tmp_path / "small"
     write_tree(small, 4, records=2, width=FRAME_W, height=FRAME_H, seed=9)
     dest = str(tmp_path / "data")
-    first = run_ingest(str(small), dest, transform=test_transform, val_fraction=0.5,
-                       progress=False)  # fmt: skip
+    first = ingest(ingest_config(str(small), dest, test_transform, val_fraction=0.5))  # fmt: skip
     pinned = resolve_dataset(dest)  # what a job resolved at its start
     assert pinned.name == first.version and first.committed
 
@@ -483,16 +463,14 @@ def test_reingest_is_a_new_version_and_readers_stay_pinned(
 
     before = ids(pinned.uri)
     assert len(before) == 4
-    second = run_ingest(str(synthetic_tree), dest, transform=test_transform, val_fraction=0.25,
-                        progress=False)  # fmt: skip
+    second = ingest(ingest_config(str(synthetic_tree), dest, test_transform, val_fraction=0.25))  # fmt: skip
     assert second.manifest["previous_version"] == first.version
     assert resolve_dataset(dest).name == second.version
     assert ids(pinned.uri) == before  # the running job still reads exactly its version
     assert len(ids(dest)) == 24  # a new job gets the new one
     assert [v.name for v in list_versions(resolve(dest))] == [first.version, second.version]
 
-    third = run_ingest(str(small), dest, transform=test_transform, val_fraction=0.5,
-                       keep_versions=1, progress=False)  # fmt: skip
+    third = ingest(ingest_config(str(small), dest, test_transform, val_fraction=0.5, keep_versions=1))  # fmt: skip
     assert third.pruned == [first.version, second.version]
     assert [v.name for v in list_versions(resolve(dest))] == [third.version]
     assert ids(dest) == before
@@ -511,19 +489,18 @@ def test_ingest_killed_while_writing_leaves_previous_version(
     import sys
     import time
 
-    from pipelines.dataset import build_dataset
-    from pipelines.versions import list_versions
+    from pipelines.data.shards import build_dataset
+    from pipelines.data.versions import list_versions
 
     from .conftest import ROOT
 
     small = tmp_path / "small"
     write_tree(small, 4, records=2, width=FRAME_W, height=FRAME_H, seed=9)
     dest = tmp_path / "data"
-    first = run_ingest(str(small), str(dest), transform=test_transform, val_fraction=0.5,
-                       progress=False)  # fmt: skip
-    env = job_env()
+    first = ingest(ingest_config(str(small), str(dest), test_transform, val_fraction=0.5))  # fmt: skip
     # ~3 rows per shard file and a pause after each: the kill lands between shard files.
-    argv = ingest_cli(synthetic_tree, dest, "--shard-mb", "0.01", "--slow-write", "20")
+    env = job_env(LANE_FAULTS="ingest.pause_after_shard=20")
+    argv = ingest_cli(synthetic_tree, dest, "--shard-mb", "0.01")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", *argv], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -566,10 +543,7 @@ def test_input_limits_reject_before_reading(tmp_path, ray_cluster, test_transfor
     wide = frame_paths(src, "road02", 7, 5, "wide")
     Image.fromarray(render_frame(np.random.default_rng(0), FRAME_W, FRAME_H)[0]).save(wide.image)
     wide.label.write_bytes(label_png(np.zeros((2000, 3000), np.uint8)))  # 6 MP, a few KB
-    result = run_ingest(
-        str(src), str(tmp_path / "out"), transform=test_transform, val_fraction=0.0,
-        limits=Limits(max_bytes=2**20, max_pixels=1_000_000), progress=False,
-    )  # fmt: skip
+    result = ingest(ingest_config(str(src), str(tmp_path / "out"), test_transform, val_fraction=0.0, max_bytes=2**20, max_pixels=1_000_000))  # fmt: skip
     reasons = {r["image_id"].rsplit("/", 1)[-1]: r["reason"] for r in result.manifest["rejected"]}
     assert reasons.keys() == {"huge_Camera_5", "wide_Camera_5"}, reasons
     assert f"is {50 * 2**30} bytes, over the --max-bytes limit {2**20}" in reasons["huge_Camera_5"]
@@ -600,8 +574,7 @@ def test_s3_outage_mid_ingest(tmp_path, ray_cluster, test_transform, capsys, mon
     with outage_server(outage_after_gets=4, outage_seconds=10) as srv:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", srv.endpoint)
         source = upload(srv)
-        first = run_ingest(source, dest, transform=test_transform, val_fraction=0.5,
-                           progress=False)  # fmt: skip
+        first = ingest(ingest_config(source, dest, test_transform, val_fraction=0.5))  # fmt: skip
         assert srv.outages_started == 1 and srv.outages_ended == 1
     c = first.manifest["counts"]
     assert (c["valid"], c["rejected"], c["unreadable"], first.committed) == (6, 0, 0, True)
@@ -619,7 +592,7 @@ def test_s3_outage_mid_ingest(tmp_path, ray_cluster, test_transform, capsys, mon
         unread = [line for line in out.out.splitlines() if line.startswith("  unreadable ")]
         assert unread and all("s3://lanes/raw/" in line for line in unread), out.out
         # The written (uncommitted) version names them too, as unreadable, not as bad data.
-        from pipelines.versions import list_versions, version_location
+        from pipelines.data.versions import list_versions, version_location
 
         newest = list_versions(resolve(dest))[-1]
         assert newest.complete and not newest.current

@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 
 from jobs import label as label_job
-from pipelines import labels
-from pipelines.frames import decode_png_mask, encode_jpeg
-from pipelines.labeling import STAGING, read_output
-from pipelines.registry import ModelRef, load_predictor
+from pipelines.core import labels
+from pipelines.core.codecs import decode_png_mask, encode_jpeg
+from pipelines.data.synthetic import render_frame
+from pipelines.labeling.commit import STAGING
+from pipelines.labeling.output import read_output
+from pipelines.registry.versions import ModelRef, load_predictor
 from pipelines.storage import resolve
-from pipelines.synthetic import render_frame
 
 from .conftest import CROP_TOP, FRAME_H, FRAME_W, ROOT, job_env, start_job
 
@@ -197,8 +198,8 @@ def test_model_actor_without_gpu_takes_its_share_of_the_node(ray_cluster, tmp_pa
     bytes the driver verified (no MLflow in the actor)."""
     import torch
 
-    from pipelines.predictor import MODEL_FILE, SPEC_FILE, ModelSpec, save_model_dir
-    from pipelines.segmenter import Segmenter
+    from pipelines.inference.actors import Segmenter
+    from pipelines.inference.model_dir import MODEL_FILE, SPEC_FILE, ModelSpec, save_model_dir
 
     from .conftest import make_model
 
@@ -251,11 +252,12 @@ def test_score_thresholds_out_of_range_are_one_line(tmp_path, capsys, flag, valu
     ]
 
 
-def _killed_run(argv: list[str], crash_at: str) -> str:
-    """A labeling run in its own process, killed (exit 137) at ``crash_at``; its output."""
+def _killed_run(argv: list[str], fault: str) -> str:
+    """A labeling run in its own process, killed (exit 137) at fault point ``fault``
+    (pipelines.ops.faults); its output."""
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.label", *argv, "--crash-at", crash_at],
-        cwd=ROOT, env=job_env(PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "jobs.label", *argv], cwd=ROOT, capture_output=True, text=True,
+        env=job_env(PYTHONUNBUFFERED="1", LANE_FAULTS=fault), timeout=600,
     )  # fmt: skip
     assert proc.returncode == 137, proc.stderr[-3000:]
     return proc.stdout
@@ -272,7 +274,7 @@ def test_runs_killed_halfway_then_rerun_end_with_one_row_per_input(labeling_setu
             "--max-pixels", str(MAX_PIXELS), "--rows-per-file", "3"]  # fmt: skip
     output = resolve(s["output"])
     # 1. Killed after writing: never committed, nothing visible.
-    _killed_run([*argv, "--lease-ttl", "6"], "after-write")
+    _killed_run([*argv, "--lease-ttl", "6"], "label.exit_after_write")
     assert output.join(STAGING).exists()
     assert read_output(s["output"]).to_pylist() == []
 
@@ -284,7 +286,9 @@ def test_runs_killed_halfway_then_rerun_end_with_one_row_per_input(labeling_setu
 
     # 2. One that waits takes the lease over once it expires, discards the dead run's staging
     # and labels everything, but is killed after moving one file of several into place.
-    out = _killed_run([*argv, "--lease-ttl", "6", "--wait-for-lease", "60"], "mid-commit")
+    out = _killed_run(
+        [*argv, "--lease-ttl", "6", "--wait-for-lease", "60"], "label.exit_mid_commit=1"
+    )
     assert "took over the expired lease of run" in out
     assert "1 incomplete staging folders discarded" in out
     visible = read_output(s["output"]).to_pylist()

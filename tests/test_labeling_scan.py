@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.labeling import OUTPUT_SCHEMA, already_labeled, committed_files, read_output
+from pipelines.labeling.output import already_labeled, committed_files, read_output
+from pipelines.labeling.schema import OUTPUT_SCHEMA
 from pipelines.storage import Location, resolve
 
 MODEL = "lanes"
@@ -153,7 +154,7 @@ def test_the_cpu_stages_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, pipelines.labeling; print('torch' in sys.modules);"
-            "import pipelines.segmenter; print('torch' in sys.modules)")  # fmt: skip
+    code = ("import sys, pipelines.labeling.stages; print('torch' in sys.modules);"
+            "import pipelines.inference.actors; print('torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import labels
-from pipelines.frames import decode_label
+from pipelines.core import labels
+from pipelines.core.codecs import decode_label
 
 from .conftest import SHARED_DATA
 

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipelines.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost
-from pipelines.storage import resolve
+from pipelines.storage import conditional, resolve
+from pipelines.storage.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -24,7 +24,7 @@ def test_one_holder_at_a_time_and_release(lease_loc):
             Lease(lease_loc, "run-b", ttl=60).try_acquire()
         assert held.value.holder.run == "run-a"
         a.check()
-    assert lease_loc.read_tagged() is None  # released: the object is gone
+    assert conditional.read_tagged(lease_loc) is None  # released: the object is gone
     with Lease(lease_loc, "run-b", ttl=60) as b:
         assert b.took_over is None
 
@@ -44,7 +44,7 @@ def test_started_together_exactly_one_wins(lease_loc):
     try:
         assert sum(won) == 1, won
         winner = leases[won.index(True)]
-        assert json.loads(lease_loc.read_tagged()[0])["run"] == winner.run
+        assert json.loads(conditional.read_tagged(lease_loc)[0])["run"] == winner.run
     finally:
         for lease, w in zip(leases, won, strict=True):
             if w:
@@ -72,7 +72,7 @@ def test_heartbeat_keeps_it_and_a_dead_holder_is_taken_over(lease_loc):
             a.check()
         a.release()  # must not delete b's lease
         b.check()
-        assert json.loads(lease_loc.read_tagged()[0])["run"] == "run-b"
+        assert json.loads(conditional.read_tagged(lease_loc)[0])["run"] == "run-b"
     finally:
         b.release()
 

@@ -24,8 +24,8 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from pipelines import tracking
-from pipelines.versions import resolve_dataset
+from pipelines.data.versions import resolve_dataset
+from pipelines.ops import tracking
 
 from .conftest import ROOT, free_port
 from .faults import start_outage_server

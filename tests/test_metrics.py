@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.metrics import confusion_matrix, flat_metrics, scores
+from pipelines.core.metrics import confusion_matrix, flat_metrics, scores
 
 
 def numpy_reference(pred: np.ndarray, target: np.ndarray, n: int) -> dict:

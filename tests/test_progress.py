@@ -2,7 +2,17 @@
 
 import re
 
-from pipelines.progress import RateLine, count, counter_actor, duration, reported
+from pipelines.ops.progress import (
+    RateLine,
+    duration,
+    reported,
+)
+from pipelines.ops.progress import (
+    progress_actor as counter_actor,
+)
+from pipelines.ops.progress import (
+    report as count,
+)
 
 
 class Clock:

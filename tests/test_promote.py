@@ -9,9 +9,9 @@ import pytest
 from mlflow import MlflowClient
 
 from jobs import promote
-from pipelines.evaluate import evaluate
-from pipelines.registry import ModelRef, load_predictor, logged_model_id
-from pipelines.versions import resolve_dataset
+from pipelines.data.versions import resolve_dataset
+from pipelines.inference.evaluate import evaluate
+from pipelines.registry.versions import ModelRef, load_predictor, logged_model_id
 
 MODEL = "lanes-promote-test"
 
@@ -26,8 +26,8 @@ def single_process_confusion(predictor, data_uri: str, split: str = "val"):
     import numpy as np
     import torch
 
-    from pipelines.dataset import build_dataset
-    from pipelines.metrics import confusion_matrix
+    from pipelines.core.metrics import confusion_matrix
+    from pipelines.data.shards import build_dataset
 
     n = predictor.spec.n_class
     conf = torch.zeros(n, n, dtype=torch.int64)
@@ -38,7 +38,7 @@ def single_process_confusion(predictor, data_uri: str, split: str = "val"):
 
 
 def model_files(tmp_path, model, spec) -> dict[str, bytes]:
-    from pipelines.predictor import MODEL_FILE, SPEC_FILE, save_model_dir
+    from pipelines.inference.model_dir import MODEL_FILE, SPEC_FILE, save_model_dir
 
     d = save_model_dir(tmp_path / "model", model, spec)
     return {name: (d / name).read_bytes() for name in (MODEL_FILE, SPEC_FILE)}
@@ -84,7 +84,7 @@ def test_promotes_better_refuses_worse_and_rolls_back(
     assert tags[better]["promotion_champion"].startswith(f"promoted v{better}")
 
     # The recorded score is the one the metric code gives for that model on those shards.
-    from pipelines.metrics import scores
+    from pipelines.core.metrics import scores
 
     direct = scores(single_process_confusion(load_predictor(ModelRef(MODEL, better)), local_shards))
     assert float(tags[better]["eval_miou"]) == pytest.approx(direct["miou"], abs=1e-6)
@@ -161,7 +161,7 @@ def test_evaluation_counts_the_models_classes(tmp_path, local_shards, test_trans
     import torch
 
     from fcn_models import build_model
-    from pipelines.predictor import ModelSpec
+    from pipelines.inference.model_dir import ModelSpec
 
     torch.manual_seed(0)
     model = build_model("fcn8s_resnet101", 9).eval()
@@ -184,8 +184,9 @@ def test_actor_pool_evaluation_equals_the_single_process_confusion(
     import torch
 
     from fcn_models import build_model
-    from pipelines import labels
-    from pipelines.predictor import ModelSpec, Predictor
+    from pipelines.core import labels
+    from pipelines.inference.model_dir import ModelSpec
+    from pipelines.inference.predictor import Predictor
 
     torch.manual_seed(3)
     model = build_model("fcn8s_resnet101", 8).eval()
@@ -197,7 +198,7 @@ def test_actor_pool_evaluation_equals_the_single_process_confusion(
     assert (expected > 0).sum() >= 4  # several (true, predicted) pairs: a non-trivial check
     beats = []
     result = evaluate(model_files(tmp_path, model, spec), local_shards, batch_size=2, actors=2,
-                      progress=beats.append)  # fmt: skip
+                      on_frames=beats.append)  # fmt: skip
     np.testing.assert_array_equal(np.array(result["confusion"]), expected)
     assert result["frames"] == 6
     assert beats == [2, 4, 6]  # 3 batches of 2, summed one after the other

@@ -2,7 +2,7 @@
 
 from packaging.requirements import Requirement
 
-from pipelines.registry import _pip_requirements
+from pipelines.registry.pyfunc import _pip_requirements
 
 
 def test_requirements_drop_local_version_labels():

@@ -18,6 +18,7 @@ from pipelines.storage import (
     Retry,
     StorageError,
     TransientStorageError,
+    conditional,
     is_transient,
     resolve,
 )
@@ -207,7 +208,7 @@ def test_is_transient_other_errors():
 
 
 def test_read_and_write_ride_out_a_real_outage(caplog):
-    caplog.set_level(logging.INFO, logger="pipelines.storage")
+    caplog.set_level(logging.INFO, logger="pipelines.storage.retry")
     with outage_server(outage_after_gets=1, outage_seconds=OUTAGE_S) as srv:
         key = srv.location("s3://lanes/ride-out/frame.bin")
         other = srv.location("s3://lanes/ride-out/other.bin")
@@ -246,7 +247,7 @@ def test_outage_longer_than_the_retries_raises_transient_error():
         assert is_transient(e.value) and is_transient(e.value.__cause__)
         # The s3fs path (conditional writes) is classified alike.
         with pytest.raises(TransientStorageError, match="create failed 2 attempts.*EndpointConn"):
-            key.create_if_absent(b"lease", retry=QUICK)
+            conditional.create_if_absent(key, b"lease", retry=QUICK)
 
 
 def test_missing_object_is_permanent_and_not_retried(s3_prefix, tmp_path):
@@ -323,22 +324,22 @@ def lease(request, tmp_path):
 
 
 def test_conditional_writes(lease):
-    assert lease.read_tagged() is None
-    assert not lease.replace_if(b"x", "no-such-tag")
-    assert not lease.delete_if("no-such-tag")
-    assert lease.create_if_absent(b"owner=a")
-    assert not lease.create_if_absent(b"owner=b")  # it exists: the second create loses
-    data, tag = lease.read_tagged()
+    assert conditional.read_tagged(lease) is None
+    assert not conditional.replace_if(lease, b"x", "no-such-tag")
+    assert not conditional.delete_if(lease, "no-such-tag")
+    assert conditional.create_if_absent(lease, b"owner=a")
+    assert not conditional.create_if_absent(lease, b"owner=b")  # it exists: the second create loses
+    data, tag = conditional.read_tagged(lease)
     assert data == b"owner=a"
-    assert lease.replace_if(b"owner=a renewed", tag)
-    assert not lease.replace_if(b"owner=b", tag)  # stale tag
-    data, fresh = lease.read_tagged()
+    assert conditional.replace_if(lease, b"owner=a renewed", tag)
+    assert not conditional.replace_if(lease, b"owner=b", tag)  # stale tag
+    data, fresh = conditional.read_tagged(lease)
     assert data == b"owner=a renewed" and fresh != tag
     assert lease.read_bytes() == b"owner=a renewed"
-    assert not lease.delete_if(tag)  # stale tag
-    assert lease.delete_if(fresh)
-    assert lease.read_tagged() is None
-    assert lease.create_if_absent(b"owner=b")  # free again
+    assert not conditional.delete_if(lease, tag)  # stale tag
+    assert conditional.delete_if(lease, fresh)
+    assert conditional.read_tagged(lease) is None
+    assert conditional.create_if_absent(lease, b"owner=b")  # free again
     if lease.scheme == "file":  # no temp files left, readers never saw them
         assert sorted(os.listdir(os.path.dirname(lease.path))) == [".lease.json.lock", "lease.json"]
 
@@ -357,18 +358,18 @@ def test_racing_threads_exactly_one_wins(contested):
 
     def create(i: int) -> bool:
         barrier.wait()
-        return lease.create_if_absent(f"owner={i}".encode())
+        return conditional.create_if_absent(lease, f"owner={i}".encode())
 
     with ThreadPoolExecutor(n) as pool:
         created = list(pool.map(create, range(n)))
     assert created.count(True) == 1
     assert lease.read_bytes() == f"owner={created.index(True)}".encode()
 
-    _, tag = lease.read_tagged()
+    _, tag = conditional.read_tagged(lease)
 
     def renew(i: int) -> bool:
         barrier.wait()
-        return lease.replace_if(f"renewed by {i}".encode(), tag)
+        return conditional.replace_if(lease, f"renewed by {i}".encode(), tag)
 
     with ThreadPoolExecutor(n) as pool:
         renewed = list(pool.map(renew, range(n)))
@@ -378,15 +379,15 @@ def test_racing_threads_exactly_one_wins(contested):
 
 _CONTENDER = """
 import sys
-from pipelines.storage import resolve
+from pipelines.storage import conditional, resolve
 loc, who = resolve(sys.argv[1]), sys.argv[2].encode()
 print("ready", flush=True)
 for command in sys.stdin:  # "create" or a tag to replace; all contenders get it at once
     command = command.strip()
     if command == "create":
-        print(loc.create_if_absent(who), flush=True)
+        print(conditional.create_if_absent(loc, who), flush=True)
     else:
-        print(loc.replace_if(b"renewed by " + who, command), flush=True)
+        print(conditional.replace_if(loc, b"renewed by " + who, command), flush=True)
 """
 
 
@@ -414,7 +415,7 @@ def test_racing_processes_exactly_one_wins_local(tmp_path):
         created = race("create")
         assert created.count(True) == 1
         assert lease.read_bytes() == f"p{created.index(True)}".encode()
-        renewed = race(lease.read_tagged()[1])
+        renewed = race(conditional.read_tagged(lease)[1])
         assert renewed.count(True) == 1
         assert lease.read_bytes() == f"renewed by p{renewed.index(True)}".encode()
     finally:
@@ -432,14 +433,14 @@ def test_answer_lost_after_a_conditional_write(s3_faults):
     key) and must not be taken for someone else's change."""
     lease = s3_faults.location("s3://lanes/lost-answer/lease.json")
     s3_faults.lose_next_answer()
-    assert lease.create_if_absent(b"owner=a", retry=QUICK)
-    _, tag = lease.read_tagged()
+    assert conditional.create_if_absent(lease, b"owner=a", retry=QUICK)
+    _, tag = conditional.read_tagged(lease)
     s3_faults.lose_next_answer()
-    assert lease.replace_if(b"owner=a renewed", tag, retry=QUICK)
-    _, tag = lease.read_tagged()
+    assert conditional.replace_if(lease, b"owner=a renewed", tag, retry=QUICK)
+    _, tag = conditional.read_tagged(lease)
     s3_faults.lose_next_answer()
-    assert lease.delete_if(tag, retry=QUICK)
-    assert lease.read_tagged() is None
+    assert conditional.delete_if(lease, tag, retry=QUICK)
+    assert conditional.read_tagged(lease) is None
     assert sum(line.startswith("lost answer") for line in s3_faults.lines) == 3
 
 
@@ -447,16 +448,16 @@ def test_store_without_conditional_writes_falls_back(caplog):
     with outage_server(conditional_writes=False) as srv:
         lease = srv.location("s3://lanes/legacy/lease.json")
         srv.lose_next_answer()  # the fallback's plain put is applied, its answer lost
-        assert lease.create_if_absent(b"owner=a", retry=QUICK)
-        assert not lease.create_if_absent(b"owner=b")
-        _, tag = lease.read_tagged()
-        assert not lease.replace_if(b"owner=b", '"stale"')
-        assert lease.replace_if(b"owner=a renewed", tag)
+        assert conditional.create_if_absent(lease, b"owner=a", retry=QUICK)
+        assert not conditional.create_if_absent(lease, b"owner=b")
+        _, tag = conditional.read_tagged(lease)
+        assert not conditional.replace_if(lease, b"owner=b", '"stale"')
+        assert conditional.replace_if(lease, b"owner=a renewed", tag)
         assert lease.read_bytes() == b"owner=a renewed"
-        _, tag = lease.read_tagged()
-        assert not lease.delete_if('"stale"')
-        assert lease.delete_if(tag)
-        assert lease.read_tagged() is None
+        _, tag = conditional.read_tagged(lease)
+        assert not conditional.delete_if(lease, '"stale"')
+        assert conditional.delete_if(lease, tag)
+        assert conditional.read_tagged(lease) is None
         assert sum(line.startswith("lost answer PUT") for line in srv.lines) == 1
     warnings = [r for r in caplog.records if "does not support conditional writes" in r.message]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
@@ -469,12 +470,12 @@ def test_patient_fs_rides_out_an_outage_after_pickling():
     import pickle
     import threading
 
-    from pipelines import storage
+    from pipelines.storage import s3
 
     with outage_server(outage_seconds=6) as srv:
         loc = srv.location("s3://lanes/ckpt/model.pt")
         blob = pickle.dumps(loc.patient_fs)
-        storage._s3_pyarrow.cache_clear()  # as in a fresh worker process
+        s3.s3_pyarrow.cache_clear()  # as in a fresh worker process
         fs = pickle.loads(blob)
         data = os.urandom(40 * 2**20)  # several 10 MB parts
         seen = len(srv.lines)

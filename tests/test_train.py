@@ -15,10 +15,11 @@ import torch
 from mlflow import MlflowClient
 
 from jobs import train
-from pipelines import tracking
+from pipelines.data.versions import resolve_dataset
+from pipelines.ops import tracking
 from pipelines.storage import resolve
-from pipelines.training import FAIL_MARKER, METRICS_FILE, TRAIN_STATE_FILE
-from pipelines.versions import resolve_dataset
+from pipelines.training.checkpoint import METRICS_FILE, TRAIN_STATE_FILE
+from pipelines.training.loop import FAULT_MARKER
 
 from .conftest import ROOT, _Touch, free_port
 
@@ -68,7 +69,7 @@ def copy_dropping_one_val_frame(src: str, dest: str) -> int:
     one worker). Returns the val frame count."""
     import pyarrow.parquet as pq
 
-    from pipelines.versions import resolve_dataset
+    from pipelines.data.versions import resolve_dataset
 
     src_loc, dest_loc = resolve_dataset(src).location, resolve(dest)
     manifest = json.loads(src_loc.join("manifest.json").read_text())
@@ -98,7 +99,7 @@ def runs_named(name: str) -> list:
 
 
 def assert_confusion_is_single_process(storage: str, run: str, data: str, epoch: int) -> None:
-    from pipelines.evaluate import evaluate
+    from pipelines.inference.evaluate import evaluate
 
     run_loc = resolve(storage).join(run)
     for info in run_loc.list_files((METRICS_FILE,)):
@@ -249,7 +250,7 @@ def test_config_file_with_flag_override(tmp_path):
 # -- real runs ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_worker_run_from_s3_survives_failures_and_registers_model(
-    local_shards, s3_prefix, mlflow_store, ray_cluster, capsys, background, tmp_path
+    local_shards, s3_prefix, mlflow_store, ray_cluster, capsys, background, tmp_path, monkeypatch
 ):
     """A 2-worker run with data and checkpoints on S3, through the death of the whole job:
 
@@ -270,8 +271,9 @@ def test_two_worker_run_from_s3_survives_failures_and_registers_model(
     assert val_frames % 2 == 1
     # 18 train frames, 9 per worker, 2 per worker step -> 4 steps per epoch; step 6 is in
     # epoch 2 (epoch 1 is checkpointed).
-    argv = train_args(data, storage, "s3-run", "--fail-once-at-step", "6", "--max-failures", "0")
-    marker = resolve(storage).join("s3-run", FAIL_MARKER)
+    monkeypatch.setenv("LANE_FAULTS", "train.exit_at_step=6")
+    argv = train_args(data, storage, "s3-run", "--max-failures", "0")
+    marker = resolve(storage).join("s3-run", FAULT_MARKER)
 
     # 1. The whole job dies.
     assert train.main(argv) == 1
@@ -380,8 +382,9 @@ def test_two_worker_run_from_s3_survives_failures_and_registers_model(
 
 def test_checkpoint_spec_round_trip(tmp_path):
     from fcn_models import build_model
-    from pipelines.frames import FrameTransform
-    from pipelines.predictor import ModelSpec, Predictor, load_model_dir, save_model_dir
+    from pipelines.core.frames import FrameTransform
+    from pipelines.inference.model_dir import ModelSpec, load_model_dir, save_model_dir
+    from pipelines.inference.predictor import Predictor
 
     model = build_model(MODEL, 8)
     spec = ModelSpec(

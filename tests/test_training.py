@@ -13,28 +13,28 @@ from PIL import Image
 from torch import nn
 
 from fcn_models import build_model
-from pipelines import tracking
-from pipelines.augment import decode_batch
-from pipelines.dataset import NormalizeCollate, shard_files
-from pipelines.predictor import load_model_dir, save_model_dir
-from pipelines.training import (
-    EpochLogger,
-    RecipeError,
-    StepProgress,
-    SystemMetrics,
-    epoch_pictures,
-    epoch_seed,
+from pipelines.data.augment import decode_batch
+from pipelines.data.shards import shard_files
+from pipelines.inference.model_dir import load_model_dir, save_model_dir
+from pipelines.ops import tracking
+from pipelines.ops.progress import StepLine
+from pipelines.training.batches import NormalizeCollate
+from pipelines.training.checkpoint import (
     load_train_state,
-    make_loss,
-    make_optimizer,
-    make_recipe,
     read_epoch_record,
     restore_train_state,
     save_train_state,
-    set_trainable,
-    train_step,
     write_epoch_record,
 )
+from pipelines.training.loop import epoch_seed, train_step
+from pipelines.training.recipe import (
+    RecipeError,
+    make_loss,
+    make_optimizer,
+    make_recipe,
+    set_trainable,
+)
+from pipelines.training.record import EpochLogger, SystemMetrics, epoch_pictures
 
 MODEL = "fcn8s_resnet101"
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -163,7 +163,7 @@ def test_training_step_learns_one_batch(local_shards, test_transform):
 def test_resume_continues_schedule_and_momentum_exactly(tmp_path, test_transform):
     """2 + 2 steps with a checkpoint between them (model dir + train state, as the job writes
     and restores them) give bit-identical weights and learning rate to 4 steps in one go."""
-    from pipelines.predictor import ModelSpec
+    from pipelines.inference.model_dir import ModelSpec
 
     torch.manual_seed(0)
     data = [(torch.randn(2, 3, 32, 64), torch.randint(0, 8, (2, 32, 64))) for _ in range(4)]
@@ -214,7 +214,11 @@ def test_backbone_weights_are_checked_against_the_model(tmp_path):
     from torchvision.models import ResNet101_Weights, VGG16_Weights
 
     from fcn_models import ResNet101Backbone
-    from pipelines.weights import BackboneWeightsError, load_backbone_weights, torchvision_weights
+    from pipelines.training.weights import (
+        BackboneWeightsError,
+        load_backbone_weights,
+        torchvision_weights,
+    )
 
     assert torchvision_weights("fcn8s_resnet101") is ResNet101_Weights.IMAGENET1K_V2
     for name in ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"):
@@ -234,7 +238,11 @@ def test_backbone_weights_are_checked_against_the_model(tmp_path):
 def _replica_worker(rank: int, world: int, port: int, broadcast: bool, out) -> None:
     import torch.distributed as dist
 
-    from pipelines.training import broadcast_buffers, check_replicas_agree, sum_over_ranks
+    from pipelines.training.distributed import (
+        broadcast_buffers,
+        check_replicas_agree,
+        sum_over_ranks,
+    )
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)  # fmt: skip
@@ -373,7 +381,7 @@ def test_a_store_that_refuses_deletes_still_gets_the_image(mlflow_store, monkeyp
         0, conf, [(np.full((8, 16, 3), 90, np.uint8), np.eye(8, 16, dtype=np.uint8))]
     )
     logger = EpochLogger(mlflow_store, run_id, flush_s=10)
-    with caplog.at_level(logging.WARNING, logger="jobs.train"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.training.record"):
         logger.log_epoch(0, {"val_miou": 0.5}, {"confusion": pictures["confusion"]})
         logger.close()
     assert tracking.image_steps(client, run_id, "confusion") == {0}
@@ -386,8 +394,8 @@ def test_progress_lines_give_rate_loss_and_etas(caplog):
     images/s, the last loss and ETAs that count down from the steps left."""
     import logging
 
-    p = StepProgress(every_s=3600, steps_per_epoch=4, epochs=3, first_epoch=1)
-    with caplog.at_level(logging.INFO, logger="jobs.train"):
+    p = StepLine(every_s=3600, steps_per_epoch=4, epochs=3, first_epoch=1)
+    with caplog.at_level(logging.INFO, logger="pipelines.ops.progress"):
         assert p.step(1, 1, 8, torch.tensor(0.5)) is None  # not due
         p.t_start -= 20  # the two steps took 20 s: 10 s a step, 16 images in 20 s
         p.t_last -= 20

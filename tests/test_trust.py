@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines.predictor import UnsafeFileError, load_model_dir, save_model_dir
-from pipelines.registry import DIGEST_TAGS, ModelRef, RegistryError, load_predictor
-from pipelines.training import load_train_state
+from pipelines.inference.model_dir import UnsafeFileError, load_model_dir, save_model_dir
+from pipelines.registry.versions import DIGEST_TAGS, ModelRef, RegistryError, load_predictor
+from pipelines.training.checkpoint import load_train_state
 
 from .conftest import FRAME_H, FRAME_W, _Touch, make_model, plant_malicious_pickle, stored_model
 
@@ -44,8 +44,8 @@ def test_a_changed_file_in_the_artifact_store_is_refused(
     refuses, naming the version; the labeling job refuses with one error line before any
     actor starts; a version without digests cannot be checked and is refused too."""
     from jobs import label
-    from pipelines.frames import encode_jpeg
-    from pipelines.synthetic import render_frame
+    from pipelines.core.codecs import encode_jpeg
+    from pipelines.data.synthetic import render_frame
 
     version, other = register_version(MODEL, constant_class=2), register_version(MODEL, 3)
     ref = ModelRef(MODEL, version)
@@ -90,8 +90,8 @@ def test_a_changed_file_in_the_artifact_store_is_refused(
 
 
 def test_weights_and_train_state_that_would_run_code_are_refused(tmp_path, test_transform):
-    from pipelines import labels
-    from pipelines.predictor import ModelSpec
+    from pipelines.core import labels
+    from pipelines.inference.model_dir import ModelSpec
 
     canary = tmp_path / "pickle-ran"
     model_dir = tmp_path / "model"
@@ -110,7 +110,7 @@ def test_weights_and_train_state_that_would_run_code_are_refused(tmp_path, test_
 
 
 def test_redaction_masks_the_mlflow_password_and_drops_secret_keys(monkeypatch):
-    from pipelines.tracking import redact
+    from pipelines.ops.tracking import redact
 
     canary = "canary-mlflow-password-5f3a"
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", canary)

@@ -6,8 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipelines.storage import resolve
-from pipelines.versions import (
+from pipelines.data.versions import (
     MANIFEST_NAME,
     POINTER_NAME,
     DatasetError,
@@ -18,6 +17,7 @@ from pipelines.versions import (
     resolve_dataset,
     version_location,
 )
+from pipelines.storage import resolve
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
 

@@ -1,0 +1,119 @@
+"""The private APIs of our dependencies that the product relies on, each behind one small
+function, with the version it was checked against. When a dependency is upgraded, this file is
+the list to re-check; ``tests/unit/test_compat.py`` fails loudly when one of them changed.
+
+Checked against MLflow 3.17.2, Ray 2.60.0.
+"""
+
+from __future__ import annotations
+
+import re
+
+# -- MLflow ---------------------------------------------------------------------------------
+# ``MlflowClient.log_image(key=, step=)`` writes ``images/KEY+step+N+timestamp+T+UUID.png``,
+# then ``...+compressed.webp`` beside it (MLflow 3.17, mlflow/tracking/client.py); "/" in a key
+# becomes "~". There is no API that lists a run's images by key and step.
+_IMAGE_FILE = re.compile(r"(?P<key>.+)\+step\+(?P<step>\d+)\+timestamp\+\d+\+(?P<id>[0-9a-f-]+)"
+                         r"(?P<compressed>\+compressed\.webp|\.png)")  # fmt: skip
+
+
+def mlflow_image_files(client, run_id: str, key: str) -> dict[tuple[int, str], list[str]]:
+    """Image ``key``'s artifact paths in a run, by (step, upload id): two per complete image
+    (the PNG and its thumbnail)."""
+    files: dict[tuple[int, str], list[str]] = {}
+    for a in client.list_artifacts(run_id, "images"):
+        m = _IMAGE_FILE.fullmatch(a.path.rpartition("/")[2])
+        if m and m["key"] == key.replace("/", "~"):
+            files.setdefault((int(m["step"]), m["id"]), []).append(a.path)
+    return files
+
+
+def delete_run_artifact(client, run_id: str, path: str) -> None:
+    """Delete one artifact of a run. MLflow's client has no delete; its artifact repositories
+    (local, ``mlflow-artifacts:`` of a server, S3) do (MLflow 3.17,
+    ``mlflow.store.artifact.artifact_repository_registry``)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(
+        client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri
+    )
+    repo.delete_artifacts(path)
+
+
+def dataset_source(uri: str):
+    """MLflow's dataset source for a URI (``s3://``, a local path, ...), as ``mlflow.data``
+    resolves one internally (MLflow 3.17, ``mlflow.data.dataset_source_registry``)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # "a local path can be interpreted in multiple ways"
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(uri)
+
+
+def start_system_metrics(run_id: str, interval_s: float, tracking_uri: str):
+    """MLflow's system-metrics monitor of this node, started for ``run_id`` and continuing its
+    steps (MLflow 3.17: ``SystemMetricsMonitor`` is not exported by ``mlflow``; the public
+    switch, ``mlflow.enable_system_metrics_logging``, only covers runs this process starts)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, samples_before_logging=1, resume_logging=True,
+        tracking_uri=tracking_uri,
+    )  # fmt: skip
+    monitor.start()
+    return monitor
+
+
+def system_metrics_alive(monitor) -> bool:
+    """Whether the monitor's sampling thread still runs: it stops for good on the first failed
+    call to the tracking server (MLflow 3.17: the thread is ``monitor._process``)."""
+    thread = getattr(monitor, "_process", None)
+    return thread is not None and thread.is_alive()
+
+
+# -- Ray ----------------------------------------------------------------------------------
+def read_parquet_v1(files: list[str], **kwargs):
+    """``ray.data.read_parquet`` of an explicit list of files with Ray Data's V1 Parquet
+    datasource. The V2 one (Ray 2.60's default, switched by ``DataContext.use_datasource_v2``)
+    adds a listing stage of its own tasks that costs ~5 s on every execution (every epoch's
+    pass, every evaluation) even for one small local file, against ~0.1 s
+    (benchmarks/bench_read_parquet.py); the files are known already. The datasource is chosen
+    when the dataset is created."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    if not hasattr(ctx, "use_datasource_v2"):
+        raise RuntimeError("ray.data.DataContext has no use_datasource_v2 (checked on Ray 2.60)")
+    before = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(files, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = before
+
+
+def exact_eval_split_config(train: str, evaluate: tuple[str, ...]):
+    """A Ray Train ``DataConfig`` that splits ``train`` *equally* over the workers and each of
+    ``evaluate`` *exactly* (``streaming_split(equal=False)``), which ``DataConfig`` itself
+    cannot do for some datasets and not others: its ``configure`` is overridden (a
+    DeveloperAPI, Ray 2.60: ``configure(datasets, world_size, worker_handles,
+    worker_node_ids, **kwargs)``)."""
+    from ray.train import DataConfig
+
+    class _Config(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k not in evaluate}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            for name in evaluate:
+                if name not in datasets:
+                    continue
+                ds = datasets[name]
+                if ds.name is None:
+                    ds.set_name(name)
+                for i, it in enumerate(ds.streaming_split(world_size, equal=False)):
+                    out[i][name] = it
+            return out
+
+    return _Config(datasets_to_split=[train])

@@ -1,0 +1,334 @@
+"""The training driver, top to bottom: fit the workers to the cluster -> resolve the dataset
+version once and check everything that can fail before a worker starts -> start (or resume)
+the MLflow run -> run Ray Train's ``TorchTrainer`` under a watchdog -> register the best
+checkpoint.
+
+Re-running with the same ``run_name`` and ``storage`` resumes from the last checkpoint, on the
+dataset version the run started on, and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from pipelines.core import labels
+from pipelines.core.frames import FrameTransform
+from pipelines.core.options import ConfigError, as_dict
+from pipelines.data.augment import Augment
+from pipelines.data.shards import build_dataset, shard_files
+from pipelines.data.versions import DatasetVersion, resolve_dataset
+from pipelines.ops import capacity, faults, progress, tracking, watchdog
+from pipelines.ops.cluster import init_ray, quiet_ray_data
+from pipelines.storage import Location, resolve
+from pipelines.training.batches import split_config
+from pipelines.training.config import LoopConfig, TrainConfig
+from pipelines.training.loop import train_loop_per_worker
+from pipelines.training.weights import BackboneWeightsError, load_backbone_weights
+
+__all__ = ["TrainConfig", "run"]
+
+
+def run(cfg: TrainConfig) -> int:
+    """The training job. Exit status: 0 trained and registered; 1 training failed or stalled
+    (the message says how to resume)."""
+    import mlflow
+    import ray
+
+    cfg = cfg.resolved()
+    tracking_uri = tracking.configure()
+    where = init_ray(min_cpus=int(cfg.num_workers * (cfg.cpus_per_worker or 1.0)) + 2)
+    quiet_ray_data()
+    cpus, note = capacity.fit_training(
+        capacity.cluster(cfg.cluster_cpus), cfg.num_workers, cfg.cpus_per_worker or 1.0,
+        explicit=cfg.cpus_per_worker is not None,
+    )  # fmt: skip
+    if note:
+        print(note, flush=True)
+    cfg = replace(cfg, cpus_per_worker=cpus)
+    data, manifest, backbone = prepare_data(cfg, tracking_uri)
+    cfg = replace(cfg, data=data.uri)  # workers and datasets get the version folder
+    transform = FrameTransform.from_dict(manifest["transform"])
+    provenance = provenance_of(cfg, data)
+    params = {**as_dict(cfg), "frame_transform": transform.to_dict(), **provenance,
+              "train_frames": manifest["counts"]["train"],
+              "val_frames": manifest["counts"]["val"]}  # fmt: skip
+    run_id, resumed = start_or_resume_run(cfg, tracking_uri, params, data)
+    print(
+        f"{'resuming' if resumed else 'starting'} run {cfg.run_name!r} on {where} Ray: "
+        f"{cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} workers, MLflow run {run_id} "
+        f"at {tracking.display_uri(tracking_uri)}",
+        flush=True,
+    )
+    loop = LoopConfig(
+        job=cfg, recipe=cfg.recipe_in_force(), transform=transform,
+        n_class=manifest.get("n_class", labels.N_CLASSES),
+        train_frames=manifest["counts"]["train"], tracking_uri=tracking_uri,
+        mlflow_run_id=run_id, provenance=provenance,
+        # Read and checked once here; the workers get it through the object store.
+        backbone_weights=ray.put(backbone) if backbone is not None else None,
+        progress=progress.progress_actor(),  # rank 0 reports each step; the watchdog reads it
+    )  # fmt: skip
+    storage = resolve(cfg.storage)
+    result = fit(cfg, loop, storage)
+    if isinstance(result, int):
+        return result
+    best = best_checkpoint(result)
+    if best is None:
+        end_run_quietly("FAILED")
+        print("error: training produced no checkpoint", file=sys.stderr)
+        return 1
+    checkpoint, best_metrics = best
+    version = register(cfg, checkpoint, best_metrics, provenance)
+    mlflow.end_run()
+    print(
+        f"done: best val mIoU {best_metrics['val_miou']:.4f} (epoch {best_metrics['epoch'] + 1}); "
+        f"registered models:/{cfg.register_as}/{version.version}; MLflow run {run_id}; "
+        f"checkpoints in {storage.join(cfg.run_name).uri}",
+        flush=True,
+    )
+    return 0
+
+
+def prepare_data(cfg: TrainConfig, tracking_uri: str) -> tuple[DatasetVersion, dict, dict | None]:
+    """The dataset version this run trains on (resolved once; for a resumed run, the one it
+    started on), its manifest, and the backbone weights checked against the model."""
+    data = resolve_dataset(cfg.data)
+    manifest, backbone = preflight(cfg, data)
+    started_on = resumed_data(cfg, data, tracking_uri)
+    if started_on is not None:
+        data = started_on
+        manifest, backbone = preflight(cfg, data)
+    return data, manifest, backbone
+
+
+def preflight(cfg: TrainConfig, data: DatasetVersion) -> tuple[dict, dict | None]:
+    """Every check on the data and arguments that can fail before a worker starts (before
+    MLflow is touched, so that a bad argument is one line). Returns the data manifest and the
+    backbone weights (checked against the model) when ``backbone_weights`` is given."""
+    import ray
+
+    manifest = data.manifest
+    for split in ("train", "val"):
+        if not shard_files(data.uri, split):
+            raise ConfigError(
+                f"{data.location.join(split).uri}: no Parquet shards; "
+                + (
+                    "ingest with --val-fraction > 0 and at least two drives"
+                    if split == "val"
+                    else "run jobs.ingest first"
+                )
+            )
+    if manifest["counts"]["train"] < cfg.batch_size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is larger than the training set "
+            f"({manifest['counts']['train']} frames)"
+        )
+    if cfg.use_gpu and not cfg.skip_gpu_check:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < cfg.num_workers:
+            raise ConfigError(
+                f"--use-gpu with --num-workers {cfg.num_workers} needs {cfg.num_workers} GPUs, "
+                f"the Ray cluster has {gpus:g}; drop --use-gpu, lower --num-workers, or pass "
+                "--skip-gpu-check if GPU workers autoscale from zero"
+            )
+    backbone = None
+    if cfg.backbone_weights:
+        n_class = manifest.get("n_class", labels.N_CLASSES)
+        try:
+            backbone = load_backbone_weights(cfg.backbone_weights, cfg.model, n_class)
+        except BackboneWeightsError as e:
+            raise ConfigError(f"--backbone-weights: {e}") from None
+    return manifest, backbone
+
+
+def resumed_data(
+    cfg: TrainConfig, data: DatasetVersion, tracking_uri: str
+) -> DatasetVersion | None:
+    """For a resumed run whose dataset has a newer version now, the version it started on (in
+    its params), so that a version committed meanwhile never mixes into the training of one
+    model; else None."""
+    tracking.check_tracking(tracking_uri)
+    started_on = tracking.run_param(cfg.experiment, cfg.run_name, "data_version_uri", tracking_uri)
+    if not started_on or started_on == data.uri:
+        return None
+    print(f"resuming on the dataset version the run started on: {started_on}", flush=True)
+    return resolve_dataset(started_on)
+
+
+def provenance_of(cfg: TrainConfig, data: DatasetVersion) -> dict[str, str]:
+    """Where the model comes from: the data version (and its manifest's digest) and the code;
+    params of the run, tags of the registered version, info of every checkpoint."""
+    return {
+        "data": data.root,
+        "data_version": data.name,
+        "data_version_uri": data.uri,
+        "data_manifest": data.manifest_uri,
+        "data_manifest_sha256": data.manifest_sha256,
+        "code_version": code_version(),
+        "run_name": cfg.run_name,
+    }
+
+
+def code_version() -> str:
+    """The package version, the git commit when there is one, and a digest of the code."""
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for pkg in ("fcn_models", "pipelines", "jobs"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    version = f"code-{digest.hexdigest()[:12]}"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+        version = f"git-{commit}+{version}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def start_or_resume_run(
+    cfg: TrainConfig, tracking_uri: str, params: dict, data: DatasetVersion
+) -> tuple[str, bool]:
+    """The MLflow run for ``cfg.run_name``: the existing one when resuming, else a new one
+    with its params and its data as MLflow dataset inputs (the Datasets column)."""
+    import mlflow
+
+    experiment_id = tracking.ensure_experiment(cfg.experiment, tracking_uri)
+    run_id = tracking.find_run(experiment_id, cfg.run_name, tracking_uri)
+    resumed = run_id is not None
+    if resumed:
+        mlflow.start_run(run_id=run_id)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name)
+        run_id = run.info.run_id
+        mlflow.log_params(tracking.redact(params))
+        for split, context in (("train", "training"), ("val", "validation")):
+            mlflow.log_input(tracking.dataset_input(data, split), context=context)
+    return run_id, resumed
+
+
+def make_trainer(cfg: TrainConfig, loop: LoopConfig, storage: Location):
+    """Ray Train's ``TorchTrainer`` for the run: DDP workers, checkpoints in ``storage`` (best
+    ``keep_checkpoints`` by val mIoU), restarts from the last one, the shards as datasets."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.cpus_per_worker,
+                **({"GPU": 1} if cfg.use_gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.patient_fs,  # checkpoint uploads ride out outages
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_miou",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env=faults.runtime_env(),  # the tests' armed fault points
+        ),
+        datasets={
+            "train": build_dataset(
+                cfg.data, "train", Augment() if cfg.augment else None, shuffle_seed=cfg.seed
+            ),
+            "val": build_dataset(cfg.data, "val"),
+        },
+        dataset_config=split_config(),
+    )
+
+
+def fit(cfg: TrainConfig, loop: LoopConfig, storage: Location):
+    """``trainer.fit()`` under the watchdog; the result, or the exit status of a failure (its
+    message and how to resume printed, the MLflow run marked FAILED)."""
+    import ray
+    import ray.train
+
+    resume = (
+        f"Checkpoints are kept in {storage.join(cfg.run_name).uri}: re-run the same "
+        f"command (--run-name {cfg.run_name}) to resume from the last one."
+    )
+    dog = watchdog.Watchdog(
+        cfg.stall_minutes * 60,
+        "training",
+        poll=lambda: ray.get(loop.progress.last.remote(), timeout=30),
+        hint=f"The cluster has {capacity.cluster().describe()}: if the job waits for "
+        "resources, lower --num-workers or add nodes; if steps are just slow, raise "
+        "--stall-minutes",
+    )
+    trainer = make_trainer(cfg, loop, storage)
+    try:
+        with dog:
+            return trainer.fit()
+    except watchdog.Stalled as e:
+        end_run_quietly("FAILED")
+        print(f"error: {e}\n{resume}", file=sys.stderr)
+        return 1
+    except ray.train.TrainingFailedError as e:
+        # The workers' own tracebacks are already in the log above; say what it means.
+        end_run_quietly("FAILED")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(
+            f"error: training failed after {cfg.max_failures} restart(s): {first}\n{resume}",
+            file=sys.stderr,
+        )
+        return 1
+    except BaseException:
+        end_run_quietly("FAILED")
+        raise
+
+
+def end_run_quietly(status: str) -> None:
+    """Mark the MLflow run ended; a tracking server that is down must not hide the error (or
+    the resume message) that follows."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status=status)
+    except Exception as e:  # noqa: BLE001
+        print(
+            f"warning: could not mark the MLflow run {status} ({type(e).__name__}); "
+            "it stays RUNNING until the run is resumed",
+            file=sys.stderr,
+        )
+
+
+def best_checkpoint(result):
+    """(checkpoint, metrics) with the best val mIoU (the later epoch on a tie), or the last."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_miou" in m]
+    if not candidates:
+        return (result.checkpoint, result.metrics) if result.checkpoint else None
+    return max(candidates, key=lambda cm: (cm[1]["val_miou"], cm[1]["epoch"]))
+
+
+def register(cfg: TrainConfig, checkpoint, metrics: dict, provenance: dict):
+    """Log the best checkpoint as a pyfunc model in the run and register it, with tags."""
+    import mlflow
+
+    from pipelines.registry.pyfunc import register_model_dir
+
+    tags = {
+        "val_miou": f"{metrics['val_miou']:.6f}",
+        "epoch": str(metrics["epoch"]),
+        "run_name": cfg.run_name,
+        **{k: provenance[k] for k in ("data", "data_version", "data_manifest",
+                                      "data_manifest_sha256", "code_version")},
+    }  # fmt: skip
+    with checkpoint.as_directory() as d:
+        version = register_model_dir(d, cfg.register_as, tags)
+    mlflow.log_metric("best_val_miou", metrics["val_miou"])
+    return version
