@@ -8,24 +8,25 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data" / "apollo-lane-labels"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.support.helpers import (
+    CROP_TOP,
+    FRAME_H,
+    FRAME_W,
+    MODEL_H,
+    MODEL_W,
+    free_port,
+    ingest_config,
+    stop,
+    wait_for_port,
+)
+from tests.support.models import make_model, plant_malicious_pickle
 
 # The environment is fixed before anything starts, so that Ray workers (which inherit it)
 # see the same S3 endpoint and fake credentials, and Ray's token lives in a test folder, never
@@ -56,43 +57,6 @@ os.environ.update(
     }
 )
 os.environ.pop("RAY_ADDRESS", None)
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with status {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    """The environment of a job run in its own process on the session's Ray cluster."""
-    import ray
-
-    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, **extra}
-
-
-def start_job(module: str, *argv: str) -> subprocess.Popen:
-    """``python -m MODULE ARGV`` in its own process on the session's Ray cluster; its stdout
-    and stderr merged, as text (``communicate()`` for them)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *argv],
-        cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -147,12 +111,6 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
         mlflow.end_run()
 
 
-# -- synthetic data ----------------------------------------------------------------------------
-# Small frames keep CI fast; the crop keeps the real recipe's proportion (690 of 1710 rows).
-FRAME_W, FRAME_H, CROP_TOP = 846, 428, 172
-MODEL_W, MODEL_H = 128, 64
-
-
 @pytest.fixture(scope="session")
 def test_transform():
     from pipelines.core.frames import FrameTransform
@@ -169,14 +127,6 @@ def synthetic_tree(tmp_path_factory) -> Path:
     return out
 
 
-def ingest_config(source, dest, transform, **options):
-    """The tests' ingest of ``source`` into ``dest`` with ``transform``'s geometry, without
-    progress lines."""
-    from pipelines.data.ingest import IngestConfig
-
-    return IngestConfig.of_transform(source, dest, transform, progress_seconds=None, **options)
-
-
 @pytest.fixture(scope="session")
 def local_shards(synthetic_tree, tmp_path_factory, ray_cluster, test_transform) -> str:
     """The synthetic tree ingested to a local folder (read-only for tests)."""
@@ -188,34 +138,6 @@ def local_shards(synthetic_tree, tmp_path_factory, ray_cluster, test_transform) 
     )
     assert result.valid == 24
     return str(dest)
-
-
-# -- registered models -------------------------------------------------------------------------
-def make_model(constant_class: int | None = None, seed: int = 0):
-    """An FCN-8s ResNet-101 whose predictions are known without training.
-
-    ``constant_class``: zero score heads except a positive layer4 bias for that class, so the
-    net predicts that class at every pixel (bilinear upsampling of a positive constant stays
-    positive). ``None``: small random heads on the random backbone, so predictions vary with
-    the input.
-    """
-    import torch
-
-    from fcn_models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model("fcn8s_resnet101", 8).eval()
-    heads = (model.score_layer2, model.score_layer3, model.score_layer4)
-    with torch.no_grad():
-        for head in heads:
-            if constant_class is None:
-                head.weight.normal_(0, 0.01)
-            else:
-                head.weight.zero_()
-                head.bias.zero_()
-        if constant_class is not None:
-            model.score_layer4.bias[constant_class] = 1.0
-    return model
 
 
 @pytest.fixture
@@ -251,39 +173,3 @@ def register_version(tmp_path, mlflow_store, test_transform):
     canary = tmp_path / "planted-pickle-ran"
     yield register
     assert not canary.exists(), "a job unpickled a registered version's python_model.pkl"
-
-
-# -- trust boundaries ------------------------------------------------------------------------------
-class _Touch:
-    """Unpickled, it creates ``path``: what a planted pickle could do instead."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (self.path,))
-
-
-def malicious_pickle(canary: Path) -> bytes:
-    """A pickle that creates the file ``canary`` when it is unpickled."""
-    import pickle
-
-    return pickle.dumps(_Touch(canary))
-
-
-def stored_model(name: str, version: str) -> Path:
-    """The folder of a registered version's pyfunc model in the tests' local artifact store
-    (MLmodel, python_model.pkl, artifacts/model_dir/...)."""
-    from urllib.parse import urlparse
-
-    from mlflow import MlflowClient
-
-    uri = MlflowClient().get_model_version_download_uri(name, version)
-    assert uri.startswith("file://"), uri
-    return Path(urlparse(uri).path)
-
-
-def plant_malicious_pickle(name: str, version: str, canary: Path) -> None:
-    """Replace a registered version's ``python_model.pkl`` with one that creates ``canary``
-    when unpickled (as whoever can write to the artifact store could)."""
-    (stored_model(name, version) / "python_model.pkl").write_bytes(malicious_pickle(canary))

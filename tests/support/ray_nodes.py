@@ -1,5 +1,5 @@
 """A multi-node Ray cluster on 127.0.0.1, run by its own process so that tests can lose a node
-without touching the session's cluster: ``python -m tests.ray_nodes --head-cpus 0 --node-cpus 2``.
+without touching the session's cluster: ``python -m tests.support.ray_nodes --head-cpus 0 --node-cpus 2``.
 
 Every node is a real set of Ray processes (GCS, raylet, agents) started by Ray's own
 ``ray.cluster_utils.Cluster``. The head has no CPUs for tasks, as on KubeRay, so that work

@@ -16,8 +16,7 @@ from mlflow import MlflowClient
 from pipelines.ops import tracking
 from pipelines.registry import aliases
 from pipelines.registry.versions import RegistryError
-
-from .conftest import ROOT, job_env, start_job
+from tests.support.helpers import ROOT, job_env, start_job
 
 MODEL = "lanes-faults-test"
 
@@ -150,7 +149,7 @@ def test_training_resumes_when_a_lost_node_is_back(tmp_path, local_shards, mlflo
     checkpoint), and a registered model; the stall watchdog kept reading progress."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     nodes = subprocess.Popen(
-        [sys.executable, "-m", "tests.ray_nodes", "--head-cpus", "0", "--node-cpus", "2"],
+        [sys.executable, "-m", "tests.support.ray_nodes", "--head-cpus", "0", "--node-cpus", "2"],
         cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
 

@@ -6,8 +6,7 @@ from PIL import Image
 
 from pipelines.core import labels
 from pipelines.core.codecs import decode_label
-
-from .conftest import SHARED_DATA
+from tests.support.helpers import SHARED_DATA
 
 # Written out independently of pipelines/labels.py on purpose.
 EXPECTED = {

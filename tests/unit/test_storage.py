@@ -22,9 +22,8 @@ from pipelines.storage import (
     is_transient,
     resolve,
 )
-
-from .conftest import ROOT
-from .faults import outage_server
+from tests.support.faults import outage_server
+from tests.support.helpers import ROOT
 
 
 def test_local_paths_are_absolute(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """A real S3 endpoint that goes away: moto's S3 on 127.0.0.1 whose listener is closed for a
 while (connection refused), with its objects kept across the outage.
 
-Run as its own process (tests/faults.py starts and stops it)::
+Run as its own process (tests/support/faults.py starts and stops it)::
 
     python tests/s3_outage_server.py --port P [--outage-after-gets K --outage-seconds S]
                                      [--no-conditional-writes]

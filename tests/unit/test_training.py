@@ -276,7 +276,7 @@ def test_validation_replicas_agree_only_after_the_buffer_broadcast(broadcast):
     parts are summed over the ranks (confusion matrix, loss and frame counts)."""
     import torch.multiprocessing as mp
 
-    from .conftest import free_port
+    from tests.support.helpers import free_port
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

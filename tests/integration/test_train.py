@@ -20,8 +20,8 @@ from pipelines.ops import tracking
 from pipelines.storage import resolve
 from pipelines.training.checkpoint import METRICS_FILE, TRAIN_STATE_FILE
 from pipelines.training.loop import FAULT_MARKER
-
-from .conftest import ROOT, _Touch, free_port
+from tests.support.helpers import ROOT, free_port
+from tests.support.models import Touch
 
 MODEL = "fcn8s_resnet101"
 
@@ -291,7 +291,7 @@ def test_two_worker_run_from_s3_survives_failures_and_registers_model(
     state = resolve(storage).at_path(state)
     original, canary = state.read_bytes(), tmp_path / "train-state-pickle-ran"
     buf = io.BytesIO()
-    torch.save({"optimizer": _Touch(canary)}, buf)
+    torch.save({"optimizer": Touch(canary)}, buf)
     state.write_bytes(buf.getvalue())
     assert train.main(argv) == 1
     captured = capsys.readouterr()

@@ -13,8 +13,7 @@ from pipelines.inference.predictor import Predictor
 from pipelines.labeling.output import committed_files, write_review
 from pipelines.labeling.schema import OUTPUT_SCHEMA, REVIEW
 from pipelines.storage import resolve
-
-from .conftest import make_model
+from tests.support.models import make_model
 
 
 def test_scores_are_the_softmax_statistics_of_each_frame(test_transform):
@@ -144,8 +143,7 @@ def test_a_trained_model_is_sure_of_noise_and_only_novelty_sends_noise_to_review
     from pipelines.core.labels import to_train_ids
     from pipelines.data.synthetic import render_frame
     from pipelines.labeling.schema import NOVELTY_ABOVE
-
-    from .conftest import CROP_TOP, FRAME_H, FRAME_W
+    from tests.support.helpers import CROP_TOP, FRAME_H, FRAME_W
 
     transform = FrameTransform(width=64, height=32, crop_top=CROP_TOP)  # small: a fast test
     rng = np.random.default_rng(3)

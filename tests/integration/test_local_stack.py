@@ -26,9 +26,8 @@ from mlflow import MlflowClient
 
 from pipelines.data.versions import resolve_dataset
 from pipelines.ops import tracking
-
-from .conftest import ROOT, free_port
-from .faults import start_outage_server
+from tests.support.faults import start_outage_server
+from tests.support.helpers import ROOT, free_port
 
 START, STOP = ROOT / "infra/local/start.sh", ROOT / "infra/local/stop.sh"
 

@@ -10,8 +10,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipelines.labeling.output import read_output
-
-from .conftest import ROOT
+from tests.support.helpers import ROOT
 
 
 @pytest.mark.slow

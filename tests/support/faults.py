@@ -1,7 +1,7 @@
-"""Fault injection for storage tests: a real S3 endpoint (tests/s3_outage_server.py, moto in
+"""Fault injection for storage tests: a real S3 endpoint (tests/support/s3_outage_server.py, moto in
 its own process on 127.0.0.1) that can go away for a while, refusing every connection.
 
-Usage (in a test module: ``from .faults import outage_server``)::
+Usage (in a test module: ``from tests.support.faults import outage_server``)::
 
     with outage_server(outage_after_gets=1, outage_seconds=3) as srv:
         key = srv.location("s3://lanes/run/frame.png")  # a Location bound to this server
@@ -73,7 +73,7 @@ SERVER_SCRIPT = Path(__file__).resolve().with_name("s3_outage_server.py")
 
 
 class OutageServer:
-    """A running tests/s3_outage_server.py process; see the module docstring."""
+    """A running tests/support/s3_outage_server.py process; see the module docstring."""
 
     def __init__(self, proc: subprocess.Popen, stderr_path: Path, outage_seconds: float):
         self.proc = proc
@@ -245,7 +245,7 @@ def start_outage_server(
     conditional_writes: bool = True,
     timeout: float = 60.0,
 ) -> OutageServer:
-    """Start tests/s3_outage_server.py on a free port, create ``buckets``, wait until it
+    """Start tests/support/s3_outage_server.py on a free port, create ``buckets``, wait until it
     answers. The caller must ``stop()`` it; prefer :func:`outage_server`."""
     cmd = [
         sys.executable,

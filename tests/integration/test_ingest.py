@@ -23,8 +23,7 @@ from pipelines.data.sources import Limits
 from pipelines.data.synthetic import frame_paths, label_png, render_frame, write_tree
 from pipelines.data.versions import resolve_dataset
 from pipelines.storage import resolve
-
-from .conftest import CROP_TOP, FRAME_H, FRAME_W, SHARED_DATA, ingest_config, job_env
+from tests.support.helpers import CROP_TOP, FRAME_H, FRAME_W, SHARED_DATA, ingest_config, job_env
 
 
 def read_split(uri: str, split: str):
@@ -491,8 +490,7 @@ def test_ingest_killed_while_writing_leaves_previous_version(
 
     from pipelines.data.shards import build_dataset
     from pipelines.data.versions import list_versions
-
-    from .conftest import ROOT
+    from tests.support.helpers import ROOT
 
     small = tmp_path / "small"
     write_tree(small, 4, records=2, width=FRAME_W, height=FRAME_H, seed=9)
@@ -559,7 +557,7 @@ def test_s3_outage_mid_ingest(tmp_path, ray_cluster, test_transform, capsys, mon
     retry budget shorter than the outage, the records it could not read are named as
     unreadable (not rejected), the ingest exits 3 and does not commit: the previous version
     stays current; the re-run commits everything."""
-    from .faults import outage_server
+    from tests.support.faults import outage_server
 
     local = tmp_path / "local"
     write_tree(local, 6, records=2, width=FRAME_W, height=FRAME_H, seed=11)

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from pipelines.inference.model_dir import UnsafeFileError, load_model_dir, save_model_dir
 from pipelines.registry.versions import DIGEST_TAGS, ModelRef, RegistryError, load_predictor
 from pipelines.training.checkpoint import load_train_state
-
-from .conftest import FRAME_H, FRAME_W, _Touch, make_model, plant_malicious_pickle, stored_model
+from tests.support.helpers import FRAME_H, FRAME_W
+from tests.support.models import Touch, make_model, plant_malicious_pickle, stored_model
 
 MODEL = "lanes-trust-test"
 
@@ -97,10 +97,10 @@ def test_weights_and_train_state_that_would_run_code_are_refused(tmp_path, test_
     model_dir = tmp_path / "model"
     spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
     save_model_dir(model_dir, make_model(1), spec)
-    torch.save({"weights": _Touch(canary)}, model_dir / "model.pt")
+    torch.save({"weights": Touch(canary)}, model_dir / "model.pt")
     with pytest.raises(UnsafeFileError, match=r"model\.pt: refused to load: .*could run code"):
         load_model_dir(model_dir)
-    torch.save({"optimizer": _Touch(canary)}, tmp_path / "train_state.pt")
+    torch.save({"optimizer": Touch(canary)}, tmp_path / "train_state.pt")
     with pytest.raises(UnsafeFileError, match=r"train_state\.pt: refused to load"):
         load_train_state(tmp_path)
     assert not canary.exists()

@@ -20,8 +20,7 @@ from pipelines.labeling.commit import STAGING
 from pipelines.labeling.output import read_output
 from pipelines.registry.versions import ModelRef, load_predictor
 from pipelines.storage import resolve
-
-from .conftest import CROP_TOP, FRAME_H, FRAME_W, ROOT, job_env, start_job
+from tests.support.helpers import CROP_TOP, FRAME_H, FRAME_W, ROOT, job_env, start_job
 
 MODEL = "lanes-label-test"
 MAX_PIXELS = 500_000  # above the 846x428 test frames, below the "oversized" one
@@ -200,8 +199,7 @@ def test_model_actor_without_gpu_takes_its_share_of_the_node(ray_cluster, tmp_pa
 
     from pipelines.inference.actors import Segmenter
     from pipelines.inference.model_dir import MODEL_FILE, SPEC_FILE, ModelSpec, save_model_dir
-
-    from .conftest import make_model
+    from tests.support.models import make_model
 
     model = make_model(constant_class=3)
     d = save_model_dir(tmp_path / "m", model, ModelSpec("fcn8s_resnet101", 8, test_transform))
@@ -334,7 +332,7 @@ def test_storage_outage_defers_frames_to_the_next_run(
     """The S3 server goes away for 10 s in the middle of a run whose retry budget is shorter:
     the frames it could not read get no row (not a permanent error) and exit status 3; the
     next run labels them."""
-    from .faults import outage_server
+    from tests.support.faults import outage_server
 
     register_version(MODEL)
     with outage_server(outage_after_gets=3, outage_seconds=10) as srv:

@@ -1,0 +1,1 @@
+"""Test support: servers, fault injectors, node helpers and shared helpers (no tests here)."""

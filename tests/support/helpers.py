@@ -1,0 +1,69 @@
+"""What the tests share besides fixtures: paths, the synthetic geometry, ports, job
+processes on the session's Ray cluster, the tests' ingest config."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "apollo-lane-labels"
+
+# Small frames keep CI fast; the crop keeps the real recipe's proportion (690 of 1710 rows).
+FRAME_W, FRAME_H, CROP_TOP = 846, 428, 172
+MODEL_W, MODEL_H = 128, 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with status {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of a job run in its own process on the session's Ray cluster."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, **extra}
+
+
+def start_job(module: str, *argv: str) -> subprocess.Popen:
+    """``python -m MODULE ARGV`` in its own process on the session's Ray cluster; its stdout
+    and stderr merged, as text (``communicate()`` for them)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *argv],
+        cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def ingest_config(source, dest, transform, **options):
+    """The tests' ingest of ``source`` into ``dest`` with ``transform``'s geometry, without
+    progress lines."""
+    from pipelines.data.ingest import IngestConfig
+
+    return IngestConfig.of_transform(source, dest, transform, progress_seconds=None, **options)

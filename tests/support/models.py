@@ -1,0 +1,69 @@
+"""Registered models for tests: a model whose predictions are known without training, and the
+planted pickles that prove a job loads registered versions as data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_model(constant_class: int | None = None, seed: int = 0):
+    """An FCN-8s ResNet-101 whose predictions are known without training.
+
+    ``constant_class``: zero score heads except a positive layer4 bias for that class, so the
+    net predicts that class at every pixel (bilinear upsampling of a positive constant stays
+    positive). ``None``: small random heads on the random backbone, so predictions vary with
+    the input.
+    """
+    import torch
+
+    from fcn_models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("fcn8s_resnet101", 8).eval()
+    heads = (model.score_layer2, model.score_layer3, model.score_layer4)
+    with torch.no_grad():
+        for head in heads:
+            if constant_class is None:
+                head.weight.normal_(0, 0.01)
+            else:
+                head.weight.zero_()
+                head.bias.zero_()
+        if constant_class is not None:
+            model.score_layer4.bias[constant_class] = 1.0
+    return model
+
+
+# -- trust boundaries ------------------------------------------------------------------------------
+class Touch:
+    """Unpickled, it creates ``path``: what a planted pickle could do instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def malicious_pickle(canary: Path) -> bytes:
+    """A pickle that creates the file ``canary`` when it is unpickled."""
+    import pickle
+
+    return pickle.dumps(Touch(canary))
+
+
+def stored_model(name: str, version: str) -> Path:
+    """The folder of a registered version's pyfunc model in the tests' local artifact store
+    (MLmodel, python_model.pkl, artifacts/model_dir/...)."""
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    uri = MlflowClient().get_model_version_download_uri(name, version)
+    assert uri.startswith("file://"), uri
+    return Path(urlparse(uri).path)
+
+
+def plant_malicious_pickle(name: str, version: str, canary: Path) -> None:
+    """Replace a registered version's ``python_model.pkl`` with one that creates ``canary``
+    when unpickled (as whoever can write to the artifact store could)."""
+    (stored_model(name, version) / "python_model.pkl").write_bytes(malicious_pickle(canary))
