@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -82,6 +83,38 @@ def write_frames(out: Path, n: int, *, seed: int, labels: bool, road: str) -> No
         print(f"    {start + count}/{n} frames", flush=True)
 
 
+@dataclass(frozen=True)
+class Demo:
+    """Where everything goes: all below one folder."""
+
+    root: Path
+    run_name: str
+
+    @property
+    def raw(self) -> Path:  # labeled synthetic frames
+        return self.root / "raw"
+
+    @property
+    def incoming(self) -> Path:  # the new drive, unlabeled
+        return self.root / "incoming"
+
+    @property
+    def shards(self) -> Path:  # the ingested dataset
+        return self.root / "shards"
+
+    @property
+    def labels(self) -> Path:  # the labeling job's output
+        return self.root / "labels"
+
+    @property
+    def checkpoints(self) -> Path:  # the training run's checkpoints
+        return self.root / "checkpoints"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default="demo", help="folder for everything the demo writes")
@@ -90,97 +123,89 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=5)
     args = p.parse_args(argv)
 
-    root = Path(args.dir).resolve()
-    prepare_dir(root)
+    demo = Demo(Path(args.dir).resolve(), f"demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+    prepare_dir(demo.root)
     # Embedded defaults, all inside the demo folder; set before MLflow or Ray start.
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    raw, incoming = root / "raw", root / "incoming"
-    shards, labels_out, ckpt = root / "shards", root / "labels", root / "checkpoints"
-    run_name = f"demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-
-    from jobs import ingest, label, promote, train
+    os.environ["MLFLOW_TRACKING_URI"] = demo.tracking_uri
+    steps = Steps(7)
+    failed = run_steps(demo, args, steps)
+    if failed:
+        print(f"error: the demo's {failed} step failed (see above)", file=sys.stderr)
+        return 1
     from pipelines.labeling.output import preview
+
+    picture = preview(str(demo.labels), demo.root / "preview.png")
+    print_summary(demo, steps.finish(), picture)
+    return 0
+
+
+def run_steps(demo: Demo, args: argparse.Namespace, steps: Steps) -> str | None:
+    """Each job as a user would run it; the name of the step that failed, or None."""
+    from jobs import ingest, label, promote, train
     from pipelines.ops.cluster import init_ray, quiet_ray_data
 
-    steps = Steps(7)
-    steps(f"synthetic drive data: {args.frames} labeled frames ({FRAME_W}x{FRAME_H}) in {raw}")
-    write_frames(raw, args.frames, seed=0, labels=True, road="road02")
+    steps(f"synthetic drive data: {args.frames} labeled frames ({FRAME_W}x{FRAME_H}) in {demo.raw}")
+    write_frames(demo.raw, args.frames, seed=0, labels=True, road="road02")
 
     steps("start a local Ray (token authentication on, dashboard on 127.0.0.1)")
     init_ray(min_cpus=4)  # 2 training workers + Ray Data tasks beside them
     quiet_ray_data()
 
     ingest_argv = [
-        "--source", str(raw), "--dest", str(shards), "--size", MODEL_SIZE,
+        "--source", str(demo.raw), "--dest", str(demo.shards), "--size", MODEL_SIZE,
         "--crop-top", str(CROP_TOP), "--val-fraction", "0.25",
     ]  # fmt: skip
     steps("ingest into Parquet shards (Ray Data)", ingest_argv, "jobs.ingest")
     if ingest.main(ingest_argv) != 0:
-        return _failed("ingest")
+        return "ingest"
 
     train_argv = [
-        "--data", str(shards), "--model", "fcn8s_resnet101", "--num-workers", "2",
+        "--data", str(demo.shards), "--model", "fcn8s_resnet101", "--num-workers", "2",
         "--epochs", str(args.epochs), "--batch-size", "4", "--lr", "0.02",
-        "--experiment", EXPERIMENT, "--register-as", MODEL_NAME, "--storage", str(ckpt),
-        "--run-name", run_name,
+        "--experiment", EXPERIMENT, "--register-as", MODEL_NAME,
+        "--storage", str(demo.checkpoints), "--run-name", demo.run_name,
     ]  # fmt: skip
-    steps(
-        "train with Ray Train (2 CPU DDP workers), track and register in MLflow",
-        train_argv,
-        "jobs.train",
-    )
+    steps("train with Ray Train (2 CPU DDP workers), track and register in MLflow",
+          train_argv, "jobs.train")  # fmt: skip
     if train.main(train_argv) != 0:
-        return _failed("train")
+        return "train"
 
-    promote_argv = ["--model", MODEL_NAME, "--candidate", "latest", "--eval-data", str(shards)]
-    steps(
-        "promote the new version to champion if it beats the holder", promote_argv, "jobs.promote"
-    )
-    status = promote.main(promote_argv)
-    if status not in (0, promote.NOT_PROMOTED):
-        return _failed("promote")
+    promote_argv = ["--model", MODEL_NAME, "--candidate", "latest", "--eval-data", str(demo.shards)]
+    steps("promote the new version to champion if it beats the holder",
+          promote_argv, "jobs.promote")  # fmt: skip
+    if promote.main(promote_argv) not in (0, promote.NOT_PROMOTED):
+        return "promote"
 
-    steps(f"new drive: {args.new_frames} unlabeled frames in {incoming}")
-    write_frames(incoming, args.new_frames, seed=1000, labels=False, road="road03")
+    steps(f"new drive: {args.new_frames} unlabeled frames in {demo.incoming}")
+    write_frames(demo.incoming, args.new_frames, seed=1000, labels=False, road="road03")
 
     label_argv = [
-        "--input", str(incoming), "--output", str(labels_out),
+        "--input", str(demo.incoming), "--output", str(demo.labels),
         "--model", f"models:/{MODEL_NAME}@champion", "--apollo-ids",
     ]  # fmt: skip
-    steps(
-        "label the new frames with the champion (Ray Data, one model per actor)",
-        label_argv,
-        "jobs.label",
-    )
-    if label.main(label_argv) != 0:
-        return _failed("label")
-    picture = preview(str(labels_out), root / "preview.png")
-    total = steps.finish()
+    steps("label the new frames with the champion (Ray Data, one model per actor)",
+          label_argv, "jobs.label")  # fmt: skip
+    return "label" if label.main(label_argv) != 0 else None
 
+
+def print_summary(demo: Demo, seconds: float, picture: Path) -> None:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    uri = demo.tracking_uri
+    champion = MlflowClient(uri, uri).get_model_version_by_alias(MODEL_NAME, "champion")
     print(
-        f"\nDemo finished in {total:.0f}s. Everything is under {root}:\n"
-        f"  data            {raw} -> dataset {shards} (current.json names the version)\n"
-        f"  MLflow          {tracking_uri}: experiment {EXPERIMENT!r}, run {run_name!r}"
+        f"\nDemo finished in {seconds:.0f}s. Everything is under {demo.root}:\n"
+        f"  data            {demo.raw} -> dataset {demo.shards} (current.json names the version)\n"
+        f"  MLflow          {uri}: experiment {EXPERIMENT!r}, run {demo.run_name!r}"
         f" ({champion.run_id})\n"
         f"  model           models:/{MODEL_NAME}/{champion.version} (alias champion)\n"
-        f"  checkpoints     {ckpt / run_name}\n"
-        f"  labeled Parquet {labels_out}\n"
+        f"  checkpoints     {demo.checkpoints / demo.run_name}\n"
+        f"  labeled Parquet {demo.labels}\n"
         f"  preview         {picture}\n"
         f"Open the MLflow UI:\n"
-        f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+        f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
         flush=True,
     )
-    return 0
-
-
-def _failed(step: str) -> int:
-    print(f"error: the demo's {step} step failed (see above)", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

@@ -76,97 +76,57 @@ class _Painter:
         self.lbl.polygon(pts, fill=apollo_id)
 
 
+@dataclass(frozen=True)
+class _Road:
+    """A straight road's perspective: lines converge from the bottom row to (vx, horizon)."""
+
+    width: int
+    height: int
+    horizon: int
+    vx: float
+
+    def depth(self, y: float) -> float:
+        """0 at the horizon, 1 at the bottom row (proportional to 1/distance on the ground)."""
+        return (y - self.horizon) / (self.height - self.horizon)
+
+    def row(self, t: float) -> float:
+        """The row at depth ``t``."""
+        return self.horizon + t * (self.height - self.horizon)
+
+    def x_at(self, x_bottom: float, y: float) -> float:
+        """x of a line through (x_bottom, height) and the vanishing point, at row y."""
+        return self.vx + (x_bottom - self.vx) * self.depth(y)
+
+    def strip(self, x_bottom: float, y0: float, y1: float, w_bottom: float) -> list:
+        """A painted strip of a line between rows y0 < y1 (width shrinks with distance)."""
+        a, b = self.x_at(x_bottom, y0), self.x_at(x_bottom, y1)
+        h0, h1 = w_bottom * self.depth(y0) / 2, w_bottom * self.depth(y1) / 2
+        return [(a - h0, y0), (a + h0, y0), (b + h1, y1), (b - h1, y1)]
+
+
 def render_frame(
     rng: np.random.Generator, width: int = 3384, height: int = 1710, hood: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic frame: (H, W, 3) uint8 RGB and (H, W) uint8 Apollo ids."""
-    horizon = int(height * rng.uniform(0.40, 0.46))
-    vx = width * rng.uniform(0.45, 0.55)
+    road = _Road(
+        width, height, int(height * rng.uniform(0.40, 0.46)), width * rng.uniform(0.45, 0.55)
+    )
+    horizon = road.horizon
 
     # Sky gradient above the horizon, asphalt below; the label starts as background 0.
     rows = np.linspace(0.0, 1.0, horizon)[:, None]
     sky = (np.array([150, 180, 215]) * (1 - 0.3 * rows)).astype(np.uint8)
     frame = np.empty((height, width, 3), dtype=np.uint8)
     frame[:horizon] = sky[:, None, :]
-    asphalt = rng.uniform(70, 110)
-    frame[horizon:] = np.uint8(asphalt)
+    frame[horizon:] = np.uint8(rng.uniform(70, 110))
     image = Image.fromarray(frame)
     label = Image.new("P", (width, height), 0)
     paint = _Painter(image, label)
 
-    def x_at(x_bottom: float, y: float) -> float:
-        """x of a line through (x_bottom, height) and the vanishing point, at row y."""
-        t = (y - horizon) / (height - horizon)
-        return vx + (x_bottom - vx) * t
-
-    def strip(x_bottom: float, y0: float, y1: float, w_bottom: float) -> list:
-        """A painted strip of a line between rows y0 < y1 (width shrinks with distance)."""
-        t0 = (y0 - horizon) / (height - horizon)
-        t1 = (y1 - horizon) / (height - horizon)
-        a, b = x_at(x_bottom, y0), x_at(x_bottom, y1)
-        h0, h1 = w_bottom * t0 / 2, w_bottom * t1 / 2
-        return [(a - h0, y0), (a + h0, y0), (b + h1, y1), (b - h1, y1)]
-
     lane_w = width * rng.uniform(0.32, 0.40)
-    line_w = width * 0.012
-    top = horizon + 0.02 * (height - horizon)
-    centre = vx + rng.uniform(-0.1, 0.1) * lane_w
-    for k in range(-2, 3):
-        xb = centre + (k - 0.5) * lane_w
-        if k == 0:
-            kind = int(rng.choice([SOLID_YELLOW, SOLID_WHITE, DASHED_YELLOW]))
-        elif abs(k) == 2:
-            kind = SOLID_WHITE
-        else:
-            kind = int(rng.choice([DASHED_WHITE, SOLID_WHITE]))
-        colour = YELLOW if kind in (SOLID_YELLOW, DASHED_YELLOW) else WHITE
-        if kind in (DASHED_WHITE, DASHED_YELLOW):
-            # Dashes equally long on the ground: equal steps in 1/depth, i.e. in t.
-            phase = rng.uniform(0, 1)
-            n = 6
-            for i in range(n):
-                t0 = (i + phase) / n
-                t1 = t0 + 0.45 / n
-                if t0 >= 1:
-                    break
-                y0 = horizon + max(t0, 0.02) * (height - horizon)
-                y1 = horizon + min(t1, 1.0) * (height - horizon)
-                paint.polygon(strip(xb, y0, y1, line_w), colour, kind)
-        else:
-            paint.polygon(strip(xb, top, height, line_w), colour, kind)
-
-    ego_left, ego_right = centre - 0.5 * lane_w, centre + 0.5 * lane_w
-    if rng.random() < 0.5:  # stop line across the ego lane
-        y = horizon + rng.uniform(0.35, 0.6) * (height - horizon)
-        band = 0.02 * (height - horizon)
-        pts = [
-            (x_at(ego_left, y), y),
-            (x_at(ego_right, y), y),
-            (x_at(ego_right, y + band), y + band),
-            (x_at(ego_left, y + band), y + band),
-        ]
-        paint.polygon(pts, WHITE, STOP)
-    if rng.random() < 0.5:  # zebra crossing: stripes along the road, across all lanes
-        y0 = horizon + rng.uniform(0.15, 0.3) * (height - horizon)
-        y1 = y0 + 0.08 * (height - horizon)
-        for j in range(12):
-            xb = centre - 2 * lane_w + j * (4 * lane_w / 12)
-            paint.polygon(strip(xb, y0, y1, lane_w / 20), WHITE, ZEBRA)
-    if rng.random() < 0.7:  # arrow in the ego lane: a shaft and a head
-        kind = THRU_ARROW if rng.random() < 0.6 else TURN_ARROW
-        y0 = horizon + rng.uniform(0.55, 0.7) * (height - horizon)
-        y1 = y0 + 0.18 * (height - horizon)
-        paint.polygon(strip(centre, y0 + 0.05 * (height - horizon), y1, lane_w / 10), WHITE, kind)
-        xa, xb2, ym = x_at(centre, y0), x_at(centre, y0), y0 + 0.06 * (height - horizon)
-        half = lane_w * ((ym - horizon) / (height - horizon)) / 6
-        dx = half if kind == TURN_ARROW else 0.0
-        paint.polygon([(xa + dx, y0), (xb2 - half, ym), (xb2 + half, ym)], WHITE, kind)
-    if rng.random() < 0.3:  # parking box at the right road side
-        y0 = horizon + rng.uniform(0.5, 0.7) * (height - horizon)
-        paint.polygon(strip(centre + 1.9 * lane_w, y0, y0 + 0.1 * height, line_w), WHITE, PARKING)
-    if rng.random() < 0.3:  # an "other" marking (e.g. a reduction chevron) in the left lane
-        y0 = horizon + rng.uniform(0.5, 0.7) * (height - horizon)
-        paint.polygon(strip(centre - lane_w, y0, y0 + 0.05 * height, lane_w / 6), WHITE, OTHER)
+    centre = road.vx + rng.uniform(-0.1, 0.1) * lane_w
+    _paint_lane_lines(paint, road, rng, centre, lane_w)
+    _paint_road_markings(paint, road, rng, centre, lane_w)
     if hood:  # the ego hood, ignored in the real labels
         hood_top = int(height * 0.85)
         paint.polygon(
@@ -178,6 +138,70 @@ def render_frame(
     pixels = np.asarray(image).astype(np.int16)
     pixels += rng.normal(0, 6, size=pixels.shape).astype(np.int16)
     return np.clip(pixels, 0, 255).astype(np.uint8), np.asarray(label)
+
+
+def _paint_lane_lines(
+    paint: _Painter, road: _Road, rng: np.random.Generator, centre: float, lane_w: float
+) -> None:
+    """Five lines: the ego lane's two, and one more lane each side."""
+    line_w = road.width * 0.012
+    for k in range(-2, 3):
+        xb = centre + (k - 0.5) * lane_w
+        if k == 0:
+            kind = int(rng.choice([SOLID_YELLOW, SOLID_WHITE, DASHED_YELLOW]))
+        elif abs(k) == 2:
+            kind = SOLID_WHITE
+        else:
+            kind = int(rng.choice([DASHED_WHITE, SOLID_WHITE]))
+        colour = YELLOW if kind in (SOLID_YELLOW, DASHED_YELLOW) else WHITE
+        if kind not in (DASHED_WHITE, DASHED_YELLOW):
+            paint.polygon(road.strip(xb, road.row(0.02), road.height, line_w), colour, kind)
+            continue
+        # Dashes equally long on the ground: equal steps in 1/depth, i.e. in t.
+        phase, n = rng.uniform(0, 1), 6
+        for i in range(n):
+            t0 = (i + phase) / n
+            if t0 >= 1:
+                break
+            y0, y1 = road.row(max(t0, 0.02)), road.row(min(t0 + 0.45 / n, 1.0))
+            paint.polygon(road.strip(xb, y0, y1, line_w), colour, kind)
+
+
+def _paint_road_markings(
+    paint: _Painter, road: _Road, rng: np.random.Generator, centre: float, lane_w: float
+) -> None:
+    """Each with its own chance: stop line, zebra crossing, arrow, parking box, "other"."""
+    span, x_at = road.height - road.horizon, road.x_at
+    ego_left, ego_right = centre - 0.5 * lane_w, centre + 0.5 * lane_w
+    if rng.random() < 0.5:  # stop line across the ego lane
+        y = road.row(rng.uniform(0.35, 0.6))
+        band = 0.02 * span
+        pts = [(x_at(ego_left, y), y), (x_at(ego_right, y), y),
+               (x_at(ego_right, y + band), y + band), (x_at(ego_left, y + band), y + band)]  # fmt: skip
+        paint.polygon(pts, WHITE, STOP)
+    if rng.random() < 0.5:  # zebra crossing: stripes along the road, across all lanes
+        y0 = road.row(rng.uniform(0.15, 0.3))
+        for j in range(12):
+            xb = centre - 2 * lane_w + j * (4 * lane_w / 12)
+            paint.polygon(road.strip(xb, y0, y0 + 0.08 * span, lane_w / 20), WHITE, ZEBRA)
+    if rng.random() < 0.7:  # arrow in the ego lane: a shaft and a head
+        kind = THRU_ARROW if rng.random() < 0.6 else TURN_ARROW
+        y0 = road.row(rng.uniform(0.55, 0.7))
+        shaft = road.strip(centre, y0 + 0.05 * span, y0 + 0.18 * span, lane_w / 10)
+        paint.polygon(shaft, WHITE, kind)
+        xa, ym = x_at(centre, y0), y0 + 0.06 * span
+        half = lane_w * road.depth(ym) / 6
+        dx = half if kind == TURN_ARROW else 0.0
+        paint.polygon([(xa + dx, y0), (xa - half, ym), (xa + half, ym)], WHITE, kind)
+    if rng.random() < 0.3:  # parking box at the right road side
+        y0 = road.row(rng.uniform(0.5, 0.7))
+        line_w = road.width * 0.012
+        paint.polygon(road.strip(centre + 1.9 * lane_w, y0, y0 + 0.1 * road.height, line_w),
+                      WHITE, PARKING)  # fmt: skip
+    if rng.random() < 0.3:  # an "other" marking (e.g. a reduction chevron) in the left lane
+        y0 = road.row(rng.uniform(0.5, 0.7))
+        paint.polygon(road.strip(centre - lane_w, y0, y0 + 0.05 * road.height, lane_w / 6),
+                      WHITE, OTHER)  # fmt: skip
 
 
 def label_png(label: np.ndarray) -> bytes:

@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -39,7 +40,7 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_stack():
     # A short path: Ray's Unix sockets live below it and are limited to ~107 characters.
     state = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
@@ -132,53 +133,52 @@ def command_lines() -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_trains_and_registers_on_the_local_stack(
-    local_stack, local_shards, monkeypatch
-):
+@dataclass
+class StackRun:
+    """What :func:`stack_run`'s job left behind, for the tests below to check one by one."""
+
+    server: str
+    password: str
+    returncode: int
+    out: str  # the user's `ray job submit` output (the job's logs), stdout and stderr merged
+    command_lines: str  # every process's command line while the job ran
+    bad_returncode: int
+    bad_output: str
+
+    def client(self) -> MlflowClient:
+        # registry_uri too: it defaults to the process-wide one earlier tests set to sqlite.
+        return MlflowClient(tracking_uri=self.server, registry_uri=self.server)
+
+    def version(self):
+        return self.client().get_model_version("lanes-stack", "1")
+
+    def run(self):
+        return self.client().get_run(self.version().run_id)
+
+
+def stack_password(stack: dict) -> str:
+    return (stack["state"] / "mlflow_password").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def stack_run(local_stack, local_shards):
     """The user's report: a 2-CPU head and 2 training workers. The job fits itself (half a CPU
     per worker, one left for the data pipeline) and trains with checkpoints on S3, through 10 s
     without S3 in the middle of the checkpoint's upload and a stop and restart of the stack's
-    MLflow server (the epoch's records wait and are sent once it is back). The MLflow server
-    refuses requests without the stack's credentials; the jobs have them, and they appear in
-    no command line, log, param or tag."""
-    ports = local_stack["ports"]
-    server = f"http://127.0.0.1:{ports['MLFLOW_PORT']}"
-    password = (local_stack["state"] / "mlflow_password").read_text().strip()
-    assert len(password) == 64
-    search = f"{server}/api/2.0/mlflow/experiments/search?max_results=1"
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(search, timeout=10)
-    assert refused.value.code == 401
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(urllib.request.Request(search, headers={
-            "Authorization": "Basic " + base64.b64encode(b"admin:password").decode()}), timeout=10)  # fmt: skip
-    assert refused.value.code == 401
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    dashboard = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}"
-    assert f"Ray dashboard  {dashboard}" in local_stack["start_output"]
-
-    # Token authentication is on: no token, no answer; the token from the stack works.
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"{dashboard}/api/version", timeout=10)
-    assert refused.value.code == 401
-    token = (local_stack["state"] / "ray_auth_token").read_text().strip()
-    request = urllib.request.Request(
-        f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"}
-    )
-    assert json.load(urllib.request.urlopen(request, timeout=10))["ray_version"]
-    # A client with the wrong token cannot submit.
-    wrong = user_shell("RAY_AUTH_TOKEN=not-the-token ray job list", local_stack, timeout=120)
-    assert wrong.returncode != 0
-
-    # A job that fails (checked below) is submitted first, to run beside the training job: it
-    # fails in its first seconds, so the test does not wait for a job start of its own.
-    with user_shell_started(
-        "ray job submit --working-dir . -- python -m jobs.train --data /nonexistent "
-        "--storage /tmp/x --experiment stack --register-as lanes-stack",
-        local_stack,
-    ) as bad:
+    MLflow server (the epoch's records wait and are sent once it is back). Beside it runs a job
+    that fails in its first seconds, so that no test waits for a job start of its own."""
+    server = f"http://127.0.0.1:{local_stack['ports']['MLFLOW_PORT']}"
+    password = stack_password(local_stack)
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        user_shell_started(
+            "ray job submit --working-dir . -- python -m jobs.train --data /nonexistent "
+            "--storage /tmp/x --experiment stack --register-as lanes-stack",
+            local_stack,
+        ) as bad,
+    ):
+        mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", password)
         # The README's command, typed as a user does.
         submit = Lines(user_shell_started(
             "ray job submit --working-dir . -- python -m jobs.train "
@@ -192,7 +192,7 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(
         # middle of the epoch's checkpoint upload (model.pt): the upload rides it out, or the
         # group restarts. Then the epoch's records fail to go out, and the server comes back.
         submit.wait_for("starting run 'stack-run'", timeout=300)
-        assert password not in command_lines()
+        lines = command_lines()
         s3 = local_stack["s3"]
         seen = len(s3.lines)
         # The server goes away as in a crash (its pid file stays).
@@ -209,74 +209,142 @@ def test_ray_job_submit_trains_and_registers_on_the_local_stack(
         restart = user_shell(f"{START} --restart-mlflow", local_stack, timeout=300)
         assert restart.returncode == 0, restart.stdout + restart.stderr
         out = submit.finish(timeout=900)
-    assert submit.proc.returncode == 0, out[-6000:]
-    # The checkpoint upload rode the outage out (Location.patient_fs, pickled to the workers):
-    # no worker failure, so no restart of the group.
-    assert "Error in training function" not in out, out[-6000:]
-    assert "succeeded" in out
-    assert "registered models:/lanes-stack/1" in out
-    # Fitted to the 2-CPU head instead of waiting forever for a third CPU.
-    assert "the cluster has 2 CPUs (the Ray cluster): 2 workers x 0.5 CPU (not 1)" in out
+        yield StackRun(server, password, submit.proc.returncode, out, lines, bad.returncode,
+                       bad_stdout + bad_stderr)  # fmt: skip
 
-    # The job tracked into the stack's MLflow server, not a local file, the epoch recorded.
-    # registry_uri too: it defaults to the process-wide one earlier tests set to sqlite.
-    client = MlflowClient(tracking_uri=server, registry_uri=server)
-    version = client.get_model_version("lanes-stack", "1")
-    assert float(version.tags["val_miou"]) >= 0
-    run = client.get_run(version.run_id)
+
+def test_the_mlflow_server_refuses_requests_without_the_stacks_credentials(local_stack):
+    server = f"http://127.0.0.1:{local_stack['ports']['MLFLOW_PORT']}"
+    assert len(stack_password(local_stack)) == 64
+    search = f"{server}/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(search, timeout=10)
+    assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(search, headers={
+            "Authorization": "Basic " + base64.b64encode(b"admin:password").decode()}), timeout=10)  # fmt: skip
+    assert refused.value.code == 401
+
+
+def test_the_ray_dashboard_answers_only_with_the_stacks_token(local_stack):
+    dashboard = f"http://127.0.0.1:{local_stack['ports']['RAY_DASHBOARD_PORT']}"
+    assert f"Ray dashboard  {dashboard}" in local_stack["start_output"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{dashboard}/api/version", timeout=10)
+    assert refused.value.code == 401
+    token = (local_stack["state"] / "ray_auth_token").read_text().strip()
+    request = urllib.request.Request(
+        f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert json.load(urllib.request.urlopen(request, timeout=10))["ray_version"]
+
+
+def test_a_client_with_the_wrong_token_cannot_submit(local_stack):
+    wrong = user_shell("RAY_AUTH_TOKEN=not-the-token ray job list", local_stack, timeout=120)
+    assert wrong.returncode != 0
+
+
+@pytest.mark.slow
+def test_the_readme_submit_trains_and_registers(stack_run):
+    assert stack_run.returncode == 0, stack_run.out[-6000:]
+    assert "succeeded" in stack_run.out
+    assert "registered models:/lanes-stack/1" in stack_run.out
+    assert float(stack_run.version().tags["val_miou"]) >= 0
+
+
+@pytest.mark.slow
+def test_the_checkpoint_upload_rides_out_the_s3_outage_without_a_restart(stack_run):
+    # Location.patient_fs, pickled to the workers: no worker failure, so no group restart.
+    assert "Error in training function" not in stack_run.out, stack_run.out[-6000:]
+
+
+@pytest.mark.slow
+def test_the_job_fits_itself_to_the_2_cpu_head(stack_run):
+    # Instead of waiting forever for a third CPU.
+    assert "the cluster has 2 CPUs (the Ray cluster): 2 workers x 0.5 CPU (not 1)" in stack_run.out
+
+
+@pytest.mark.slow
+def test_the_epoch_reaches_the_restarted_server_once(stack_run):
+    run = stack_run.run()
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "stack-run"
     for key in ("val_miou", "train_loss", "lr"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
-    # The epoch's pictures are images at step 0 (sent once the server was back), the data
-    # is the run's input, and rank 0 logged progress lines into the job's output.
-    assert tracking.image_steps(client, run.info.run_id, "confusion") == {0}
-    [train_input] = [i for i in run.inputs.dataset_inputs
-                     if i.dataset.name.endswith("/train")]  # fmt: skip
-    assert json.loads(train_input.dataset.source)["uri"] == resolve_dataset(local_shards).uri
-    assert re.search(r"epoch 1/1 step (\d+)/\1: [\d.]+ img/s, loss [\d.]+, epoch ETA 0m00s", out)
-    # The backend store: PostgreSQL where its server binaries are installed (the runs are
-    # rows of its database), else sqlite, as start.sh said.
-    state, pg_port = local_stack["state"], ports["PG_PORT"]
-    if (state / "pg_password").exists():
-        import psycopg2
+        history = stack_run.client().get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0], key
 
-        assert (
-            f"store: postgresql+psycopg2://mlflow@127.0.0.1:{pg_port}/mlflow"
-            in (local_stack["start_output"])
-        )
-        db = psycopg2.connect(host="127.0.0.1", port=pg_port, user="mlflow", dbname="mlflow",
-                              password=(state / "pg_password").read_text().strip())  # fmt: skip
-        try:
-            with db.cursor() as cur:
-                cur.execute("SELECT name, status FROM runs")
-                assert ("stack-run", "FINISHED") in cur.fetchall()
-        finally:
-            db.close()
-        assert not (state / "mlflow.db").exists()
-    else:
+
+@pytest.mark.slow
+def test_the_epoch_pictures_are_images_at_step_0(stack_run):
+    run_id = stack_run.run().info.run_id
+    assert tracking.image_steps(stack_run.client(), run_id, "confusion") == {0}
+
+
+@pytest.mark.slow
+def test_the_dataset_is_the_runs_input(stack_run, local_shards):
+    inputs = stack_run.run().inputs.dataset_inputs
+    [train_input] = [i for i in inputs if i.dataset.name.endswith("/train")]
+    assert json.loads(train_input.dataset.source)["uri"] == resolve_dataset(local_shards).uri
+
+
+@pytest.mark.slow
+def test_rank_0_progress_lines_reach_the_job_output(stack_run):
+    pattern = r"epoch 1/1 step (\d+)/\1: [\d.]+ img/s, loss [\d.]+, epoch ETA 0m00s"
+    assert re.search(pattern, stack_run.out)
+
+
+@pytest.mark.slow
+def test_the_backend_store_is_the_one_start_sh_named(stack_run, local_stack):
+    """PostgreSQL where its server binaries are installed (the runs are rows of its
+    database), else sqlite, as start.sh said."""
+    state, pg_port = local_stack["state"], local_stack["ports"]["PG_PORT"]
+    if not (state / "pg_password").exists():
         assert "note: no PostgreSQL server binaries" in local_stack["start_output"]
         assert (state / "mlflow.db").exists()
-    # The epoch's checkpoint is complete on S3 (model, train state, metrics).
+        return
+    import psycopg2
+
+    store = f"store: postgresql+psycopg2://mlflow@127.0.0.1:{pg_port}/mlflow"
+    assert store in local_stack["start_output"]
+    db = psycopg2.connect(host="127.0.0.1", port=pg_port, user="mlflow", dbname="mlflow",
+                          password=(state / "pg_password").read_text().strip())  # fmt: skip
+    try:
+        with db.cursor() as cur:
+            cur.execute("SELECT name, status FROM runs")
+            assert ("stack-run", "FINISHED") in cur.fetchall()
+    finally:
+        db.close()
+    assert not (state / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_the_epochs_checkpoint_is_complete_on_s3(stack_run, local_stack):
     ckpts = local_stack["s3"].location("s3://lanes/checkpoints/stack-run")
-    metrics = sorted(json.loads(ckpts.at_path(i.path).read_text())["epoch"]
-                     for i in ckpts.list_files(("metrics.json",)))  # fmt: skip
-    assert metrics == [0]
-    for info in ckpts.list_files(("metrics.json",)):
+    infos = ckpts.list_files(("metrics.json",))
+    assert sorted(json.loads(ckpts.at_path(i.path).read_text())["epoch"] for i in infos) == [0]
+    for info in infos:
         folder = ckpts.at_path(info.path).parent()
         assert folder.join("model.pt").exists() and folder.join("train_state.pt").exists()
 
-    # The password is nowhere but in its own file: not in params, tags or any log of the
-    # stack (the jobs' driver and worker logs included).
+
+@pytest.mark.slow
+def test_the_password_is_only_in_its_own_file(stack_run, local_stack):
+    """Not in any command line, param, tag, the job's output or any log of the stack (the
+    jobs' driver and worker logs included)."""
+    password = stack_run.password
+    assert password not in stack_run.command_lines
+    run, version = stack_run.run(), stack_run.version()
     values = [*run.data.params.values(), *run.data.tags.values(), *version.tags.values()]
-    assert not [v for v in values if password in v]
+    assert values and not [v for v in values if password in v]
     leaks = [str(f) for f in local_stack["state"].rglob("*")
              if f.is_file() and f.name != "mlflow_password" and password.encode() in f.read_bytes()]  # fmt: skip
     assert not leaks, leaks
-    assert password not in out
+    assert password not in stack_run.out
 
-    # A job that fails is reported as failed, with the job's one-line error.
-    assert bad.returncode != 0
-    assert "error: /nonexistent: no manifest.json" in bad_stdout + bad_stderr
+
+@pytest.mark.slow
+def test_a_failing_job_is_reported_with_its_one_line_error(stack_run):
+    assert stack_run.bad_returncode != 0
+    assert "error: /nonexistent: no manifest.json" in stack_run.bad_output
 
 
 # -- start.sh and stop.sh: only what they started ---------------------------------------------

@@ -1,11 +1,16 @@
 """The training job: preflight errors, learning, and one 2-worker DDP run from S3 through fault
 tolerance (the whole job dying, then a worker crash in the resumed job) to MLflow registration."""
 
+import contextlib
 import io
 import json
 import os
+import secrets
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -88,8 +93,8 @@ def copy_dropping_one_val_frame(src: str, dest: str) -> int:
     return manifest["counts"]["val"]
 
 
-def runs_named(name: str) -> list:
-    client = MlflowClient()
+def runs_named(name: str, client: MlflowClient | None = None) -> list:
+    client = client or MlflowClient()
     exp = client.get_experiment_by_name("tests")
     if exp is None:
         return []
@@ -119,14 +124,16 @@ def assert_confusion_is_single_process(storage: str, run: str, data: str, epoch:
     assert result["miou"] == pytest.approx(logged["val_miou"], abs=1e-12)
 
 
-def epochs_logged(run_id: str) -> list[int]:
-    return [m.step for m in MlflowClient().get_metric_history(run_id, "val_miou")]
+def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, "val_miou")]
 
 
-def poly_lr_logged(run_id: str, steps_per_epoch: int, epochs: int, base: float = 0.01) -> None:
+def poly_lr_logged(
+    client: MlflowClient, run_id: str, steps_per_epoch: int, epochs: int, base: float = 0.01
+) -> None:
     """The learning rate logged after each epoch is the poly schedule's at that epoch's last
     step: a resumed run continued the schedule instead of starting it again."""
-    history = sorted(MlflowClient().get_metric_history(run_id, "lr"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(epochs))
     total = steps_per_epoch * epochs
     for m in history:
@@ -150,26 +157,6 @@ for n, h, w in [(1, 300, 500), (3, 428, 846)]:
 assert "ray" not in sys.modules
 print("pyfunc ok")
 """
-
-
-@pytest.fixture
-def background():
-    """``background(argv, **popen_kwargs) -> Popen`` (text, stdout and stderr piped): a process
-    that runs beside the test; one still running when the test ends is killed."""
-    procs = []
-
-    def start(argv: list[str], **kwargs) -> subprocess.Popen:
-        procs.append(
-            subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
-            )
-        )
-        return procs[-1]
-
-    yield start
-    for proc in procs:
-        with proc:  # closes its pipes and waits for it
-            proc.kill()
 
 
 # -- preflight: clear errors before any worker starts --------------------------------------------
@@ -247,136 +234,227 @@ def test_config_file_with_flag_override(tmp_path):
     assert train.load_config(["--config", str(cfg), "--use-gpu"]).amp is True
 
 
-# -- real runs ---------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_two_worker_run_from_s3_survives_failures_and_registers_model(
-    local_shards, s3_prefix, mlflow_store, ray_cluster, capsys, background, tmp_path, monkeypatch
-):
+# -- one real run, through the death of the whole job ------------------------------------------
+@dataclass
+class S3Run:
+    """What the scenario of :func:`s3_run` left behind, for the tests below to check one by one."""
+
+    data: str
+    storage: str
+    tracking_uri: str
+    val_frames: int
+    died: int  # exit status of the run that lost a worker with no restarts allowed
+    died_err: str
+    died_run: Any  # its MLflow run, read right after it died
+    died_epochs: list[int]
+    refused: int  # exit status of the re-run that met a planted train-state pickle
+    refused_output: str
+    canary: Path
+    marker: str  # the fault marker's text before the resume
+    resumed: int
+    resumed_out: str
+    active_run_after: Any
+    pyfunc: subprocess.Popen  # the registered model in a plain Python process, still running
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def run(self):
+        [run] = runs_named("s3-run", self.client())
+        return run
+
+
+@pytest.fixture(scope="module")
+def s3_run(local_shards, s3_server, ray_cluster, tmp_path_factory):
     """A 2-worker run with data and checkpoints on S3, through the death of the whole job:
 
-    1. No restarts allowed: a worker is killed in epoch 2 (epoch 1 is checkpointed), so the
-       job dies; its MLflow run is marked FAILED.
-    1b. A malicious train state planted in that checkpoint is refused by a re-run (exit 1),
+    1. No restarts allowed: a worker exits in epoch 2 (epoch 1 is checkpointed), so the job
+       dies; its MLflow run is marked FAILED.
+    2. A malicious train state planted in that checkpoint is refused by a re-run (exit 1),
        never unpickled.
-    2. Run again with the same --run-name and --storage: the job resumes from the epoch-1
-       checkpoint and continues the same MLflow run.
-    3. The run then has every epoch exactly once, its metrics, pictures and checkpoints, and a
-       registered model that works without Ray.
+    3. Run again with the same --run-name and --storage: the job resumes from the epoch-1
+       checkpoint and continues the same MLflow run, then registers a model that works without
+       Ray.
 
     (Ray Train restarting the worker group inside a job, from its last checkpoint, is
     test_faults.py's lost-node test.)
     """
-    data, storage = f"{s3_prefix}/shards", f"{s3_prefix}/checkpoints"
+    tmp = tmp_path_factory.mktemp("s3-run")
+    prefix = f"s3://lanes/s3-run-{secrets.token_hex(4)}"
+    data, storage = f"{prefix}/shards", f"{prefix}/checkpoints"
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
     val_frames = copy_dropping_one_val_frame(local_shards, data)
-    assert val_frames % 2 == 1
-    # 18 train frames, 9 per worker, 2 per worker step -> 4 steps per epoch; step 6 is in
-    # epoch 2 (epoch 1 is checkpointed).
-    monkeypatch.setenv("LANE_FAULTS", "train.exit_at_step=6")
     argv = train_args(data, storage, "s3-run", "--max-failures", "0")
-    marker = resolve(storage).join("s3-run", FAULT_MARKER)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        # 18 train frames, 9 per worker, 2 per worker step -> 4 steps per epoch; step 6 is in
+        # epoch 2 (epoch 1 is checkpointed).
+        mp.setenv("LANE_FAULTS", "train.exit_at_step=6")
+        died, died_out, died_err = main_captured(argv)
+        [died_run] = runs_named("s3-run", MlflowClient(uri))
+        died_epochs = epochs_logged(MlflowClient(uri), died_run.info.run_id)
 
-    # 1. The whole job dies.
-    assert train.main(argv) == 1
-    err = capsys.readouterr().err
-    assert "error: training failed after 0 restart(s)" in err
-    assert "re-run the same command (--run-name s3-run) to resume" in err
-    [run] = runs_named("s3-run")
-    assert run.info.status == "FAILED"
-    assert epochs_logged(run.info.run_id) == [0]
+        # Whoever can write to --storage plants a pickle that would create a file, as the train
+        # state of the checkpoint a resume loads.
+        run_loc = resolve(storage).join("s3-run")
+        [state] = [
+            resolve(storage).at_path(i.path) for i in run_loc.list_files((TRAIN_STATE_FILE,))
+        ]
+        original, canary = state.read_bytes(), tmp / "train-state-pickle-ran"
+        buf = io.BytesIO()
+        torch.save({"optimizer": Touch(canary)}, buf)
+        state.write_bytes(buf.getvalue())
+        refused, refused_out, refused_err = main_captured(argv)
+        state.write_bytes(original)
 
-    # 1b. Whoever can write to --storage plants a pickle that would create a file, as the
-    # train state of the checkpoint a resume loads: the resume refuses it (weights_only) and
-    # the file is never created.
-    [state] = [i.path for i in resolve(storage).join("s3-run").list_files((TRAIN_STATE_FILE,))]
-    state = resolve(storage).at_path(state)
-    original, canary = state.read_bytes(), tmp_path / "train-state-pickle-ran"
-    buf = io.BytesIO()
-    torch.save({"optimizer": Touch(canary)}, buf)
-    state.write_bytes(buf.getvalue())
-    assert train.main(argv) == 1
-    captured = capsys.readouterr()
-    assert f"{TRAIN_STATE_FILE}: refused to load" in captured.out + captured.err
-    assert not canary.exists()
-    state.write_bytes(original)
+        # Resumed (the fault marker stays: no second failure).
+        marker = run_loc.join(FAULT_MARKER).read_text()
+        resumed, resumed_out, _ = main_captured(argv)
+        active = mlflow.active_run()
+        # It runs beside the tests below; test_registered_model_works_without_ray is last.
+        pyfunc = subprocess.Popen(
+            [sys.executable, "-c", PYFUNC_CHECK, uri], cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        with pyfunc:
+            yield S3Run(
+                data, storage, uri, val_frames, died, died_err, died_run, died_epochs, refused,
+                refused_out + refused_err, canary, marker, resumed, resumed_out, active, pyfunc,
+            )  # fmt: skip
+            pyfunc.kill()
 
-    # 2. Resumed (the chaos marker stays: no second crash).
-    assert marker.read_text() == "failed at step 6\n"
-    assert train.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "registered models:/lanes-test/1" in out
-    # The registered model in a plain Python process (PYFUNC_CHECK): it runs beside the checks
-    # below, and is checked last.
-    pyfunc = background([sys.executable, "-c", PYFUNC_CHECK, mlflow_store], cwd=ROOT)
-    [again] = runs_named("s3-run")
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert epochs_logged(run.info.run_id) == [0, 1]  # epoch 0 not trained twice
-    poly_lr_logged(run.info.run_id, steps_per_epoch=4, epochs=2)
-    assert mlflow.active_run() is None
-    run = again
 
-    # 3. What the run recorded.
-    metrics = run.data.metrics
-    for key in (
-        "train_loss",
-        "train_images_per_s",
-        "val_pixel_acc",
-        "val_mean_class_acc",
-        "val_fwiou",
-        "val_iou_dividing",
-        "val_iou_background",
-        "best_val_miou",
-    ):
+def main_captured(argv: list[str]) -> tuple[int, str, str]:
+    """``jobs.train.main(argv)`` with its stdout and stderr (Ray's forwarded worker logs too)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = train.main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.slow
+def test_a_job_without_restarts_dies_and_says_how_to_resume(s3_run):
+    assert s3_run.died == 1
+    assert "error: training failed after 0 restart(s)" in s3_run.died_err
+    assert "re-run the same command (--run-name s3-run) to resume" in s3_run.died_err
+
+
+@pytest.mark.slow
+def test_the_dead_job_marks_its_mlflow_run_failed_after_one_epoch(s3_run):
+    assert s3_run.died_run.info.status == "FAILED"
+    assert s3_run.died_epochs == [0]
+
+
+@pytest.mark.slow
+def test_a_planted_train_state_is_refused_and_never_unpickled(s3_run):
+    assert s3_run.refused == 1
+    assert f"{TRAIN_STATE_FILE}: refused to load" in s3_run.refused_output
+    assert not s3_run.canary.exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_the_same_mlflow_run_and_registers(s3_run):
+    assert s3_run.marker == "failed at step 6\n"
+    assert s3_run.resumed == 0
+    assert "registered models:/lanes-test/1" in s3_run.resumed_out
+    run = s3_run.run()
+    assert run.info.run_id == s3_run.died_run.info.run_id and run.info.status == "FINISHED"
+    assert s3_run.active_run_after is None
+
+
+@pytest.mark.slow
+def test_the_resumed_run_trains_each_epoch_once_on_the_continued_schedule(s3_run):
+    run_id = s3_run.run().info.run_id
+    assert epochs_logged(s3_run.client(), run_id) == [0, 1]  # epoch 0 not trained twice
+    poly_lr_logged(s3_run.client(), run_id, steps_per_epoch=4, epochs=2)
+
+
+@pytest.mark.slow
+def test_the_run_logs_its_scores_and_where_each_epoch_went(s3_run):
+    metrics = s3_run.run().data.metrics
+    for key in ("train_loss", "train_images_per_s", "val_pixel_acc", "val_mean_class_acc",
+                "val_fwiou", "val_iou_dividing", "val_iou_background", "best_val_miou"):  # fmt: skip
         assert key in metrics, key
     # Where each epoch's time went (rank 0's clock): all measured, the steps took some.
     split = [metrics[k] for k in ("epoch_setup_s", "epoch_wait_s", "epoch_compute_s")]
     assert min(split) >= 0 and metrics["epoch_compute_s"] > 0 and metrics["val_seconds"] > 0
     assert split[0] > 0  # the first batch of an epoch is always waited for
-    # Every validation frame scored exactly once across the two ranks.
-    assert metrics["val_frames"] == val_frames
-    client = MlflowClient()
-    for key in ("confusion", "overlays"):  # the pictures by epoch (the UI's step slider)
-        assert tracking.image_steps(client, run.info.run_id, key) == {0, 1}, key
-    # The data it trained on, as MLflow dataset inputs: the version folder, the manifest digest.
-    version = resolve_dataset(data)
+
+
+@pytest.mark.slow
+def test_every_validation_frame_is_scored_once_across_the_ranks(s3_run):
+    assert s3_run.run().data.metrics["val_frames"] == s3_run.val_frames
+
+
+@pytest.mark.slow
+def test_the_summed_confusion_is_the_single_process_one(s3_run):
+    """Both ranks' parts (all-reduce) with rank 0's weights and BatchNorm statistics
+    (broadcast before validation) make exactly the checkpointed model's confusion matrix on
+    the whole split, scored in one process."""
+    assert_confusion_is_single_process(s3_run.storage, "s3-run", s3_run.data, epoch=1)
+
+
+@pytest.mark.slow
+def test_the_pictures_are_logged_by_epoch(s3_run):
+    run_id = s3_run.run().info.run_id
+    for key in ("confusion", "overlays"):  # the UI's step slider
+        assert tracking.image_steps(s3_run.client(), run_id, key) == {0, 1}, key
+
+
+@pytest.mark.slow
+def test_the_dataset_inputs_name_the_version_and_its_manifest_digest(s3_run):
+    version = resolve_dataset(s3_run.data)
+    run = s3_run.run()
     inputs = {i.dataset.name.rpartition("/")[2]: i for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "val"}
     assert {i.dataset.digest for i in inputs.values()} == {version.manifest_sha256}
     assert json.loads(inputs["train"].dataset.source)["uri"] == version.uri
-    # Rank 0's system metrics (sampled every second here), next to images/s.
-    assert len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) > 1
-    # Nothing secret in params or tags.
-    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
-    assert all(secret not in str(v) for v in {**run.data.params, **run.data.tags}.values())
-    assert run.data.params["data"] == data
+    assert run.data.params["data"] == s3_run.data
 
-    version = MlflowClient().get_model_version("lanes-test", "1")
+
+@pytest.mark.slow
+def test_rank_0_samples_system_metrics(s3_run):
+    history = s3_run.client().get_metric_history(
+        s3_run.run().info.run_id, "system/cpu_utilization_percentage"
+    )
+    assert len(history) > 1  # sampled every second here
+
+
+@pytest.mark.slow
+def test_no_secret_in_params_or_tags(s3_run):
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    run = s3_run.run()
+    version = s3_run.client().get_model_version("lanes-test", "1")
+    values = [*run.data.params.values(), *run.data.tags.values(), *version.tags.values()]
+    assert values and all(secret not in str(v) for v in values)
+
+
+@pytest.mark.slow
+def test_the_registered_version_records_its_provenance(s3_run):
+    run = s3_run.run()
+    version = s3_run.client().get_model_version("lanes-test", "1")
     assert version.run_id == run.info.run_id
     tags = version.tags
-    assert float(tags["val_miou"]) == pytest.approx(metrics["best_val_miou"], abs=1e-6)
-    assert tags["data_manifest"] == f"{data}/manifest.json"
+    assert float(tags["val_miou"]) == pytest.approx(run.data.metrics["best_val_miou"], abs=1e-6)
+    assert tags["data_manifest"] == f"{s3_run.data}/manifest.json"
     assert tags["code_version"].startswith(("git-", "code-"))
     assert json.loads(tags["frame_transform"])["width"] == 128
-    assert all(secret not in v for v in tags.values())
-    # Checkpoints went to S3 through Ray Train, best N kept.
-    ckpts = {
-        p.split("/")[0]
-        for p in (
-            resolve(storage).relative(i.path) for i in resolve(storage).join("s3-run").list_files()
-        )
-    }
-    assert ckpts == {"s3-run"}
-    names = [
-        resolve(storage).relative(i.path)
-        for i in resolve(storage).join("s3-run").list_files(("model.pt",))
-    ]
-    assert 1 <= len(names) <= 2
-    # The summed confusion matrix is exactly the checkpointed model's on the whole split,
-    # scored in one process: both ranks' parts (all-reduce) with rank 0's weights and
-    # BatchNorm statistics (broadcast before validation).
-    assert_confusion_is_single_process(storage, "s3-run", data, epoch=1)
 
-    stdout, stderr = pyfunc.communicate(timeout=300)
-    assert pyfunc.returncode == 0, stderr[-2000:]
+
+@pytest.mark.slow
+def test_checkpoints_go_to_s3_and_the_best_two_are_kept(s3_run):
+    storage = resolve(s3_run.storage)
+    files = [storage.relative(i.path) for i in storage.join("s3-run").list_files()]
+    assert {p.split("/")[0] for p in files} == {"s3-run"}
+    assert 1 <= sum(p.endswith("/model.pt") for p in files) <= 2
+
+
+@pytest.mark.slow
+def test_the_registered_model_works_without_ray(s3_run):
+    stdout, stderr = s3_run.pyfunc.communicate(timeout=300)
+    assert s3_run.pyfunc.returncode == 0, stderr[-2000:]
     assert "pyfunc ok" in stdout
 
 

@@ -145,16 +145,3 @@ def test_missing_or_empty_output_is_an_empty_set(output):
     assert already_labeled(output, MODEL, "1") == set()
     assert committed_files(output) == []
     assert read_output(output.uri).num_rows == 0
-
-
-def test_the_cpu_stages_import_no_torch():
-    """The labeling job's load and encode tasks run the functions of pipelines.labeling; their
-    worker processes import that module, and PyTorch would add 1-3 s to each one's start on a
-    busy node (benchmarks/RESULTS.md). The model stage (pipelines.segmenter) imports it."""
-    import subprocess
-    import sys
-
-    code = ("import sys, pipelines.labeling.stages; print('torch' in sys.modules);"
-            "import pipelines.inference.actors; print('torch' in sys.modules)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "True"]
