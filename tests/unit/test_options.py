@@ -84,7 +84,9 @@ def test_python_callers_get_the_same_checks():
 def test_a_config_file_uses_flag_or_field_names_and_flags_override_it(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: from-file\nworkers: 3\nmode: exact\n")
-    assert load("--config", str(path), "--workers", "4") == Demo(data="from-file", workers=4, mode="exact")
+    assert load("--config", str(path), "--workers", "4") == Demo(
+        data="from-file", workers=4, mode="exact"
+    )
     path.write_text("data: d\nnum-gpus: 3\n")
     with pytest.raises(ConfigError, match=f"--config {path}: unknown option 'num-gpus'"):
         load("--config", str(path))
