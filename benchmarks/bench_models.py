@@ -23,7 +23,7 @@ from torch import nn
 from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
 from fcn_models import MODEL_NAMES, build_model
 
-N_CLASS = 8  # the lane label map's training classes (pipelines/labels.py)
+N_CLASS = 8  # the lane label map's training classes (pipelines/core/labels.py)
 
 
 def median_latency_ms(

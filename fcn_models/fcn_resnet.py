@@ -24,7 +24,7 @@ to a multiple of 32 is at the bottom/right and moves nothing). ``upsample_aligne
 The even kernels of the ``F.interpolate(align_corners=False)`` convention (k ``2f``, p
 ``f/2``) put input ``j`` on ``f*j + (f - 1)/2`` instead: the layer2/3/4 paths would land 3.5,
 7.5 and 15.5 px below/right of their features, and the skips would be summed half a cell apart.
-(``tests/test_models_geometry.py`` measures the centres and the fused positions.)
+(``tests/unit/test_models_geometry.py`` measures the centres and the fused positions.)
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class FCN8sResNet101(nn.Module):
     512-2048 channels; a 1x1 head read straight from them gets a gradient that points the
     same way for every channel, so one SGD step at the recipe's lr 0.01 moves each logit by
     ``lr * sum_c mean_c**2`` (hundreds here) and training diverges. Normalized inputs remove
-    that common component (``tests/test_models.py`` checks the first step stays small).
+    that common component (``tests/unit/test_models.py`` checks the first step stays small).
 
     Score heads start at zero (as in the VGG FCNs), so an untrained model outputs zeros.
     ``backbone_weights``: a torchvision resnet101 state_dict (e.g. ImageNet weights the

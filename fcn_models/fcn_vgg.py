@@ -36,7 +36,7 @@ FCN-8s   as FCN-16s up to the 1/16 fusion (u = 16y - 11.5), then upscore_pool4 (
 The crops always fit: with ``P5 = ceil((H + 198)/32)`` (pool5 length) the fc7 map has
 ``F = P5 - 6 >= 1`` rows for every ``H >= 1`` (that is what the 100 padding buys: a 1x1 image
 becomes 199 px, enough for a 7x7 pool5), upscore gives ``32F + 32 >= H + 38 > H + 19`` rows,
-and likewise for the other crops (``tests/test_models.py`` checks H = 1..1024 arithmetically
+and likewise for the other crops (``tests/unit/test_models.py`` checks H = 1..1024 arithmetically
 and many sizes by running the nets on the meta device).
 """
 

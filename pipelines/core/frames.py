@@ -155,7 +155,7 @@ class FrameTransform:
 
         The same crop and resize as :meth:`prepare_image` on the full decode, but a JPEG is
         decoded at the reduced scale :meth:`draft_scale` allows; the result differs from the
-        full decode's only within JPEG tolerance (tests/test_frames.py). The crop is a
+        full decode's only within JPEG tolerance (tests/unit/test_frames.py). The crop is a
         fractional box in the reduced image (690 rows at 1/4 are 172.5), so the kept region
         is exactly the one of the full decode."""
         img = open_rgb(data, max_pixels=max_pixels, what=what)

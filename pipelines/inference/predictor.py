@@ -27,12 +27,12 @@ class FeatureNovelty:
     frame whose own per-channel means sit many training standard deviations away is one the
     model never saw the like of (noise, a covered lens, a blown exposure). The softmax cannot
     tell: a trained model is surer of pure noise than of its training frames
-    (tests/test_confidence).
+    (tests/unit/test_confidence).
 
     Per frame: at each BatchNorm layer, the mean over channels of
     ``(frame mean - running_mean)^2 / (running_var + eps)``; then the median over layers (one
     odd layer does not decide; deep layers of a small input have a few pixels and swing
-    more). Frames like the training data score under 0.1 in tests/test_confidence, noise
+    more). Frames like the training data score under 0.1 in tests/unit/test_confidence, noise
     thousands. Models without BatchNorm (the VGG FCNs) have no score (NaN)."""
 
     STRIDE = 3

@@ -45,6 +45,6 @@ REVIEW_SCHEMA = pa.schema(
                                       "model_version")]
 )  # fmt: skip
 #: Default of ``--review-novelty-above``: frames like the training data score under 0.1 in
-#: tests/test_confidence, noise, black or blown-out frames hundreds to thousands; 10 leaves
+#: tests/unit/test_confidence, noise, black or blown-out frames hundreds to thousands; 10 leaves
 #: room both ways.
 NOVELTY_ABOVE = 10.0

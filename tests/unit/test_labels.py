@@ -8,7 +8,7 @@ from pipelines.core import labels
 from pipelines.core.codecs import decode_label
 from tests.support.helpers import SHARED_DATA
 
-# Written out independently of pipelines/labels.py on purpose.
+# Written out independently of pipelines/core/labels.py on purpose.
 EXPECTED = {
     0: [
         0,

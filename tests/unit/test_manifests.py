@@ -48,7 +48,7 @@ SHELL_SEPARATORS = {"&&", "||", ";", "|", ">", ">>", "<", "2>", "2>&1", "&>"}
 # and the KubeRay operator's namespace that networkpolicy.yaml admits.
 NAMESPACE = "lanes"
 OPERATOR_NAMESPACE = "kuberay-system"
-# MLflow's registry URIs as the jobs accept them (pipelines/registry.py): NAME@ALIAS,
+# MLflow's registry URIs as the jobs accept them (pipelines/registry/versions.py): NAME@ALIAS,
 # NAME/VERSION or NAME/latest; names and aliases restricted to what MLflow allows.
 MODEL_URI = re.compile(
     r"^models:/(?P<name>[A-Za-z0-9][\w.-]*)(?:@(?P<alias>[A-Za-z_][\w-]*)|/(?P<version>[1-9]\d*|latest))$"
@@ -1260,7 +1260,7 @@ def test_build_context_leaves_out_local_state() -> None:
     for path in ("demo", "demo/out/frame.png", ".venv", ".git/config"):
         assert docker_ignored(patterns, path), path
     # ... but keeps what the image installs.
-    for path in ("pyproject.toml", "jobs/train.py", "pipelines/training.py"):
+    for path in ("pyproject.toml", "jobs/train.py", "pipelines/training/loop.py"):
         assert not docker_ignored(patterns, path), path
 
 
