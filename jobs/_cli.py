@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from pipelines.core.errors import UserError
+from pipelines.core.errors import Exit, UserError, exit_status_table
 from pipelines.core.options import ConfigError, declared
 
 __all__ = ["ConfigError", "build_parser", "cli", "load_config"]
@@ -36,6 +36,10 @@ def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help; the exit-status table (the epilog) keeps its lines."""
+
+
 def build_parser(
     config: type, prog: str, description: str, defaults: dict[str, Any] | None = None
 ) -> argparse.ArgumentParser:
@@ -47,7 +51,8 @@ def build_parser(
         prog=prog,
         description=description + " Options may also come from --config FILE (YAML, keys "
         "named like the flags); flags override the file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=exit_status_table(),
+        formatter_class=_Formatter,
     )
     p.add_argument("--config", help="YAML file of options (flags override it)")
     groups: dict[str | None, Any] = {None: p}
@@ -101,7 +106,9 @@ def load_config(config: type[C], argv: list[str] | None, prog: str, description:
 
 
 def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Run ``main``; user errors print ``error: ...`` on one line and exit with status 2."""
+    """Run ``main``; an expected failure prints ``error: ...`` on one line and exits with its
+    class's status (:class:`~pipelines.core.errors.Exit`); anything else is a traceback and
+    status 1."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
@@ -110,6 +117,6 @@ def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None],
             return main(argv)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return getattr(e, "exit_code", Exit.BAD_INPUT)
 
     return wrapper

@@ -6,9 +6,9 @@
 The source is an ApolloScape-layout tree (ColorImage*/...jpg with Label*/..._bin.png) or a CSV
 of ``image,label[,drive]`` paths. Each run writes DEST/versions/NAME/ and commits it by
 replacing DEST/current.json, last. Bad records never stop the ingest: each is listed in the
-manifest with its reason. Exit status: 0 committed; 1 nothing valid (not committed); 3 some
+manifest with its reason. Exit status: 0 committed; 2 nothing valid (not committed); 3 some
 records stayed unreadable after retries (storage trouble, not bad data; not committed unless
---allow-unreadable): re-run.
+--allow-unreadable): re-run. The whole table ends ``--help``.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ Input: a prefix of raw frames (*.jpg / *.png, any size) or an ingested dataset. 
 under OUTPUT/labeled_date=YYYY-MM-DD/ (schema in the README). Only inputs without a row for the
 same model version are labeled, so it can run on a schedule; runs that overlap are safe (a lease
 on OUTPUT: the second exits 0 naming the holder, or waits with --wait-for-lease). Exit status:
-0 done (or nothing to do, or another run holds the lease); 1 stalled (no chunk committed for
---stall-minutes); 3 some frames were deferred after storage errors (they are labeled by the
-next run); 2 bad input.
+0 done (or nothing to do, or another run holds the lease); 3 some frames were deferred after
+storage errors (the next run labels them); 6 stalled; the whole table ends ``--help``.
 """
 
 from __future__ import annotations

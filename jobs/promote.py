@@ -9,8 +9,8 @@ training metric code, on the cluster (Ray Data over a pool of model actors, a GP
 cluster has GPUs; the driver only sums confusion matrices). Each result is recorded as tags on
 its version and as an MLflow evaluation run, so the MLflow UI compares candidate and holder.
 The alias moves by compare-and-swap: only if it still points at the version evaluated against.
-Exit status: 0 the candidate holds the alias (promoted now, or already), 1 not promoted (not
-better, or the alias moved meanwhile), 2 bad input.
+Exit status: 0 the candidate holds the alias (promoted now, or already), 4 not better, 5 the
+alias moved meanwhile; the whole table (the same for every job) ends ``--help``.
 """
 
 from __future__ import annotations

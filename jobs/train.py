@@ -6,7 +6,7 @@
 Run it directly (starts a local Ray) or with ``ray job submit --working-dir . -- python -m
 jobs.train ...`` against a cluster. Re-running with the same ``--run-name`` and ``--storage``
 resumes from the last checkpoint and continues the same MLflow run. Exit status: 0 trained and
-registered; 1 training failed or stalled (re-run to resume); 2 bad input.
+registered; 1 training failed, 6 stalled (re-run to resume); the whole table ends ``--help``.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from pipelines.core import labels
 from pipelines.core.codecs import FrameError, decode_label, encode_jpeg, encode_png
+from pipelines.core.errors import Exit
 from pipelines.core.frames import FrameTransform, parse_size
 from pipelines.core.options import ConfigError, check_options, option
 from pipelines.data.discover import Discovery, discover, split_drives
@@ -332,7 +333,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
 
 def run(cfg: IngestConfig) -> int:
     """The ingest job: :func:`ingest`, its summary and the records it left out (the first ten
-    of each kind). Exit status: 0 committed, 1 nothing valid, 3 records unreadable (storage
+    of each kind). Exit status: 0 committed, 2 nothing valid, 3 records unreadable (storage
     trouble: not committed unless ``allow_unreadable``)."""
     from pipelines.ops.cluster import init_ray, quiet_ray_data
 
@@ -351,7 +352,7 @@ def run(cfg: IngestConfig) -> int:
         print(f"  removed old version {name}")
     if result.valid == 0:
         print("error: nothing valid to ingest (see the reasons above)", file=sys.stderr)
-        return 1
+        return Exit.BAD_INPUT
     if not result.committed:
         print(
             f"error: {result.unreadable} records could not be read after "
@@ -360,5 +361,5 @@ def run(cfg: IngestConfig) -> int:
             "is healthy, or pass --allow-unreadable.",
             file=sys.stderr,
         )
-        return 3
-    return 0
+        return Exit.TRANSIENT
+    return Exit.OK

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from pipelines.core.errors import Exit
 from pipelines.core.frames import FrameTransform
 from pipelines.labeling import commit, output
 from pipelines.labeling.config import LabelConfig
@@ -51,8 +52,8 @@ class Tally:
 
 def run(cfg: LabelConfig) -> int:
     """The labeling job. Exit status: 0 done (or nothing to do, or another run holds the
-    lease), 1 stalled, 3 some frames were deferred after storage errors (the next run labels
-    them)."""
+    lease), 3 some frames were deferred after storage errors (the next run labels them), 6
+    stalled."""
     t0 = time.time()
     tracking.check_tracking(tracking.configure())
     ref = resolve_version(cfg.model)  # the alias is resolved once: one version per run
@@ -71,7 +72,7 @@ def run(cfg: LabelConfig) -> int:
         return _holding_lease(cfg, lease, ref, transform, model_files, out, t0)
     except watchdog.Stalled as e:
         print(f"error: {e}; committed chunks stay, the next run labels the rest", file=sys.stderr)
-        return 1
+        return Exit.STALLED
     finally:
         lease.release()
 
@@ -106,7 +107,7 @@ def _holding_lease(cfg: LabelConfig, lease: Lease, ref: ModelRef, transform: Fra
         + (f", ignored {len(inputs.ignored)} non-image files" if inputs.ignored else "")
         + f" -> {out.uri} [{time.time() - t0:.1f}s]"
     )
-    return 3 if tally.deferred else 0
+    return Exit.TRANSIENT if tally.deferred else Exit.OK
 
 
 def _check_geometry(cfg: LabelConfig, inputs: Inputs, transform: FrameTransform) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 from pipelines import compat
-from pipelines.core.errors import UserError
+from pipelines.core.errors import TransientError, UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_NAME_TAG = "mlflow.runName"
@@ -33,6 +33,10 @@ _SECRET_KEY_RE = re.compile(r"(secret|password|passwd|token|credential|access_ke
 
 class TrackingError(UserError):
     """The tracking store cannot be used (message says which and why)."""
+
+
+class TrackingUnreachable(TrackingError, TransientError):
+    """The tracking server does not answer (now: it may be restarting)."""
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -80,7 +84,7 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
     try:
         r = requests.get(health, timeout=timeout_s)
     except requests.RequestException as e:
-        raise TrackingError(
+        raise TrackingUnreachable(
             f"MLflow tracking server {display_uri(uri)} is not reachable "
             f"({type(e).__name__}); start it or set MLFLOW_TRACKING_URI"
         ) from None

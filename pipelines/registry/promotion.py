@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from pipelines.core.errors import Exit
 from pipelines.core.options import ConfigError, check_options, option
 from pipelines.data.versions import DatasetVersion, resolve_dataset
 from pipelines.ops import capacity, progress, tracking, watchdog
@@ -24,7 +25,7 @@ from pipelines.ops.progress import ProgressOptions
 from pipelines.registry import aliases
 from pipelines.registry.versions import ModelRef, fetch_verified, logged_model_id, resolve_version
 
-NOT_PROMOTED = 1
+NOT_PROMOTED = Exit.NOT_PROMOTED
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,9 +55,9 @@ class PromoteConfig(ActorPoolOptions, ProgressOptions):
 
 
 def run(cfg: PromoteConfig) -> int:
-    """The promotion job. Exit status: 0 the candidate holds the alias (promoted now, or
-    already; or rolled back), 1 not promoted (not better, the alias moved meanwhile, or the
-    evaluation stalled)."""
+    """The promotion job. Exit status (:class:`~pipelines.core.errors.Exit`): 0 the candidate
+    holds the alias (promoted now, or already; or rolled back), 4 not better, 5 the alias
+    moved meanwhile, 6 the evaluation stalled."""
     from mlflow import MlflowClient
 
     uri = tracking.configure()
@@ -83,15 +84,15 @@ def run(cfg: PromoteConfig) -> int:
         results, run_ids = evaluate_all(cfg, client, versions, data, experiment_id)
     except watchdog.Stalled as e:
         print(f"error: {e}; the alias was not moved", file=sys.stderr)
-        return NOT_PROMOTED
+        return Exit.STALLED
     cand = results[candidate.version]
     print(f"evaluated on {data.uri} [{cfg.split}], {cand['frames']} frames")
     print(comparison(cfg.alias, candidate.version, holder, results))
-    promoted, decision = decide(cfg, client, candidate.version, holder, results)
+    status, decision = decide(cfg, client, candidate.version, holder, results)
     client.set_model_version_tag(cfg.model, candidate.version, f"promotion_{cfg.alias}", decision)
     client.set_tag(run_ids[candidate.version], "decision", decision)
     print(decision)
-    return 0 if promoted else NOT_PROMOTED
+    return status
 
 
 def evaluate_all(
@@ -164,25 +165,26 @@ def comparison(alias: str, candidate: str, holder: str | None, results: dict) ->
 
 def decide(
     cfg: PromoteConfig, client, candidate: str, holder: str | None, results: dict
-) -> tuple[bool, str]:
+) -> tuple[Exit, str]:
     """Move the alias if the candidate is better (compare-and-swap: evaluation took minutes,
-    and the alias may have moved meanwhile). Returns (promoted, the decision in words)."""
+    and the alias may have moved meanwhile). Returns (the exit status, the decision in
+    words)."""
     gain = results[candidate]["miou"] - results[holder]["miou"] if holder else None
     if holder is not None and not (gain > 0 and gain >= cfg.min_gain):
-        return False, (
+        return Exit.NOT_PROMOTED, (
             f"kept v{holder} as {cfg.alias}: candidate mIoU gain {gain:+.4f} does not beat min "
             f"gain {cfg.min_gain}"
         )
     try:
         aliases.move_alias(cfg.model, cfg.alias, candidate, client, expected=holder)
     except aliases.AliasMoved as e:
-        return False, (
+        return Exit.LOST_RACE, (
             f"not promoted: {e}, while v{candidate} was evaluated against "
             f"{'v' + holder if holder else 'no holder'}; re-run to evaluate against the new "
             "holder"
         )
     why = "no previous holder" if holder is None else f"mIoU gain {gain:+.4f} >= {cfg.min_gain}"
-    return True, f"promoted v{candidate} to {cfg.alias} ({why})"
+    return Exit.OK, f"promoted v{candidate} to {cfg.alias} ({why})"
 
 
 def record(client, name: str, version: str, result: dict, data: DatasetVersion) -> None:

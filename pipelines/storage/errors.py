@@ -11,14 +11,14 @@ import errno
 import os
 import re
 
-from pipelines.core.errors import UserError
+from pipelines.core.errors import TransientError, UserError
 
 
 class StorageError(UserError):
     """A URI that cannot be used, or an object that is not where it was expected."""
 
 
-class TransientStorageError(StorageError):
+class TransientStorageError(StorageError, TransientError):
     """Storage kept failing for a reason that may pass (outage, throttling, timeouts) until the
     retries ran out: the object itself may be fine, so try again later rather than record it as
     bad."""

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipelines.core import labels
+from pipelines.core.errors import Exit
 from pipelines.core.frames import FrameTransform
 from pipelines.core.options import ConfigError, as_dict
 from pipelines.data.augment import Augment
@@ -33,8 +34,8 @@ __all__ = ["TrainConfig", "run"]
 
 
 def run(cfg: TrainConfig) -> int:
-    """The training job. Exit status: 0 trained and registered; 1 training failed or stalled
-    (the message says how to resume)."""
+    """The training job. Exit status: 0 trained and registered; 1 training failed (a worker
+    crashed with no restarts left), 6 stalled (both say how to resume)."""
     import mlflow
     import ray
 
@@ -277,7 +278,7 @@ def fit(cfg: TrainConfig, loop: LoopConfig, storage: Location):
     except watchdog.Stalled as e:
         end_run_quietly("FAILED")
         print(f"error: {e}\n{resume}", file=sys.stderr)
-        return 1
+        return Exit.STALLED
     except ray.train.TrainingFailedError as e:
         # The workers' own tracebacks are already in the log above; say what it means.
         end_run_quietly("FAILED")

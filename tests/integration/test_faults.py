@@ -72,7 +72,7 @@ def test_two_promotions_at_once_one_wins_history_intact(
 ):
     """Two promote jobs started together, each with a candidate better than the holder: both
     evaluate against v1; the first to finish moves the alias, the other finds it moved (the
-    compare-and-swap), exits 1 and says so. Exactly one move is in the history."""
+    compare-and-swap), exits 5 (lost a race) and says so. Exactly one move is in the history."""
     holder = register_version(MODEL, constant_class=1)  # all "dividing": scores next to nothing
     candidates = [register_version(MODEL, constant_class=0, seed=s) for s in (1, 2)]  # background
     client = MlflowClient()
@@ -83,10 +83,10 @@ def test_two_promotions_at_once_one_wins_history_intact(
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     codes = [p.returncode for p in procs]
-    assert sorted(codes) == [0, 1], outs
-    winner, loser = (candidates[codes.index(0)], candidates[codes.index(1)])
+    assert sorted(codes) == [0, 5], outs  # 5: lost the race
+    winner, loser = (candidates[codes.index(0)], candidates[codes.index(5)])
     assert f"promoted v{winner} to champion" in outs[codes.index(0)]
-    lost = outs[codes.index(1)]
+    lost = outs[codes.index(5)]
     assert f"champion was moved from v{holder} to v{winner} meanwhile" in lost, lost
     assert f"while v{loser} was evaluated against v{holder}" in lost
 
@@ -110,7 +110,7 @@ def test_training_that_cannot_get_data_cpus_is_ended_by_its_watchdog(
 ):
     """Two workers of 2 CPUs each, told the cluster can grow to 5: they take all 4 CPUs of the
     session's cluster, and Ray Data's read tasks wait for a CPU that never comes (the user's
-    report, where the job hung with no error). The watchdog ends the job: exit 1, one error
+    report, where the job hung with no error). The watchdog ends the job: exit 6, one error
     naming the stall and the cluster's real size, the resume message, the MLflow run FAILED.
     Its own process, so that its driver's exit frees the cluster for the next tests."""
     argv = ["--data", local_shards, "--storage", str(tmp_path / "ckpt"), "--run-name", "stuck",
@@ -124,7 +124,7 @@ def test_training_that_cannot_get_data_cpus_is_ended_by_its_watchdog(
     )  # fmt: skip
     took = time.monotonic() - start
     err = proc.stderr
-    assert proc.returncode == 1, err[-4000:]
+    assert proc.returncode == 6, err[-4000:]  # stalled
     assert "error: training: no progress for 0.2 minutes (last: started); giving up." in err, err[
         -4000:
     ]

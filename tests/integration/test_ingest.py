@@ -330,7 +330,7 @@ def test_nothing_valid_exits_nonzero(tmp_path, ray_cluster, capsys):
         ]
     )
     out = capsys.readouterr()
-    assert code == 1
+    assert code == 2  # bad input: nothing valid
     assert "found 1 records, wrote 0 train + 0 val frames, rejected 1" in out.out
     assert "nothing valid" in out.err
     # A missing source is one clear line, exit 2.

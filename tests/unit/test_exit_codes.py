@@ -1,0 +1,56 @@
+"""One exit-status table for every job: in each job's --help, in the README, and what the
+door returns for each class of error."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from jobs import _cli, ingest, label, promote, train
+from pipelines.core.errors import MEANING, Exit, TransientError, UserError, exit_status_table
+from pipelines.ops.tracking import TrackingUnreachable
+from pipelines.storage import TransientStorageError
+from tests.support.helpers import ROOT
+
+
+@pytest.mark.parametrize("job", [ingest, train, label, promote])
+def test_every_jobs_help_ends_with_the_table(job):
+    assert job.build_parser().format_help().rstrip().endswith(exit_status_table())
+
+
+def test_the_readme_has_the_same_table():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| status | meaning |") :].split("\n\n")[0]
+    rows = re.findall(r"^\| (\d) \| (.+) \|$", table, re.M)
+    assert {Exit(int(code)): meaning for code, meaning in rows} == MEANING
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (UserError("bad --flag"), 2),
+        (FileNotFoundError("no such file: x"), 2),
+        (TransientError("try later"), 3),
+        (TransientStorageError("s3://b/x: SlowDown after 5 attempts"), 3),
+        (TrackingUnreachable("MLflow tracking server http://h is not reachable"), 3),
+    ],
+)
+def test_the_door_maps_each_expected_failure_to_its_status(error, status, capsys):
+    @_cli.cli
+    def main(argv):
+        raise error
+
+    assert main([]) == status
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
+def test_an_unexpected_failure_is_a_traceback_not_a_status():
+    """Python then exits 1: the only way a job exits 1."""
+
+    @_cli.cli
+    def main(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        main([])
