@@ -105,6 +105,22 @@ def load_config(config: type[C], argv: list[str] | None, prog: str, description:
     return config(**args)
 
 
+def _expected_cause(e: BaseException | None) -> BaseException | None:
+    """The expected failure behind ``e``, also when Ray re-raised it from a worker or actor
+    (``RayTaskError.cause``, Ray Data's wrappers as ``__cause__``); None for a bug."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException):
+            e = inner
+            continue
+        if isinstance(e, USER_ERRORS):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Run ``main``; an expected failure prints ``error: ...`` on one line and exits with its
     class's status (:class:`~pipelines.core.errors.Exit`); anything else is a traceback and
@@ -115,8 +131,11 @@ def cli(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None],
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         try:
             return main(argv)
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            return getattr(e, "exit_code", Exit.BAD_INPUT)
+        except Exception as e:
+            expected = _expected_cause(e)
+            if expected is None:
+                raise
+            print(f"error: {expected}", file=sys.stderr)
+            return getattr(expected, "exit_code", Exit.BAD_INPUT)
 
     return wrapper

@@ -26,11 +26,12 @@ class ModelActor:
     def __init__(self, model_files, actors: int = 1) -> None:
         import ray
 
+        from pipelines.inference.device import ray_device
         from pipelines.ops.capacity import node_cpus
 
         if isinstance(model_files, ray.ObjectRef):
             model_files = ray.get(model_files)
-        self.predictor = Predictor.from_files(model_files)
+        self.predictor = Predictor.from_files(model_files, ray_device())
         if self.predictor.device.type == "cpu":
             # Ray gives an actor the threads of the CPUs it reserves (one). Without a GPU the
             # model is the bottleneck and the read/decode tasks beside it are short, so the

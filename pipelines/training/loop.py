@@ -22,6 +22,7 @@ from torch import nn
 import fcn_models
 from pipelines.core import labels
 from pipelines.core.metrics import confusion_matrix, flat_metrics, scores
+from pipelines.inference.device import check_gpu
 from pipelines.inference.model_dir import ModelSpec, load_model_dir, save_model_dir, unwrap
 from pipelines.ops import faults
 from pipelines.ops.progress import StepLine
@@ -143,6 +144,7 @@ def make_worker(cfg: LoopConfig) -> tuple[Worker, int, tuple | None]:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    check_gpu(ray.get_gpu_ids())  # never a silent CPU fallback on a broken GPU
     device = ray.train.torch.get_device()
     amp = bool(cfg.job.amp)
     channels_last = amp and device.type == "cuda"

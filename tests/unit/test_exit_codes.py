@@ -54,3 +54,22 @@ def test_an_unexpected_failure_is_a_traceback_not_a_status():
 
     with pytest.raises(KeyError):
         main([])
+
+
+def test_an_expected_failure_raised_in_a_ray_worker_is_still_one_line(ray_cluster, capsys):
+    """Ray re-raises a worker's exception wrapped (RayTaskError, with the worker's traceback
+    in its text); the door finds the expected failure inside and prints only its line."""
+    from pipelines.core.errors import BrokenGpuError
+
+    @ray_cluster.remote
+    def actor_start():
+        raise BrokenGpuError("Ray gave this process GPU 0 but torch cannot use it")
+
+    @_cli.cli
+    def main(argv):
+        ray_cluster.get(actor_start.remote())
+
+    assert main([]) == 7
+    assert capsys.readouterr().err == (
+        "error: Ray gave this process GPU 0 but torch cannot use it\n"
+    )
