@@ -117,3 +117,54 @@ def exact_eval_split_config(train: str, evaluate: tuple[str, ...]):
             return out
 
     return _Config(datasets_to_split=[train])
+
+
+def autoscaler_state(gcs_address: str) -> dict | None:
+    """What the cluster's autoscaler reports, or None when the cluster has none (a fixed
+    cluster). ``{"launching": {node type: count}, "infeasible": [bundle, ...], "failed":
+    [reason, ...]}``. Autoscaler v2 (what KubeRay runs with ``autoscalerOptions.version: v2``)
+    reports its state to the GCS (Ray 2.60: ``GcsClient.get_cluster_status``, an
+    ``autoscaler_pb2.GetClusterStatusReply``, whose infeasible constraints Ray's own
+    ``ClusterStatus`` parser drops); v1 writes a JSON summary to the internal KV
+    (``DEBUG_AUTOSCALING_STATUS``) without infeasible requests."""
+    import json
+
+    from ray._private import ray_constants
+    from ray._raylet import (
+        GCS_AUTOSCALER_STATE_NAMESPACE,
+        GCS_AUTOSCALER_V2_ENABLED_KEY,
+        GcsClient,
+    )
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    gcs = GcsClient(address=gcs_address)
+    v2 = gcs.internal_kv_get(
+        GCS_AUTOSCALER_V2_ENABLED_KEY.encode(), namespace=GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    )
+    if v2 == b"1":
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(gcs.get_cluster_status(timeout_s=10))
+        state = reply.autoscaling_state
+        if not state.autoscaler_state_version:
+            return None  # enabled, but no autoscaler has reported (yet)
+        launching: dict[str, int] = {}
+        for r in state.pending_instance_requests:
+            launching[r.ray_node_type_name] = launching.get(r.ray_node_type_name, 0) + r.count
+        for i in state.pending_instances:
+            launching[i.ray_node_type_name] = launching.get(i.ray_node_type_name, 0) + 1
+        infeasible = [
+            dict(req.request.resources_bundle)
+            for c in state.infeasible_cluster_resource_constraints
+            for req in c.resource_requests
+        ] + [dict(r.resources_bundle) for r in state.infeasible_resource_requests]
+        failed = [f"{f.ray_node_type_name}: {f.reason}" for f in state.failed_instance_requests]
+        return {"launching": launching, "infeasible": infeasible, "failed": failed}
+    raw = gcs.internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS.encode(), namespace=None)
+    if not raw:
+        return None
+    report = json.loads(raw).get("autoscaler_report") or {}
+    launching = dict(report.get("pending_launches") or {})
+    for _ip, node_type, _status in report.get("pending_nodes") or []:
+        launching[node_type] = launching.get(node_type, 0) + 1
+    failed = [f"{t}: launch failed" for _ip, t in report.get("failed_nodes") or []]
+    return {"launching": launching, "infeasible": [], "failed": failed}

@@ -131,37 +131,39 @@ def _label(cfg: LabelConfig, lease: Lease, ref: ModelRef, transform: FrameTransf
 
     init_ray()
     quiet_ray_data()
-    cluster = capacity.cluster(cfg.cluster_cpus)
-    actors, use_gpu, note = capacity.plan_actor_pool(cluster, cfg.actors, cfg.use_gpu)
-    if note:
-        print(note, flush=True)
-    print(
-        f"labeling {len(todo)} frames with {ref.uri} on {actors} {'GPU' if use_gpu else 'CPU'} "
-        f"actor(s), {cfg.chunk_frames} per commit",
-        flush=True,
-    )
-    dog = watchdog.Watchdog(
-        cfg.stall_minutes * 60,
-        "labeling",
-        hint=f"The cluster has {cluster.describe()}; raise --stall-minutes or lower "
-        "--chunk-frames if chunks are just slow",
-    )
-    every_s, final = cfg.progress_seconds, lambda: tally.ok + tally.error
-    with dog, progress.counted("label", len(todo), "frames", every_s, final) as reports:
-        pipeline = Pipeline(
-            inputs=inputs, transform=transform, model_name=ref.name, model_version=ref.version,
-            model_files=ray.put(model_files),  # once: every actor of every chunk reads it there
-            actors=actors, use_gpu=use_gpu, batch_size=cfg.batch_size, limits=cfg.limits,
-            apollo_ids=cfg.apollo_ids, uncertain_below=cfg.uncertain_below, reports=reports,
-        )  # fmt: skip
-        scored = _chunks(cfg, lease, pipeline, todo, out, tally, dog, t0)
-    if cfg.review_below is not None and scored:
-        import pyarrow as pa
+    # Asked for only now: a run with nothing to do, or whose lease is held, never starts
+    # Ray, let alone brings up a GPU node.
+    pool = capacity.actor_pool(cfg, "labeling", cfg.cluster_cpus, cfg.progress_seconds)
+    with pool as (actors, use_gpu, note, cluster):
+        if note:
+            print(note, flush=True)
+        print(
+            f"labeling {len(todo)} frames with {ref.uri} on {actors} {'GPU' if use_gpu else 'CPU'} "
+            f"actor(s), {cfg.chunk_frames} per commit",
+            flush=True,
+        )
+        dog = watchdog.Watchdog(
+            cfg.stall_minutes * 60,
+            "labeling",
+            hint=f"The cluster has {cluster.describe()}; raise --stall-minutes or lower "
+            "--chunk-frames if chunks are just slow",
+        )
+        every_s, final = cfg.progress_seconds, lambda: tally.ok + tally.error
+        with dog, progress.counted("label", len(todo), "frames", every_s, final) as reports:
+            pipeline = Pipeline(
+                inputs=inputs, transform=transform, model_name=ref.name, model_version=ref.version,
+                model_files=ray.put(model_files),  # once: every actor of every chunk reads it there
+                actors=actors, use_gpu=use_gpu, batch_size=cfg.batch_size, limits=cfg.limits,
+                apollo_ids=cfg.apollo_ids, uncertain_below=cfg.uncertain_below, reports=reports,
+            )  # fmt: skip
+            scored = _chunks(cfg, lease, pipeline, todo, out, tally, dog, t0)
+        if cfg.review_below is not None and scored:
+            import pyarrow as pa
 
-        uri, n = output.write_review(out, lease.run, pa.concat_tables(scored), cfg.review_below,
-                                     cfg.review_novelty_above)  # fmt: skip
-        print(f"review: {n} frames with confidence under {cfg.review_below:g} or novelty "
-              f"over {cfg.review_novelty_above:g} -> {uri}", flush=True)  # fmt: skip
+            uri, n = output.write_review(out, lease.run, pa.concat_tables(scored), cfg.review_below,
+                                         cfg.review_novelty_above)  # fmt: skip
+            print(f"review: {n} frames with confidence under {cfg.review_below:g} or novelty "
+                  f"over {cfg.review_novelty_above:g} -> {uri}", flush=True)  # fmt: skip
 
 
 def _chunks(cfg: LabelConfig, lease: Lease, pipeline: Pipeline, todo: list[dict],

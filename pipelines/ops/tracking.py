@@ -134,15 +134,20 @@ def find_run(experiment_id: str, run_name: str, uri: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def run_param(experiment: str, run_name: str, key: str, uri: str) -> str | None:
-    """A param of the newest run called ``run_name`` in the experiment named ``experiment``,
-    or None (no such experiment, run or param). Creates nothing."""
+def run_params(experiment: str, run_name: str, uri: str) -> dict[str, str] | None:
+    """The params of the newest run called ``run_name`` in the experiment named
+    ``experiment``, or None (no such experiment or run). Creates nothing."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     run_id = find_run(exp.experiment_id, run_name, uri) if exp else None
-    return client.get_run(run_id).data.params.get(key) if run_id else None
+    return client.get_run(run_id).data.params if run_id else None
+
+
+def run_param(experiment: str, run_name: str, key: str, uri: str) -> str | None:
+    """One of :func:`run_params` (None when absent)."""
+    return (run_params(experiment, run_name, uri) or {}).get(key)
 
 
 def _secret_values() -> list[str]:
@@ -198,3 +203,29 @@ def remove_partial_images(client, run_id: str, key: str, step: int) -> list[str]
     for path in halves:
         compat.delete_run_artifact(client, run_id, path)
     return halves
+
+
+def local_store_problem(uri: str, hosts: set[str], autoscaling: bool) -> str | None:
+    """Why ``uri`` cannot serve training workers on these nodes, or None. A sqlite or file
+    store lives on one machine's disk: rank 0 logs from whichever node it runs on, and the
+    driver registers from its own, so every node must be on this machine (``hosts``: the
+    hostnames of the cluster's nodes); an autoscaling cluster adds machines."""
+    if not is_local_store(uri) or (len(hosts) <= 1 and not autoscaling):
+        return None
+    where = f"{len(hosts)} machines" if len(hosts) > 1 else "an autoscaling cluster"
+    return (
+        f"MLFLOW_TRACKING_URI {display_uri(uri)} is a store on this machine's disk, but the Ray "
+        f"cluster spans {where}: the training workers' records would land where the driver "
+        "never reads them. Set MLFLOW_TRACKING_URI to the tracking server (http://...)"
+    )
+
+
+def check_reachable_from_workers(uri: str, cluster) -> None:
+    """Refuse a tracking store the training workers' nodes cannot reach (see
+    :func:`local_store_problem`); ``cluster``: :func:`pipelines.ops.capacity.cluster`."""
+    import ray
+
+    hosts = {n["NodeManagerHostname"] for n in ray.nodes() if n.get("Alive")}
+    problem = local_store_problem(uri, hosts, cluster.autoscaling)
+    if problem:
+        raise TrackingError(problem)

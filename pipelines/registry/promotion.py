@@ -106,41 +106,41 @@ def evaluate_all(
 
     init_ray()
     quiet_ray_data()
-    cluster = capacity.cluster()
-    capacity.check_reader(cluster)
-    actors, use_gpu, note = capacity.plan_actor_pool(cluster, cfg.actors, cfg.use_gpu)
-    if note:
-        print(note, flush=True)
-    print(f"evaluating on {actors} {'GPU' if use_gpu else 'CPU'} actor(s) of the cluster",
-          flush=True)  # fmt: skip
-    dog = watchdog.Watchdog(
-        cfg.stall_minutes * 60,
-        "evaluation",
-        hint=f"The cluster has {cluster.describe()}; raise --stall-minutes if scoring is just slow",
-    )
-    results, run_ids = {}, {}
-    total = int(data.manifest.get("counts", {}).get(cfg.split, 0))
-    with dog:
-        for version, mv in versions.items():
-            dog.beat(f"loading v{version}")
-            line = progress.RateLine(f"evaluate v{version}", total,
-                                     every_s=cfg.progress_seconds or float("inf"))  # fmt: skip
+    pool = capacity.actor_pool(cfg, "evaluation", every_s=cfg.progress_seconds)
+    with pool as (actors, use_gpu, note, cluster):
+        capacity.check_reader(cluster)
+        if note:
+            print(note, flush=True)
+        print(f"evaluating on {actors} {'GPU' if use_gpu else 'CPU'} actor(s) of the cluster",
+              flush=True)  # fmt: skip
+        dog = watchdog.Watchdog(
+            cfg.stall_minutes * 60,
+            "evaluation",
+            hint=f"The cluster has {cluster.describe()}; raise --stall-minutes if scoring is just slow",
+        )
+        results, run_ids = {}, {}
+        total = int(data.manifest.get("counts", {}).get(cfg.split, 0))
+        with dog:
+            for version, mv in versions.items():
+                dog.beat(f"loading v{version}")
+                line = progress.RateLine(f"evaluate v{version}", total,
+                                         every_s=cfg.progress_seconds or float("inf"))  # fmt: skip
 
-            def scored(frames: int, v=version, line=line) -> None:
-                dog.beat(f"v{v}: {frames} frames scored")
-                line.update(frames)
+                def scored(frames: int, v=version, line=line) -> None:
+                    dog.beat(f"v{v}: {frames} frames scored")
+                    line.update(frames)
 
-            result = evaluate(
-                fetch_verified(ModelRef(cfg.model, version), client), data.uri, cfg.split,
-                batch_size=cfg.batch_size, actors=actors, use_gpu=use_gpu, on_frames=scored,
-            )  # fmt: skip
-            line.update(result["frames"], force=True)
-            record(client, cfg.model, version, result, data)
-            run_ids[version] = evaluation_run(client, experiment_id, cfg.model, mv, result, data,
-                                              cfg.split, cfg.alias)  # fmt: skip
-            client.set_model_version_tag(cfg.model, version, "eval_run_id", run_ids[version])
-            results[version] = result
-    return results, run_ids
+                result = evaluate(
+                    fetch_verified(ModelRef(cfg.model, version), client), data.uri, cfg.split,
+                    batch_size=cfg.batch_size, actors=actors, use_gpu=use_gpu, on_frames=scored,
+                )  # fmt: skip
+                line.update(result["frames"], force=True)
+                record(client, cfg.model, version, result, data)
+                run_ids[version] = evaluation_run(client, experiment_id, cfg.model, mv, result, data,
+                                                  cfg.split, cfg.alias)  # fmt: skip
+                client.set_model_version_tag(cfg.model, version, "eval_run_id", run_ids[version])
+                results[version] = result
+        return results, run_ids
 
 
 def comparison(alias: str, candidate: str, holder: str | None, results: dict) -> str:

@@ -67,8 +67,14 @@ class TrainConfig(ProgressOptions):
     )
     skip_gpu_check: bool = option(
         False,
-        "with --use-gpu, do not require GPUs to be in the cluster now (GPU workers that "
-        "autoscale from zero)",
+        "with --use-gpu on a cluster without an autoscaler Ray knows of, do not require the "
+        "GPUs to be there now (an autoscaling cluster is asked for them and waited for)",
+        group=SCALE,
+    )
+    provision_timeout: float = option(
+        900.0,
+        "seconds an autoscaling cluster may take to provide the workers' nodes",
+        above=0,
         group=SCALE,
     )
     epochs: int = option(10, "passes over the training set", min=1, group=OPTIMIZATION)

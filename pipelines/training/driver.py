@@ -36,22 +36,32 @@ __all__ = ["TrainConfig", "run"]
 def run(cfg: TrainConfig) -> int:
     """The training job. Exit status: 0 trained and registered; 1 training failed (a worker
     crashed with no restarts left), 6 stalled (both say how to resume)."""
-    import mlflow
-    import ray
-
     cfg = cfg.resolved()
     tracking_uri = tracking.configure()
     where = init_ray(min_cpus=int(cfg.num_workers * (cfg.cpus_per_worker or 1.0)) + 2)
     quiet_ray_data()
-    cpus, note = capacity.fit_training(
-        capacity.cluster(cfg.cluster_cpus), cfg.num_workers, cfg.cpus_per_worker or 1.0,
-        explicit=cfg.cpus_per_worker is not None,
-    )  # fmt: skip
-    if note:
-        print(note, flush=True)
-    cfg = replace(cfg, cpus_per_worker=cpus)
+    # Everything that can fail on the driver fails before a node is asked for.
     data, manifest, backbone = prepare_data(cfg, tracking_uri)
-    cfg = replace(cfg, data=data.uri)  # workers and datasets get the version folder
+    check_resume_config(cfg, tracking_uri)
+    tracking.check_reachable_from_workers(tracking_uri, capacity.cluster(cfg.cluster_cpus))
+    workers = capacity.training_workers(
+        cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cluster_cpus=cfg.cluster_cpus,
+        timeout_s=cfg.provision_timeout, skip_gpu_check=cfg.skip_gpu_check,
+        every_s=cfg.progress_seconds,
+    )  # fmt: skip
+    with workers as (cpus, note, _):
+        if note:
+            print(note, flush=True)
+        cfg = replace(cfg, cpus_per_worker=cpus, data=data.uri)  # workers get the version folder
+        return train(cfg, data, manifest, backbone, tracking_uri, where)
+
+
+def train(cfg: TrainConfig, data: DatasetVersion, manifest: dict, backbone: dict | None,
+          tracking_uri: str, where: str) -> int:  # fmt: skip
+    """Start or resume the MLflow run, fit, register the best checkpoint."""
+    import mlflow
+    import ray
+
     transform = FrameTransform.from_dict(manifest["transform"])
     provenance = provenance_of(cfg, data)
     params = {**as_dict(cfg), "frame_transform": transform.to_dict(), **provenance,
@@ -110,7 +120,6 @@ def preflight(cfg: TrainConfig, data: DatasetVersion) -> tuple[dict, dict | None
     """Every check on the data and arguments that can fail before a worker starts (before
     MLflow is touched, so that a bad argument is one line). Returns the data manifest and the
     backbone weights (checked against the model) when ``backbone_weights`` is given."""
-    import ray
 
     manifest = data.manifest
     for split in ("train", "val"):
@@ -128,14 +137,6 @@ def preflight(cfg: TrainConfig, data: DatasetVersion) -> tuple[dict, dict | None
             f"--batch-size {cfg.batch_size} is larger than the training set "
             f"({manifest['counts']['train']} frames)"
         )
-    if cfg.use_gpu and not cfg.skip_gpu_check:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < cfg.num_workers:
-            raise ConfigError(
-                f"--use-gpu with --num-workers {cfg.num_workers} needs {cfg.num_workers} GPUs, "
-                f"the Ray cluster has {gpus:g}; drop --use-gpu, lower --num-workers, or pass "
-                "--skip-gpu-check if GPU workers autoscale from zero"
-            )
     backbone = None
     if cfg.backbone_weights:
         n_class = manifest.get("n_class", labels.N_CLASSES)
@@ -144,6 +145,30 @@ def preflight(cfg: TrainConfig, data: DatasetVersion) -> tuple[dict, dict | None
         except BackboneWeightsError as e:
             raise ConfigError(f"--backbone-weights: {e}") from None
     return manifest, backbone
+
+
+#: What a resumed run must share with the run it continues: the model and its recipe. (Scale,
+#: tracking and checkpoint options may change between attempts.)
+RESUME_MUST_MATCH = ("model", "backbone_weights", "epochs", "batch_size", "recipe", "lr",
+                     "momentum", "weight_decay", "learn_upsampling", "seed", "shuffle_buffer",
+                     "amp", "augment")  # fmt: skip
+
+
+def check_resume_config(cfg: TrainConfig, tracking_uri: str) -> None:
+    """Refuse to resume a run with other hyperparameters than it started with: the restored
+    optimizer and schedule would silently override some and the run's params would show the
+    old ones. (``cfg`` is resolved: recipe defaults filled in, as they were logged.)"""
+    logged = tracking.run_params(cfg.experiment, cfg.run_name, tracking_uri)
+    if not logged:
+        return
+    now = as_dict(cfg)
+    diff = [f"{k} {logged[k]} -> {now[k]}" for k in RESUME_MUST_MATCH
+            if k in logged and logged[k] != str(now[k])]  # fmt: skip
+    if diff:
+        raise ConfigError(
+            f"--run-name {cfg.run_name} started with other hyperparameters than these: "
+            f"{', '.join(diff)}. Resume with the run's values, or start a new --run-name"
+        )
 
 
 def resumed_data(

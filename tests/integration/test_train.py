@@ -211,7 +211,7 @@ def test_bad_arguments_fail_before_workers_start(
         assert len(err.strip().splitlines()) == 1  # one line, no stack trace
     # Unreachable tracking server.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    assert train.main(train_args(local_shards, storage, "e")) == 2
+    assert train.main(train_args(local_shards, storage, "e")) == 3  # transient: retry later
     assert "MLflow tracking server http://127.0.0.1" in capsys.readouterr().err
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     mlflow.set_tracking_uri(mlflow_store)
@@ -449,6 +449,19 @@ def test_checkpoints_go_to_s3_and_the_best_two_are_kept(s3_run):
     files = [storage.relative(i.path) for i in storage.join("s3-run").list_files()]
     assert {p.split("/")[0] for p in files} == {"s3-run"}
     assert 1 <= sum(p.endswith("/model.pt") for p in files) <= 2
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_hyperparameters_is_refused(s3_run, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", s3_run.tracking_uri)
+    argv = train_args(s3_run.data, s3_run.storage, "s3-run", "--lr", "0.05", "--epochs", "3")
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: --run-name s3-run started with other hyperparameters than these: "
+        "epochs 2 -> 3, lr 0.01 -> 0.05."
+    ), err
+    assert len(s3_run.client().search_runs([s3_run.run().info.experiment_id])) == 1
 
 
 @pytest.mark.slow
