@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING
@@ -117,7 +119,27 @@ def _expected_cause(e: BaseException | None) -> BaseException | None:
             continue
         if isinstance(e, USER_ERRORS):
             return e
+        from_text = _named_in_text(str(e))
+        if from_text is not None:
+            return from_text
         e = e.__cause__ or e.__context__
+    return None
+
+
+# How Ray writes a worker's exception into the text of the error it raises instead, for the
+# errors that keep only text (an actor whose __init__ failed: ActorDiedError, Ray 2.60).
+_RAISED = re.compile(r"^(pipelines(?:\.\w+)+)\.(\w+): (.+)$", re.M)
+
+
+def _named_in_text(text: str) -> BaseException | None:
+    """One of the project's expected failures named in ``text`` as Ray wrote it, rebuilt."""
+    for module, name, message in _RAISED.findall(text):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, UserError):
+            return cls(message.strip())
     return None
 
 

@@ -121,8 +121,8 @@ def exact_eval_split_config(train: str, evaluate: tuple[str, ...]):
 
 def autoscaler_state(gcs_address: str) -> dict | None:
     """What the cluster's autoscaler reports, or None when the cluster has none (a fixed
-    cluster). ``{"launching": {node type: count}, "infeasible": [bundle, ...], "failed":
-    [reason, ...]}``. Autoscaler v2 (what KubeRay runs with ``autoscalerOptions.version: v2``)
+    cluster). ``{"launching": {node type: count}, "infeasible": [bundle, ...] (one per
+    requested bundle), "failed": [reason, ...]}``. Autoscaler v2 (what KubeRay runs with ``autoscalerOptions.version: v2``)
     reports its state to the GCS (Ray 2.60: ``GcsClient.get_cluster_status``, an
     ``autoscaler_pb2.GetClusterStatusReply``, whose infeasible constraints Ray's own
     ``ClusterStatus`` parser drops); v1 writes a JSON summary to the internal KV
@@ -156,6 +156,7 @@ def autoscaler_state(gcs_address: str) -> dict | None:
             dict(req.request.resources_bundle)
             for c in state.infeasible_cluster_resource_constraints
             for req in c.resource_requests
+            for _ in range(req.count)
         ] + [dict(r.resources_bundle) for r in state.infeasible_resource_requests]
         failed = [f"{f.ray_node_type_name}: {f.reason}" for f in state.failed_instance_requests]
         return {"launching": launching, "infeasible": infeasible, "failed": failed}

@@ -105,9 +105,8 @@ def describe_bundles(bundles: list[dict[str, float]]) -> str:
     for b in bundles:
         for k, v in b.items():
             total[k] = total.get(k, 0) + v
-    return " and ".join(
-        f"{v:g} {k}s" for k, v in sorted(total.items(), key=lambda kv: kv[0] != "GPU")
-    )
+    gpu_first = sorted(total.items(), key=lambda kv: kv[0] != "GPU")
+    return " and ".join(f"{v:g} {k}{'' if v == 1 else 's'}" for k, v in gpu_first)
 
 
 def missing(bundles: list[dict[str, float]], have: dict[str, float]) -> list[dict[str, float]]:
@@ -154,11 +153,14 @@ def _wait_for(bundles: list[dict[str, float]], what: str, timeout_s: float,
         if not short:
             return cluster()
         state = autoscaler() or {"launching": {}, "infeasible": [], "failed": []}
-        if state["infeasible"]:
+        # Only this request's bundles: the report may still describe an earlier request.
+        ours = [b for b in state["infeasible"] if b in bundles]
+        if ours and len(ours) == len(state["infeasible"]):
             raise CapacityError(
-                f"{what} asks for {describe_bundles(bundles)}; no node type of the cluster can "
-                f"provide {', '.join(map(str, state['infeasible']))} (the autoscaler reports it "
-                "infeasible). Ask for less, or add a node type that has it"
+                f"{what} asks for {describe_bundles(bundles)}; the cluster's node types can "
+                f"never provide {describe_bundles(ours)} at once (the autoscaler reports it "
+                "infeasible). Ask for less, or give the cluster node types (or a maximum "
+                "number of them) that have it"
             )
         doing = _autoscaler_doing(state)
         waited = time.monotonic() - start

@@ -73,3 +73,20 @@ def test_an_expected_failure_raised_in_a_ray_worker_is_still_one_line(ray_cluste
     assert capsys.readouterr().err == (
         "error: Ray gave this process GPU 0 but torch cannot use it\n"
     )
+
+
+def test_an_expected_failure_ray_kept_only_as_text_is_rebuilt(capsys):
+    """An actor whose __init__ raised reaches the driver as ActorDiedError, with the original
+    exception only in its text (Ray 2.60)."""
+
+    @_cli.cli
+    def main(argv):
+        raise RuntimeError(
+            "The actor died because of an error raised in its creation task, ray::MapWorker\n"
+            "    raise BrokenGpuError(\n"
+            "pipelines.core.errors.BrokenGpuError: Ray gave this process GPU 0 but torch cannot"
+            " use it\n"
+        )
+
+    assert main([]) == 7
+    assert capsys.readouterr().err == "error: Ray gave this process GPU 0 but torch cannot use it\n"
