@@ -1023,6 +1023,73 @@ def test_ray_jobs_fail_early_when_their_cluster_never_starts() -> None:
     assert deadline_problems(specs) == []
 
 
+def cron_period_s(schedule: str) -> int:
+    """The period of the simple cron schedules the project ships: every N minutes, hourly at
+    minute M, daily at H:M."""
+    minute, hour, dom, month, dow = schedule.split()
+    assert dom == month == dow == "*", f"unsupported schedule {schedule!r}"
+    if hour == "*" and minute.startswith("*/"):
+        return int(minute[2:]) * 60
+    if hour == "*" and minute.isdigit():
+        return 3600
+    assert hour.isdigit() and minute.isdigit(), f"unsupported schedule {schedule!r}"
+    return 86400
+
+
+def schedule_problems(docs: Iterable[Doc]) -> list[str]:
+    """Each scheduled labeling run must end itself (--time-limit) before the next tick, and
+    its deadline must lie between the two: overlapping ticks would each bring up a cluster."""
+    problems = []
+    for doc in docs:
+        if doc.kind not in ("RayCronJob", "CronJob"):
+            continue
+        period = cron_period_s(doc.body["spec"]["schedule"])
+        template = doc.body["spec"]["jobTemplate"]
+        deadline = (template.get("spec") or template).get("activeDeadlineSeconds")
+        for call in job_calls([doc]):
+            if call.module != "jobs.label":
+                continue
+            limit = parse_job_args(call).time_limit
+            if limit is None or limit >= period:
+                problems.append(
+                    f"{doc.where}: --time-limit {limit} is not below the {period}s period"
+                )
+            if deadline is None or not (limit or 0) < deadline < period:
+                problems.append(
+                    f"{doc.where}: activeDeadlineSeconds {deadline} is not between --time-limit "
+                    f"{limit} and the {period}s period"
+                )
+    return problems
+
+
+def test_scheduled_labeling_ends_before_the_next_tick() -> None:
+    scheduled = [d for d in manifest_docs() if d.kind in ("RayCronJob", "CronJob")]
+    assert {d.kind for d in scheduled} == {"RayCronJob", "CronJob"}
+    assert schedule_problems(scheduled) == []
+    crontab = (ROOT / "infra/cron/label.crontab").read_text().splitlines()
+    for line in (x for x in crontab if x.strip() and x[0] != "#" and "jobs.label" in x):
+        [call] = calls_in_argv(shlex.split(" ".join(line.split()[5:])), "label.crontab")
+        assert parse_job_args(call).time_limit < cron_period_s(" ".join(line.split()[:5]))
+
+
+def test_schedule_check_reports_a_run_longer_than_its_period() -> None:
+    text = (
+        (K8S / "raycronjob-label.yaml")
+        .read_text()
+        .replace("--time-limit 3000", "--time-limit 19800")
+    )
+    [problem, *_] = schedule_problems(parse_docs(text, "broken.yaml"))
+    assert "--time-limit 19800.0 is not below the 3600s period" in problem
+
+
+def test_the_scheduled_gpu_group_starts_from_zero_under_autoscaler_v2() -> None:
+    [cron] = [d for d in manifest_docs() if d.kind == "RayCronJob"]
+    cluster = cron.body["spec"]["jobTemplate"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["version"] == "v2"
+    assert all(g["minReplicas"] == g["replicas"] == 0 for g in cluster["workerGroupSpecs"])
+
+
 @pytest.mark.parametrize(
     "fragment, problem",
     [("", "no positive preRunningDeadlineSeconds"),
