@@ -10,6 +10,7 @@ dataset version the run started on, and continues the same MLflow run.
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -307,6 +308,9 @@ def fit(cfg: TrainConfig, loop: LoopConfig, storage: Location):
     except ray.train.TrainingFailedError as e:
         # The workers' own tracebacks are already in the log above; say what it means.
         end_run_quietly("FAILED")
+        if broken_gpu(str(e)):
+            print(f"error: {broken_gpu(str(e))}", file=sys.stderr)
+            return Exit.BROKEN_GPU
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(
             f"error: training failed after {cfg.max_failures} restart(s): {first}\n{resume}",
@@ -316,6 +320,22 @@ def fit(cfg: TrainConfig, loop: LoopConfig, storage: Location):
     except BaseException:
         end_run_quietly("FAILED")
         raise
+
+
+#: What a worker Ray gave a GPU that CUDA cannot use dies of: Ray Train's NCCL process group
+#: (set up before the loop) or the loop's own check (pipelines.inference.device).
+_BROKEN_GPU = re.compile(r"BrokenGpuError: (.+)|(ProcessGroupNCCL is only supported with GPUs.*)")
+
+
+def broken_gpu(failure: str) -> str | None:
+    """The one-line reason when a training failure's text is a broken GPU, else None."""
+    m = _BROKEN_GPU.search(failure)
+    if m is None:
+        return None
+    return m[1] or (
+        f"the training workers were given GPUs that CUDA cannot use ({m[2].strip()}); use an "
+        "image whose CUDA the nodes' driver supports, or nodes with a newer driver"
+    )
 
 
 def end_run_quietly(status: str) -> None:

@@ -169,3 +169,16 @@ def test_training_on_an_idle_cluster_scales_up_and_registers(setup, local_shards
     assert status == 0, out[-6000:]
     assert "waiting for 3 CPUs: autoscaler" in out
     assert f"registered models:/{MODEL}/1" in out
+
+
+def test_training_on_a_node_without_cuda_fails_loudly(setup, local_shards, mlflow_server):
+    status, out, _ = setup.job(
+        "jobs.train", "--data", local_shards, "--storage", str(setup.tmp / "ckpt"),
+        "--experiment", "autoscaling", "--register-as", MODEL, "--epochs", "1",
+        "--num-workers", "1", "--use-gpu", "--batch-size", "2", "--no-augment",
+        "--run-name", "broken-gpu", "--max-failures", "0", MLFLOW_TRACKING_URI=mlflow_server,
+    )  # fmt: skip
+    assert status == 7, out[-6000:]
+    [error] = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert "CUDA" in error and ("torch.cuda.is_available() is False" in error
+                                or "ProcessGroupNCCL" in error), error  # fmt: skip
