@@ -39,11 +39,25 @@ def load_train_state(directory: Path) -> dict:
     return load_tensors(directory / TRAIN_STATE_FILE)
 
 
-def restore_train_state(state: dict, optimizer, scheduler) -> tuple[int, int]:
+def restore_train_state(
+    state: dict, optimizer, scheduler, *, new_hyperparameters: bool = False
+) -> tuple[int, int]:
     """Optimizer (momentum buffers) and schedule position from :func:`load_train_state`;
-    returns the (next epoch, global step)."""
+    returns the (next epoch, global step). ``new_hyperparameters``: keep the learning rate,
+    momentum and weight decay ``optimizer`` and ``scheduler`` were built with (a resume the
+    user allowed to change them) and only continue the schedule's position; by default the
+    checkpoint's values are restored as they were."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if new_hyperparameters:
+        for group, values in zip(optimizer.param_groups, fresh, strict=True):
+            group.update(values)
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        # The rate at the schedule's position, from the new base rates (LambdaLR's formula).
+        for group, base, at in zip(optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas, strict=True):  # fmt: skip
+            group["lr"] = base * at(scheduler.last_epoch)
     return state["epoch"] + 1, state["global_step"]
 
 

@@ -141,6 +141,12 @@ class TrainConfig(ProgressOptions):
         "MODEL-TIMESTAMP",
         group=TRACKING,
     )
+    allow_config_change: bool = option(
+        False,
+        "resume --run-name even with other hyperparameters than it started with: the new ones "
+        "apply from the checkpoint's step on and are recorded as the run's resumed_with.* tags",
+        group=TRACKING,
+    )
     keep_checkpoints: int = option(
         2, "keep the best N checkpoints by val mIoU", min=1, group=TRACKING
     )

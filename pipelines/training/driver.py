@@ -43,7 +43,7 @@ def run(cfg: TrainConfig) -> int:
     quiet_ray_data()
     # Everything that can fail on the driver fails before a node is asked for.
     data, manifest, backbone = prepare_data(cfg, tracking_uri)
-    check_resume_config(cfg, tracking_uri)
+    changed = check_resume_config(cfg, tracking_uri)
     tracking.check_reachable_from_workers(tracking_uri, capacity.cluster(cfg.cluster_cpus))
     workers = capacity.training_workers(
         cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cluster_cpus=cfg.cluster_cpus,
@@ -54,11 +54,11 @@ def run(cfg: TrainConfig) -> int:
         if note:
             print(note, flush=True)
         cfg = replace(cfg, cpus_per_worker=cpus, data=data.uri)  # workers get the version folder
-        return train(cfg, data, manifest, backbone, tracking_uri, where)
+        return train(cfg, data, manifest, backbone, tracking_uri, where, changed)
 
 
 def train(cfg: TrainConfig, data: DatasetVersion, manifest: dict, backbone: dict | None,
-          tracking_uri: str, where: str) -> int:  # fmt: skip
+          tracking_uri: str, where: str, changed: dict[str, str]) -> int:  # fmt: skip
     """Start or resume the MLflow run, fit, register the best checkpoint."""
     import mlflow
     import ray
@@ -69,6 +69,8 @@ def train(cfg: TrainConfig, data: DatasetVersion, manifest: dict, backbone: dict
               "train_frames": manifest["counts"]["train"],
               "val_frames": manifest["counts"]["val"]}  # fmt: skip
     run_id, resumed = start_or_resume_run(cfg, tracking_uri, params, data)
+    if changed:  # params cannot change in MLflow: the new values are tags of the run
+        mlflow.set_tags({f"resumed_with.{k}": v for k, v in changed.items()})
     print(
         f"{'resuming' if resumed else 'starting'} run {cfg.run_name!r} on {where} Ray: "
         f"{cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} workers, MLflow run {run_id} "
@@ -155,21 +157,27 @@ RESUME_MUST_MATCH = ("model", "backbone_weights", "epochs", "batch_size", "recip
                      "amp", "augment")  # fmt: skip
 
 
-def check_resume_config(cfg: TrainConfig, tracking_uri: str) -> None:
+def check_resume_config(cfg: TrainConfig, tracking_uri: str) -> dict[str, str]:
     """Refuse to resume a run with other hyperparameters than it started with: the restored
     optimizer and schedule would silently override some and the run's params would show the
-    old ones. (``cfg`` is resolved: recipe defaults filled in, as they were logged.)"""
+    old ones; with ``allow_config_change``, returns the changed values (to record). (``cfg``
+    is resolved: recipe defaults filled in, as they were logged.)"""
     logged = tracking.run_params(cfg.experiment, cfg.run_name, tracking_uri)
     if not logged:
-        return
+        return {}
     now = as_dict(cfg)
-    diff = [f"{k} {logged[k]} -> {now[k]}" for k in RESUME_MUST_MATCH
-            if k in logged and logged[k] != str(now[k])]  # fmt: skip
-    if diff:
+    changed = {k: str(now[k]) for k in RESUME_MUST_MATCH
+               if k in logged and logged[k] != str(now[k])}  # fmt: skip
+    diff = [f"{k} {logged[k]} -> {v}" for k, v in changed.items()]
+    if diff and not cfg.allow_config_change:
         raise ConfigError(
             f"--run-name {cfg.run_name} started with other hyperparameters than these: "
-            f"{', '.join(diff)}. Resume with the run's values, or start a new --run-name"
+            f"{', '.join(diff)}. Resume with the run's values, start a new --run-name, or "
+            "pass --allow-config-change"
         )
+    if diff:
+        print(f"resuming with changed hyperparameters: {', '.join(diff)}", flush=True)
+    return changed
 
 
 def resumed_data(

@@ -176,7 +176,9 @@ def make_worker(cfg: LoopConfig) -> tuple[Worker, int, tuple | None]:
     optimizer, scheduler = make_optimizer(model, cfg.recipe, steps * cfg.job.epochs)
     start_epoch, global_step = 0, 0
     if train_state is not None:
-        start_epoch, global_step = restore_train_state(train_state, optimizer, scheduler)
+        start_epoch, global_step = restore_train_state(
+            train_state, optimizer, scheduler, new_hyperparameters=cfg.job.allow_config_change
+        )
     w = Worker(
         cfg=cfg, rank=rank, world=world, device=device, model=model, optimizer=optimizer,
         scheduler=scheduler, criterion=make_loss(cfg.recipe),

@@ -445,3 +445,41 @@ def test_system_metrics_reach_the_run_and_restart_after_the_monitor_stopped(mlfl
         time.sleep(0.2)
     system.close()
     assert max(steps()) > before and len(steps()) == len(set(steps()))  # no step twice
+
+
+def test_a_resume_allowed_to_change_hyperparameters_uses_the_new_ones():
+    """--allow-config-change: the schedule's position and the momentum buffers come from the
+    checkpoint, the learning rate, momentum and weight decay from the new recipe."""
+    from pipelines.training.checkpoint import restore_train_state
+    from pipelines.training.recipe import make_optimizer, make_recipe
+
+    def run(lr: float, momentum: float):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        recipe = make_recipe("default", "fcn8s_resnet101", lr=lr, momentum=momentum)
+        return model, *make_optimizer(model, recipe, total_steps=10)
+
+    model, optimizer, scheduler = run(0.01, 0.9)
+    for _ in range(4):
+        model(torch.randn(2, 3, 5, 5)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "epoch": 0, "global_step": 4}  # fmt: skip
+    buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+
+    kept = run(0.05, 0.5)
+    restore_train_state(state, kept[1], kept[2])
+    assert kept[1].param_groups[0]["lr"] == pytest.approx(0.01 * 0.6**0.9)  # the run's own
+
+    model, optimizer, scheduler = run(0.05, 0.5)
+    assert restore_train_state(state, optimizer, scheduler, new_hyperparameters=True) == (1, 4)
+    weights, biases = optimizer.param_groups[0], optimizer.param_groups[1]
+    assert weights["lr"] == pytest.approx(0.05 * 0.6**0.9)  # step 4 of 10, poly 0.9
+    assert biases["lr"] == pytest.approx(2 * 0.05 * 0.6**0.9)
+    assert weights["momentum"] == 0.5
+    assert scheduler.last_epoch == 4
+    for p, before in zip(model.parameters(), buffers, strict=True):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], before)
+    scheduler.step()
+    assert weights["lr"] == pytest.approx(0.05 * 0.5**0.9)  # and it continues from there
