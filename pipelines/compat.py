@@ -159,7 +159,8 @@ def autoscaler_state(gcs_address: str) -> dict | None:
             for _ in range(req.count)
         ] + [dict(r.resources_bundle) for r in state.infeasible_resource_requests]
         failed = [f"{f.ray_node_type_name}: {f.reason}" for f in state.failed_instance_requests]
-        return {"launching": launching, "infeasible": infeasible, "failed": failed}
+        return {"launching": launching, "infeasible": infeasible, "failed": failed,
+                "max": _max_resources(gcs)}  # fmt: skip
     raw = gcs.internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS.encode(), namespace=None)
     if not raw:
         return None
@@ -168,4 +169,29 @@ def autoscaler_state(gcs_address: str) -> dict | None:
     for _ip, node_type, _status in report.get("pending_nodes") or []:
         launching[node_type] = launching.get(node_type, 0) + 1
     failed = [f"{t}: launch failed" for _ip, t in report.get("failed_nodes") or []]
-    return {"launching": launching, "infeasible": [], "failed": failed}
+    return {"launching": launching, "infeasible": [], "failed": failed, "max": _max_resources(gcs)}
+
+
+def _max_resources(gcs) -> dict[str, float]:
+    """The most of each resource the cluster's node groups can reach (inf: unbounded), from
+    the cluster config the autoscaler reports to the GCS (Ray 2.60: the KV key
+    ``GCS_AUTOSCALER_CLUSTER_CONFIG_KEY``, an ``autoscaler_pb2.ClusterConfig``; what Ray Train
+    reads in ``ray._private.state.get_max_resources_from_cluster_config``). A laptop or
+    manually started cluster reports its running nodes as the only ones: no more than it has."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig
+
+    raw = gcs.internal_kv_get(
+        GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+        namespace=GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
+    )
+    if not raw:
+        return {}
+    most: dict[str, float] = {}
+    for group in ClusterConfig.FromString(raw).node_group_configs:
+        for key, amount in group.resources.items():
+            unbounded = group.max_count == -1 or amount == -1
+            most[key] = most.get(key, 0.0) + (
+                float("inf") if unbounded else group.max_count * amount
+            )
+    return most

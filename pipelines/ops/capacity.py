@@ -83,7 +83,10 @@ def cluster(cpus_override: float | None = None) -> Cluster:
     import ray
 
     res = ray.cluster_resources()
-    grows = autoscaler() is not None
+    state = autoscaler()
+    # An autoscaler reports to every cluster (a laptop's too): it can grow when its node groups
+    # reach beyond what it has now.
+    grows = state is not None and any(v > res.get(k, 0.0) for k, v in state["max"].items())
     if cpus_override is not None:
         return Cluster(float(cpus_override), res.get("GPU", 0.0), "--cluster-cpus", grows)
     return Cluster(res.get("CPU", 0.0), res.get("GPU", 0.0), "the Ray cluster", grows)
