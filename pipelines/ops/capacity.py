@@ -328,10 +328,24 @@ def training_workers(
             yield (*fit_training(grown, workers, cpus, explicit=cpus_per_worker is not None),
                    grown)  # fmt: skip
         return
+    yield (*check_training(now, workers, cpus_per_worker, use_gpu, skip_gpu_check), now)
+
+
+def check_training(
+    now: Cluster, workers: int, cpus_per_worker: float | None, use_gpu: bool,
+    skip_gpu_check: bool = False,
+) -> tuple[float, str | None]:  # fmt: skip
+    """On a fixed cluster, the training workers' CPUs (:func:`fit_training`) or a
+    :class:`CapacityError` at once; on one that grows, nothing to check before asking. (The
+    driver calls it before touching the tracking store, so that a too-small cluster is one
+    line.)"""
+    cpus = cpus_per_worker or 1.0
+    if now.autoscaling:
+        return cpus, None
     if use_gpu and not skip_gpu_check and now.gpus < workers:
         raise CapacityError(
             f"--use-gpu with --num-workers {workers} needs {workers} GPUs, the Ray cluster has "
             f"{now.gpus:g}; drop --use-gpu, lower --num-workers, or pass --skip-gpu-check if "
             "GPU workers appear outside Ray's autoscaler"
         )
-    yield (*fit_training(now, workers, cpus, explicit=cpus_per_worker is not None), now)
+    return fit_training(now, workers, cpus, explicit=cpus_per_worker is not None)

@@ -24,6 +24,10 @@ class Stalled(Exception):
     """No progress for the watchdog's limit (raised in the main thread by the watchdog)."""
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # what Ray Train and Ray's get already abort cleanly on
+
+
 class Watchdog:
     """``with Watchdog(limit_s, "training") as dog:`` around a blocking call; ``dog.beat(what)``
     marks progress (or ``poll`` returns the last one: (wall time, what)). When nothing moves
@@ -80,15 +84,22 @@ class Watchdog:
                     f"{self.what}: no progress for {idle / 60:.1f} minutes (last: {what}); "
                     f"giving up{'. ' + self.hint if self.hint else ''}"
                 )
-                # A real SIGINT, not _thread.interrupt_main(): only a signal wakes a main
+                # A real signal, not _thread.interrupt_main(): only a signal wakes a main
                 # thread blocked in a wait (Ray's get, a lock) to raise KeyboardInterrupt.
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                signal.pthread_kill(threading.main_thread().ident, self._signum)
             if not self._stop.wait(self.grace_s):
                 print(f"error: {self.message}", file=sys.stderr, flush=True)
                 os._exit(1)
             return
 
     def __enter__(self) -> Watchdog:
+        # Our own signal and handler: a job started with SIGINT ignored (nohup, a CI runner, a
+        # shell's background job) would otherwise never be interrupted. Only the main thread may
+        # install handlers; elsewhere the default SIGINT handler is the best there is.
+        self._signum, self._own_handler = signal.SIGINT, False
+        if threading.current_thread() is threading.main_thread():
+            self._signum, self._own_handler = signal.SIGUSR2, True
+            self._previous = signal.signal(signal.SIGUSR2, _raise_keyboard_interrupt)
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
         self._thread.start()
         return self
@@ -99,6 +110,9 @@ class Watchdog:
                 self._stop.set()
         except KeyboardInterrupt:  # ours, sent while the block was ending
             pass
+        finally:
+            if self._own_handler:
+                signal.signal(self._signum, self._previous or signal.SIG_DFL)
         # The interrupt may surface as another exception from inside the library (Ray Train
         # aborts its run on it), or the wait may have ended by itself just after it.
         if self.message:

@@ -41,7 +41,10 @@ def run(cfg: TrainConfig) -> int:
     tracking_uri = tracking.configure()
     where = init_ray(min_cpus=int(cfg.num_workers * (cfg.cpus_per_worker or 1.0)) + 2)
     quiet_ray_data()
-    # Everything that can fail on the driver fails before a node is asked for.
+    # Everything that can fail on the driver fails before a node is asked for, and a cluster
+    # too small for the job before the tracking store is touched (one line, no MLflow logs).
+    capacity.check_training(capacity.cluster(cfg.cluster_cpus), cfg.num_workers,
+                            cfg.cpus_per_worker, cfg.use_gpu, cfg.skip_gpu_check)  # fmt: skip
     data, manifest, backbone = prepare_data(cfg, tracking_uri)
     changed = check_resume_config(cfg, tracking_uri)
     tracking.check_reachable_from_workers(tracking_uri, capacity.cluster(cfg.cluster_cpus))

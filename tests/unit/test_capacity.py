@@ -1,5 +1,6 @@
 """Fitting jobs to small clusters, and the stall watchdog, without Ray."""
 
+import signal
 import threading
 import time
 
@@ -56,6 +57,21 @@ def test_actor_pools_shrink_to_leave_a_reader_cpu():
         fit_actor_pool(Cluster(4, 1, "x"), 2, use_gpu=True, explicit=True)
     with pytest.raises(CapacityError, match="reading the evaluation data needs 1 CPU"):
         check_reader(Cluster(0, 1, "x"))
+
+
+def test_watchdog_interrupts_a_job_started_with_sigint_ignored():
+    # nohup, a CI runner or a shell's background job start the process with SIGINT ignored; the
+    # watchdog must still end the wait, and leave SIGINT and its own signal as it found them.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        start = time.monotonic()
+        with pytest.raises(Stalled, match="job: no progress"), Watchdog(0.5, "job"):
+            threading.Event().wait(30)
+        assert time.monotonic() - start < 10
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_watchdog_interrupts_a_stalled_wait_and_lets_progress_run():
