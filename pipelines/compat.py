@@ -122,10 +122,11 @@ def exact_eval_split_config(train: str, evaluate: tuple[str, ...]):
 def autoscaler_state(gcs_address: str) -> dict | None:
     """What the cluster's autoscaler reports, or None when the cluster has none (a fixed
     cluster). ``{"launching": {node type: count}, "infeasible": [bundle, ...] (one per
-    requested bundle), "failed": [reason, ...]}``. Autoscaler v2 (what KubeRay runs with ``autoscalerOptions.version: v2``)
-    reports its state to the GCS (Ray 2.60: ``GcsClient.get_cluster_status``, an
-    ``autoscaler_pb2.GetClusterStatusReply``, whose infeasible constraints Ray's own
-    ``ClusterStatus`` parser drops); v1 writes a JSON summary to the internal KV
+    requested bundle), "failed": [reason, ...], "max": {resource: most its node groups reach}
+    (empty when not reported), "readonly": True when it is known that it cannot add nodes}``.
+    Autoscaler v2 (what KubeRay runs with ``autoscalerOptions.version: v2``) reports its state
+    to the GCS (Ray 2.60: ``GcsClient.get_cluster_status``, an ``GetClusterStatusReply``,
+    whose infeasible constraints Ray's own ``ClusterStatus`` parser drops); v1 writes a JSON summary to the internal KV
     (``DEBUG_AUTOSCALING_STATUS``) without infeasible requests."""
     import json
 
@@ -135,6 +136,7 @@ def autoscaler_state(gcs_address: str) -> dict | None:
         GCS_AUTOSCALER_V2_ENABLED_KEY,
         GcsClient,
     )
+    from ray.autoscaler._private.util import format_readonly_node_type
     from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
     gcs = GcsClient(address=gcs_address)
@@ -159,8 +161,10 @@ def autoscaler_state(gcs_address: str) -> dict | None:
             for _ in range(req.count)
         ] + [dict(r.resources_bundle) for r in state.infeasible_resource_requests]
         failed = [f"{f.ray_node_type_name}: {f.reason}" for f in state.failed_instance_requests]
+        # v2's read-only provider (a manually started cluster) cannot be told from one that
+        # grows before it is asked: it answers a request beyond its nodes as infeasible.
         return {"launching": launching, "infeasible": infeasible, "failed": failed,
-                "max": _max_resources(gcs)}  # fmt: skip
+                "max": _max_resources(gcs), "readonly": False}  # fmt: skip
     raw = gcs.internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS.encode(), namespace=None)
     if not raw:
         return None
@@ -169,7 +173,14 @@ def autoscaler_state(gcs_address: str) -> dict | None:
     for _ip, node_type, _status in report.get("pending_nodes") or []:
         launching[node_type] = launching.get(node_type, 0) + 1
     failed = [f"{t}: launch failed" for _ip, t in report.get("failed_nodes") or []]
-    return {"launching": launching, "infeasible": [], "failed": failed, "max": _max_resources(gcs)}
+    # v1's read-only provider (ray.init, `ray start` by hand) names each node's type after
+    # its node id (``format_readonly_node_type``): a cluster of such types cannot add a node.
+    mapping = report.get("node_type_mapping") or {}
+    readonly = bool(mapping) and all(
+        t == format_readonly_node_type(node) for node, t in mapping.items()
+    )
+    return {"launching": launching, "infeasible": [], "failed": failed,
+            "max": _max_resources(gcs), "readonly": readonly}  # fmt: skip
 
 
 def _max_resources(gcs) -> dict[str, float]:

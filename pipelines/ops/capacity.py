@@ -84,9 +84,16 @@ def cluster(cpus_override: float | None = None) -> Cluster:
 
     res = ray.cluster_resources()
     state = autoscaler()
-    # An autoscaler reports to every cluster (a laptop's too): it can grow when its node groups
-    # reach beyond what it has now.
-    grows = state is not None and any(v > res.get(k, 0.0) for k, v in state["max"].items())
+    # An autoscaler reports to every cluster (a laptop's too). One that publishes its node
+    # groups' maxima grows when they reach beyond what it has now; one that does not (Ray's
+    # fake provider, v2's read-only one) may grow unless known read-only, and is asked: a
+    # request it can never meet comes back infeasible at its next update (seconds).
+    if state is None or state["readonly"]:
+        grows = False
+    elif state["max"]:
+        grows = any(v > res.get(k, 0.0) for k, v in state["max"].items())
+    else:
+        grows = True
     if cpus_override is not None:
         return Cluster(float(cpus_override), res.get("GPU", 0.0), "--cluster-cpus", grows)
     return Cluster(res.get("CPU", 0.0), res.get("GPU", 0.0), "the Ray cluster", grows)
@@ -162,8 +169,8 @@ def _wait_for(bundles: list[dict[str, float]], what: str, timeout_s: float,
             raise CapacityError(
                 f"{what} asks for {describe_bundles(bundles)}; the cluster's node types can "
                 f"never provide {describe_bundles(ours)} at once (the autoscaler reports it "
-                "infeasible). Ask for less, or give the cluster node types (or a maximum "
-                "number of them) that have it"
+                f"infeasible; the cluster has {cluster().describe()}). Ask for less, or give "
+                "the cluster node types (or a maximum number of them) that have it"
             )
         doing = _autoscaler_doing(state)
         waited = time.monotonic() - start

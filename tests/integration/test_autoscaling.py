@@ -21,14 +21,7 @@ from tests.support.autoscaling import AutoscalingRay
 from tests.support.helpers import FRAME_H, FRAME_W, ROOT, free_port, stop, wait_for_port
 from tests.support.models import make_model
 
-pytestmark = [
-    pytest.mark.slow,
-    # Open in issue 23: "can this cluster grow" now reads the node groups' maxima from the
-    # cluster config the autoscaler reports (a laptop cluster reports one too), and this fake
-    # cluster's config is not read yet, so the jobs treat it as fixed. strict: they must fail
-    # until that is fixed, and this marker goes with the fix.
-    pytest.mark.xfail(strict=True, reason="autoscaling detection misses the fake cluster"),
-]
+pytestmark = pytest.mark.slow
 MODEL = "lanes-autoscaling"
 NODE_TYPES = {
     "cpu-group": {"resources": {"CPU": 2}, "max_workers": 2},
@@ -189,3 +182,14 @@ def test_training_on_a_node_without_cuda_fails_loudly(setup, local_shards, mlflo
     [error] = [line for line in out.splitlines() if line.startswith("error: ")]
     assert "CUDA" in error and ("torch.cuda.is_available() is False" in error
                                 or "ProcessGroupNCCL" in error), error  # fmt: skip
+
+
+def test_promotion_on_an_idle_cluster_scales_up_and_promotes(setup, local_shards):
+    setup.cluster.wait_idle()  # the training tests' nodes gone: the cluster is at zero again
+    status, out, _ = setup.job(
+        "jobs.promote", "--model", MODEL, "--candidate", "1", "--eval-data", local_shards,
+        "--actors", "2", "--experiment", "autoscaling",
+    )  # fmt: skip
+    assert status == 0, out[-4000:]
+    assert "waiting for 3 CPUs: autoscaler" in out
+    assert "promoted v1 to champion (no previous holder)" in out

@@ -77,13 +77,24 @@ class AutoscalingRay:
                "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}  # fmt: skip
         env.pop("RAY_ADDRESS", None)
+        self._ray_start(env, f"--autoscaling-config={config}", "--num-cpus=0")
+        return self
+
+    def start_read_only(self, cpus: float) -> AutoscalingRay:
+        """A cluster started by hand instead: one head with ``cpus``, under autoscaler v2's
+        read-only provider (its node types are the nodes it has; it never launches one)."""
+        env = {**os.environ, "RAY_enable_autoscaler_v2": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        env.pop("RAY_ADDRESS", None)
+        self._ray_start(env, f"--num-cpus={cpus:g}")
+        return self
+
+    def _ray_start(self, env: dict[str, str], *args: str) -> None:
         subprocess.run(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--autoscaling-config={config}", f"--port={self.port}",
-             "--num-cpus=0", f"--temp-dir={self.dir / 'ray'}",
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", *args,
+             f"--port={self.port}", f"--temp-dir={self.dir / 'ray'}",
              f"--dashboard-port={free_port()}", "--disable-usage-stats"],
             env=env, check=True, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        return self
 
     def launched(self) -> dict[str, int]:
         """Worker nodes ever registered with the cluster (alive or gone), by node type."""
