@@ -73,7 +73,9 @@ def setup(tmp_path_factory, test_transform):
         mlflow.set_registry_uri(uri)
         with mlflow.start_run(experiment_id=tracking.ensure_experiment("autoscaling", uri)):
             register_model_dir(tmp / "model", MODEL, {"made_by": "tests"})
-    cluster = AutoscalingRay(NODE_TYPES).start()
+    # Idle nodes go after 6 s: each test starts from zero (a job holds its nodes through its
+    # request while it runs), and the promotion test does not wait half a minute for it.
+    cluster = AutoscalingRay(NODE_TYPES, idle_timeout_minutes=0.1).start()
     try:
         yield Setup(cluster, tmp, tmp / "frames", uri)
     finally:
