@@ -126,8 +126,8 @@ def autoscaler_state(gcs_address: str) -> dict | None:
     (empty when not reported), "readonly": True when it is known that it cannot add nodes}``.
     Autoscaler v2 (what KubeRay runs with ``autoscalerOptions.version: v2``) reports its state
     to the GCS (Ray 2.60: ``GcsClient.get_cluster_status``, an ``GetClusterStatusReply``,
-    whose infeasible constraints Ray's own ``ClusterStatus`` parser drops); v1 writes a JSON summary to the internal KV
-    (``DEBUG_AUTOSCALING_STATUS``) without infeasible requests."""
+    whose infeasible constraints Ray's own ``ClusterStatus`` parser drops); v1 writes a JSON
+    summary to the internal KV (``DEBUG_AUTOSCALING_STATUS``) without infeasible requests."""
     import json
 
     from ray._private import ray_constants
