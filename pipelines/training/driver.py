@@ -43,11 +43,12 @@ def run(cfg: TrainConfig) -> int:
     quiet_ray_data()
     # Everything that can fail on the driver fails before a node is asked for, and a cluster
     # too small for the job before the tracking store is touched (one line, no MLflow logs).
-    capacity.check_training(capacity.cluster(cfg.cluster_cpus), cfg.num_workers,
-                            cfg.cpus_per_worker, cfg.use_gpu, cfg.skip_gpu_check)  # fmt: skip
+    now = capacity.cluster(cfg.cluster_cpus)
+    capacity.check_training(now, cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
+                            cfg.skip_gpu_check)  # fmt: skip
     data, manifest, backbone = prepare_data(cfg, tracking_uri)
     changed = check_resume_config(cfg, tracking_uri)
-    tracking.check_reachable_from_workers(tracking_uri, capacity.cluster(cfg.cluster_cpus))
+    tracking.check_reachable_from_workers(tracking_uri, now)
     workers = capacity.training_workers(
         cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cluster_cpus=cfg.cluster_cpus,
         timeout_s=cfg.provision_timeout, skip_gpu_check=cfg.skip_gpu_check,
