@@ -121,7 +121,7 @@ def exact_eval_split_config(train: str, evaluate: tuple[str, ...]):
 
 def autoscaler_state(gcs_address: str) -> dict | None:
     """What the cluster's autoscaler reports, or None when the cluster has none (a fixed
-    cluster). ``{"launching": {node type: count}, "infeasible": [bundle, ...] (one per
+    cluster) or it has not reported yet. ``{"launching": {node type: count}, "infeasible": [bundle, ...] (one per
     requested bundle), "failed": [reason, ...], "max": {resource: most its node groups reach}
     (empty when not reported), "readonly": True when it is known that it cannot add nodes}``.
     Autoscaler v2 (what KubeRay runs with ``autoscalerOptions.version: v2``) reports its state
@@ -164,7 +164,7 @@ def autoscaler_state(gcs_address: str) -> dict | None:
         # v2's read-only provider (a manually started cluster) cannot be told from one that
         # grows before it is asked: it answers a request beyond its nodes as infeasible.
         return {"launching": launching, "infeasible": infeasible, "failed": failed,
-                "max": _max_resources(gcs), "readonly": False}  # fmt: skip
+                "max": _max_resources(), "readonly": False}  # fmt: skip
     raw = gcs.internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS.encode(), namespace=None)
     if not raw:
         return None
@@ -175,34 +175,22 @@ def autoscaler_state(gcs_address: str) -> dict | None:
     failed = [f"{t}: launch failed" for _ip, t in report.get("failed_nodes") or []]
     # v1's read-only provider (ray.init, `ray start` by hand) names each node's type after
     # its node id (``format_readonly_node_type``): a cluster of such types cannot add a node.
+    # Its first reports may map no node yet: not a report to decide on (as v2's before it).
     mapping = report.get("node_type_mapping") or {}
-    readonly = bool(mapping) and all(
-        t == format_readonly_node_type(node) for node, t in mapping.items()
-    )
+    if not mapping:
+        return None
+    readonly = all(t == format_readonly_node_type(node) for node, t in mapping.items())
     return {"launching": launching, "infeasible": [], "failed": failed,
-            "max": _max_resources(gcs), "readonly": readonly}  # fmt: skip
+            "max": _max_resources(), "readonly": readonly}  # fmt: skip
 
 
-def _max_resources(gcs) -> dict[str, float]:
-    """The most of each resource the cluster's node groups can reach (inf: unbounded), from
-    the cluster config the autoscaler reports to the GCS (Ray 2.60: the KV key
-    ``GCS_AUTOSCALER_CLUSTER_CONFIG_KEY``, an ``autoscaler_pb2.ClusterConfig``; what Ray Train
-    reads in ``ray._private.state.get_max_resources_from_cluster_config``). A laptop or
-    manually started cluster reports its running nodes as the only ones: no more than it has."""
-    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
-    from ray.core.generated.autoscaler_pb2 import ClusterConfig
+def _max_resources() -> dict[str, float]:
+    """The most of each resource the cluster's node groups can reach, from the cluster config
+    an autoscaler may report to the GCS: Ray's own reading of it, the one Ray Train sizes its
+    workers by (Ray 2.60: ``ray._private.state.state.get_max_resources_from_cluster_config``;
+    ``sys.maxsize`` for unbounded groups). Empty when none is reported, which Ray 2.60's
+    laptop, hand-started and fake-provider clusters all are (measured). Reads the cluster
+    this process is connected to, as every caller is."""
+    from ray._private.state import state
 
-    raw = gcs.internal_kv_get(
-        GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
-        namespace=GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
-    )
-    if not raw:
-        return {}
-    most: dict[str, float] = {}
-    for group in ClusterConfig.FromString(raw).node_group_configs:
-        for key, amount in group.resources.items():
-            unbounded = group.max_count == -1 or amount == -1
-            most[key] = most.get(key, 0.0) + (
-                float("inf") if unbounded else group.max_count * amount
-            )
-    return most
+    return dict(state.get_max_resources_from_cluster_config() or {})
