@@ -23,7 +23,7 @@ class ModelActor:
     (:func:`pipelines.registry.versions.fetch_verified`), or a Ray object reference to them: the
     actors neither download the model again nor talk to MLflow."""
 
-    def __init__(self, model_files, actors: int = 1) -> None:
+    def __init__(self, model_files, actors: int = 1, max_batch: int = 8) -> None:
         import ray
 
         from pipelines.inference.device import ray_device
@@ -31,7 +31,7 @@ class ModelActor:
 
         if isinstance(model_files, ray.ObjectRef):
             model_files = ray.get(model_files)
-        self.predictor = Predictor.from_files(model_files, ray_device())
+        self.predictor = Predictor.from_files(model_files, ray_device(), max_batch=max_batch)
         if self.predictor.device.type == "cpu":
             # Ray gives an actor the threads of the CPUs it reserves (one). Without a GPU the
             # model is the bottleneck and the read/decode tasks beside it are short, so the
@@ -41,24 +41,44 @@ class ModelActor:
 
 class Segmenter(ModelActor):
     """Actor stage: holds one model (built once per actor) and predicts batches, with each
-    frame's confidence (:meth:`pipelines.inference.predictor.Predictor.predict_scored`)."""
+    frame's confidence (:meth:`pipelines.inference.predictor.Predictor.predict_scored`).
 
-    def __init__(self, model_files, actors: int = 1, uncertain_below: float = 0.5) -> None:
-        super().__init__(model_files, actors)
+    Rows with ``encoded`` JPEG bytes (the GPU path, see
+    :func:`pipelines.labeling.stages.load_frames`) are decoded and resized here, on the
+    actor's device; a frame that cannot be becomes an error row. The other rows bring their
+    ``prepared`` input, decoded by the CPU stage."""
+
+    def __init__(self, model_files, actors: int = 1, uncertain_below: float = 0.5,
+                 max_batch: int = 8, inputs_prepared: bool = False) -> None:  # fmt: skip
+        super().__init__(model_files, actors, max_batch)
         self.uncertain_below = uncertain_below
+        self.inputs_prepared = inputs_prepared
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error"] == ""
+        errors = np.array(batch["error"], dtype=object)  # a copy: Ray's arrays are read-only
+        x = torch.from_numpy(np.require(batch["prepared"], requirements="CW"))
+        encoded = batch.get("encoded")
+        if encoded is not None:
+            todo = [i for i, e in enumerate(encoded) if len(e) and errors[i] == ""]
+            if todo:
+                x = x.to(self.predictor.device)
+                got, why = self.predictor.prepare_encoded(
+                    [bytes(encoded[i]) for i in todo], prepared=self.inputs_prepared
+                )
+                x[todo] = got
+                for i, e in zip(todo, why, strict=True):
+                    errors[i] = e
+        ok = errors == ""
         n = len(ok)
-        masks = np.zeros(batch["prepared"].shape[:3], dtype=np.uint8)
+        masks = np.zeros(x.shape[:3], dtype=np.uint8)
         scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SCORE_NAMES}
         if ok.any():  # error and deferred rows carry a zero placeholder: not predicted
-            masks[ok], got = self.predictor.predict_scored(
-                batch["prepared"][ok], self.uncertain_below
-            )
+            idx = torch.from_numpy(np.flatnonzero(ok)).to(x.device)
+            masks[ok], got = self.predictor.predict_scored(x[idx], self.uncertain_below)
             for k in SCORE_NAMES:
                 scores[k][ok] = got[k]
-        out = {k: v for k, v in batch.items() if k != "prepared"}
+        out = {k: v for k, v in batch.items() if k not in ("prepared", "encoded")}
+        out["error"] = errors
         out["small_mask"] = masks
         out.update(scores)
         return out

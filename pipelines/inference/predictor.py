@@ -121,17 +121,50 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return self.model(x).float()
 
-    def _chunks(self, images: np.ndarray):
-        images = np.asarray(images)
+    def _chunks(self, images: np.ndarray | torch.Tensor):
         want = (self.transform.height, self.transform.width)
-        if images.ndim != 4 or images.shape[1:3] != want or images.shape[3] != 3:
+        if not isinstance(images, torch.Tensor):
+            images = np.asarray(images)
+        if images.ndim != 4 or tuple(images.shape[1:3]) != want or images.shape[3] != 3:
             raise ValueError(
                 f"expected prepared frames of shape (N, {want[0]}, {want[1]}, 3), "
-                f"got {images.shape}"
+                f"got {tuple(images.shape)}"
             )
         for i in range(0, len(images), self.max_batch):
-            # Writable and contiguous (Ray hands out read-only views; torch warns on those).
-            yield torch.from_numpy(np.require(images[i : i + self.max_batch], requirements="CW"))
+            chunk = images[i : i + self.max_batch]
+            if isinstance(chunk, torch.Tensor):  # already on the device (decoded there)
+                yield chunk
+            else:  # writable and contiguous (Ray hands out read-only views; torch warns)
+                yield torch.from_numpy(np.require(chunk, requirements="CW"))
+
+    def prepare_encoded(
+        self, datas: Sequence[bytes], *, prepared: bool = False
+    ) -> tuple[torch.Tensor, list[str]]:
+        """JPEG bytes -> (N, h, w, 3) uint8 model inputs on this predictor's device, decoded
+        and resized there (:mod:`pipelines.inference.device_frames`), and a reason per frame
+        that could not be ("" for none; its input is zeros). ``prepared``: the JPEGs are
+        model inputs already (ingested shards): decoded only."""
+        from pipelines.inference.device_frames import decode_jpegs, prepare_frames
+
+        want = (self.transform.height, self.transform.width)
+        decoded = decode_jpegs(datas, self.device)
+        errors = [d if isinstance(d, str) else "" for d in decoded]
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        out = torch.zeros((len(datas), *want, 3), dtype=torch.uint8, device=self.device)
+        if not good:
+            return out, errors
+        if prepared:
+            for i in good:
+                if tuple(decoded[i].shape[1:]) != want:
+                    errors[i] = f"shard image is {tuple(decoded[i].shape[1:])}, expected {want}"
+                else:
+                    out[i] = decoded[i].permute(1, 2, 0)
+            return out, errors
+        x, why = prepare_frames([decoded[i] for i in good], self.transform)
+        out[good] = x
+        for i, e in zip(good, why, strict=True):
+            errors[i] = e
+        return out, errors
 
     def predict_prepared(self, images: np.ndarray) -> np.ndarray:
         """(N, h, w, 3) uint8 frames already at the model's input size (e.g. ingested shards)
@@ -152,28 +185,28 @@ class Predictor:
         - ``uncertain_fraction``: share of pixels with ``p < uncertain_below``;
         - ``novelty``: how unlike the training data the frame is (:class:`FeatureNovelty`).
         """
-        masks = []
-        stats: dict[str, list] = {k: [] for k in SCORE_NAMES}
+        masks, stats = [], []
         for chunk in self._chunks(images):
             with self.novelty.recording() as layers:
                 logits = self.logits(chunk)
-            stats["novelty"].append(FeatureNovelty.combine(layers, len(chunk)).cpu().numpy())
             p, pred = logits.softmax(1).max(1)  # (N, h, w) each
             lane = (pred > 0).float()
             lanes = lane.sum((1, 2))
             lane_p = (p * lane).sum((1, 2)) / lanes.clamp(min=1)
-            stats["confidence"].append(torch.where(lanes > 0, lane_p, torch.nan).cpu().numpy())
-            stats["pixel_confidence"].append(p.mean((1, 2)).cpu().numpy())
-            stats["uncertain_fraction"].append(
-                (p < uncertain_below).float().mean((1, 2)).cpu().numpy()
-            )
+            per_frame = {
+                "confidence": torch.where(lanes > 0, lane_p, torch.nan),
+                "pixel_confidence": p.mean((1, 2)),
+                "uncertain_fraction": (p < uncertain_below).float().mean((1, 2)),
+                "novelty": FeatureNovelty.combine(layers, len(chunk)).to(p.device),
+            }
+            # One (scores, N) block and the masks per chunk: two copies to the host, not five.
+            stats.append(torch.stack([per_frame[k] for k in SCORE_NAMES]).float().cpu())
             masks.append(pred.to(torch.uint8).cpu().numpy())
         want = (self.transform.height, self.transform.width)
         if not masks:
-            return np.zeros((0, *want), np.uint8), {k: np.zeros(0, np.float32) for k in stats}
-        return np.concatenate(masks), {
-            k: np.concatenate(v).astype(np.float32) for k, v in stats.items()
-        }
+            return np.zeros((0, *want), np.uint8), {k: np.zeros(0, np.float32) for k in SCORE_NAMES}
+        table = torch.cat(stats, dim=1).numpy()
+        return np.concatenate(masks), {k: table[j] for j, k in enumerate(SCORE_NAMES)}
 
     def prepare(self, frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Raw (H, W, 3) uint8 frames -> (N, h, w, 3) at the model's input size."""

@@ -1,6 +1,7 @@
-"""The Ray Data pipeline that labels one chunk: load + validate + crop/resize frames (CPU tasks)
--> predict (one model per actor, a GPU each when asked: :class:`ModelStage`) -> restore masks to
-the frame size + encode (CPU tasks).
+"""The Ray Data pipeline that labels one chunk: read + validate frames, and on CPU clusters
+decode + crop/resize them (CPU tasks) -> predict (one model per actor, a GPU each when asked,
+which then decodes and resizes the JPEGs itself: :class:`ModelStage`) -> the masks PNG-encoded
+at the frame size (CPU tasks).
 
 This module, like the whole of :mod:`pipelines.labeling`, imports no PyTorch: a CPU task's
 worker process starts without it (1-3 s of imports on a loaded node, measured in
@@ -18,13 +19,15 @@ import pyarrow as pa
 
 from pipelines import compat
 from pipelines.core import labels
-from pipelines.core.codecs import FrameError, decode_rgb, encode_png
+from pipelines.core.codecs import FrameError, decode_rgb, encode_png, open_rgb
 from pipelines.core.frames import FrameTransform
 from pipelines.data.sources import Limits, read_source
 from pipelines.labeling.inputs import Inputs
 from pipelines.labeling.schema import OUTPUT_SCHEMA, SCORE_NAMES
 from pipelines.ops import progress
 from pipelines.storage import Location, TransientStorageError, resolve
+
+JPEG_MAGIC = b"\xff\xd8\xff"  # as pipelines.inference.device_frames (which imports PyTorch)
 
 
 def load_frames(
@@ -34,28 +37,47 @@ def load_frames(
     transform: FrameTransform,
     anchor: Location,
     limits: Limits,
+    device_decode: bool = False,
 ) -> dict:
     """CPU stage: read, validate and prepare frames. A bad frame becomes an error row with a
     zero placeholder (batches need one shape), never an exception; a frame storage could not
-    deliver after retries is marked ``deferred`` (no row: the next run tries again)."""
+    deliver after retries is marked ``deferred`` (no row: the next run tries again).
+
+    ``device_decode`` (GPU actors): a JPEG is only read and its header checked here (size,
+    mode, pixel limit, rows left after the crop); its bytes go to the model actor as
+    ``encoded``, which decodes and resizes it on the GPU. Other formats (PNG) are decoded
+    here as on a CPU cluster."""
     n = len(batch["source"])
     prepared = np.zeros((n, transform.height, transform.width, 3), dtype=np.uint8)
     heights, widths = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
     errors = np.full(n, "", dtype=object)
+    encoded = np.full(n, b"", dtype=object)
     deferred = np.zeros(n, dtype=bool)
     for i in range(n):
         try:
             if kind == "shards":
+                data = bytes(batch["image"][i])
+                what = "shard image"
+            else:
+                data = read_source(anchor, batch["source"][i], "frame", int(batch["bytes"][i]),
+                                   limits)  # fmt: skip
+                what = "frame"
+            if device_decode and data.startswith(JPEG_MAGIC):
+                img = open_rgb(data, max_pixels=limits.max_pixels, what=what)
+                widths[i], heights[i] = img.size
+                if kind != "shards":
+                    transform.crop_rows(int(heights[i]), int(widths[i]))  # FrameError if none left
+                encoded[i] = data
+            elif kind == "shards":
                 # Shard images were cropped and resized at ingest: model input already.
-                frame = decode_rgb(bytes(batch["image"][i]), what="shard image")
+                frame = decode_rgb(data, what=what)
                 heights[i], widths[i] = frame.shape[:2]
                 prepared[i] = frame
-                continue
-            data = read_source(anchor, batch["source"][i], "frame", int(batch["bytes"][i]), limits)
-            # Decoded at the reduced size the model input allows (JPEG DCT scaling).
-            prepared[i], (heights[i], widths[i]) = transform.load_image(
-                data, max_pixels=limits.max_pixels
-            )
+            else:
+                # Decoded at the reduced size the model input allows (JPEG DCT scaling).
+                prepared[i], (heights[i], widths[i]) = transform.load_image(
+                    data, max_pixels=limits.max_pixels
+                )
         except FrameError as e:
             errors[i] = str(e)
         except TransientStorageError as e:
@@ -63,7 +85,7 @@ def load_frames(
             print(f"deferred to the next run: {e}", flush=True)
         except Exception as e:  # a decoder failing in a way it does not report: the row says so
             errors[i] = f"could not read frame ({type(e).__name__}: {e})"
-    return {
+    out = {
         "image_id": batch["image_id"],
         "source": batch["source"],
         "prepared": prepared,
@@ -72,6 +94,9 @@ def load_frames(
         "error": errors,
         "deferred": deferred,
     }
+    if device_decode:
+        out["encoded"] = encoded
+    return out
 
 
 class ModelStage:
@@ -110,16 +135,17 @@ def encode_results(
         mask = apollo_png = pixels = None
         if not error:
             small = batch["small_mask"][i]
-            full = small if kind == "shards" else transform.restore_mask(small, (h, w))
-            mask = encode_png(full)
-            # Counted on the small mask: counting the full-size one cost ~20 ms a frame.
-            pixels = (
-                labels.class_pixel_counts(full)
-                if kind == "shards"
-                else transform.restored_pixel_counts(small, (h, w))
-            )
-            if apollo:
-                apollo_png = encode_png(labels.to_apollo_ids(full))
+            if kind == "shards":  # shard frames are model inputs: the mask is at their size
+                mask, pixels = encode_png(small), labels.class_pixel_counts(small)
+                if apollo:
+                    apollo_png = encode_png(labels.to_apollo_ids(small))
+            else:
+                # Encoded and counted from the small mask: building and counting the full-size
+                # one cost ~30 ms a frame (bench_label_stages).
+                mask = transform.restored_png(small, (h, w))
+                pixels = transform.restored_pixel_counts(small, (h, w))
+                if apollo:
+                    apollo_png = transform.restored_png(labels.to_apollo_ids(small), (h, w))
         row = {
             "image_id": str(batch["image_id"][i]),
             "source": str(batch["source"][i]),
@@ -178,12 +204,15 @@ class Pipeline:
             .map_batches(
                 load_frames, batch_size=4, batch_format="numpy", num_cpus=task_cpus,
                 fn_kwargs={"kind": kind, "transform": self.transform,
-                           "anchor": resolve(self.inputs.uri), "limits": self.limits},
+                           "anchor": resolve(self.inputs.uri), "limits": self.limits,
+                           "device_decode": self.use_gpu},
             )
             .map_batches(
                 ModelStage, batch_size=self.batch_size, batch_format="numpy",
                 fn_constructor_kwargs={"model_files": self.model_files, "actors": self.actors,
-                                       "uncertain_below": self.uncertain_below},
+                                       "uncertain_below": self.uncertain_below,
+                                       "max_batch": self.batch_size,
+                                       "inputs_prepared": kind == "shards"},
                 compute=ray.data.ActorPoolStrategy(size=self.actors),
                 num_gpus=1 if self.use_gpu else 0,
             )
