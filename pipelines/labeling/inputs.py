@@ -43,7 +43,7 @@ def list_inputs(input_uri: str) -> Inputs:
             with root.fs.open_input_file(info.path) as f:
                 table = pq.read_table(f, columns=["image_id", "source_image"])
             rows += [
-                {"image_id": i, "source": s}
+                {"image_id": i, "source": s, "shard": info.path}
                 for i, s in zip(
                     table["image_id"].to_pylist(), table["source_image"].to_pylist(), strict=True
                 )

@@ -232,11 +232,19 @@ class Pipeline:
             return ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk), 64)))
         wanted = {r["source"] for r in chunk}
         root = resolve(self.inputs.uri)  # the version resolved once, in list_inputs
-        files = [i.path for i in root.list_files((".parquet",))]
         return (
             compat.read_parquet_v1(
-                files, filesystem=root.fs, columns=["image_id", "source_image", "image"]
+                chunk_shards(chunk),
+                filesystem=root.fs,
+                columns=["image_id", "source_image", "image"],
             )
             .rename_columns({"source_image": "source"})
             .filter(lambda r: r["source"] in wanted)
         )
+
+
+def chunk_shards(chunk: list[dict]) -> list[str]:
+    """The shard files that hold a chunk's frames, in order: the inputs list shards' rows
+    shard by shard, so each shard is read by the one or two chunks it spans, not by every
+    chunk of the run."""
+    return list(dict.fromkeys(r["shard"] for r in chunk))

@@ -363,3 +363,30 @@ def test_storage_outage_defers_frames_to_the_next_run(
     assert sorted(r["source"] for r in table if r["status"] == "error") == sorted(
         f"{prefix}/{rel}" for rel, why in expected.items() if why
     )
+
+
+def test_an_ingested_dataset_is_labeled_chunk_by_chunk_from_its_own_shards(
+    local_shards, register_version, tmp_path, capsys
+):
+    """Labeling an ingested dataset: one ok row per shard frame at the shards' size, in
+    chunks that each read only the shards holding their frames."""
+    from pipelines.labeling.inputs import list_inputs
+    from pipelines.labeling.stages import chunk_shards
+
+    inputs = list_inputs(local_shards)
+    shards = list(dict.fromkeys(r["shard"] for r in inputs.rows))
+    assert len(inputs.rows) == 24 and len(shards) >= 2, shards  # else the chunk test is empty
+    first = inputs.rows[:5]
+    assert chunk_shards(first) == [first[0]["shard"]]  # not every shard of the dataset
+
+    version = register_version(MODEL)
+    out = tmp_path / "out"
+    status, text = run_label(capsys, "--input", local_shards, "--output", str(out),
+                             "--model", f"models:/{MODEL}/{version}", "--chunk-frames", "5")  # fmt: skip
+    assert status == 0, text
+    assert counts(text) == (24, 24, 0, 0)
+    rows = read_output(str(out)).to_pylist()
+    assert sorted(r["source"] for r in rows) == sorted(r["source"] for r in inputs.rows)
+    t = inputs.transform
+    for r in rows:
+        assert decode_png_mask(r["mask"]).shape == (r["height"], r["width"]) == (t.height, t.width)

@@ -169,3 +169,14 @@ def test_a_png_frame_takes_the_cpu_path(tmp_path, frames):
     Image.fromarray(frames[0]).save(buf, format="PNG")
     rows = loaded(tmp_path, [buf.getvalue()], device_decode=True)
     assert bytes(rows["encoded"][0]) == b"" and rows["prepared"].any()
+
+
+def test_shard_images_are_decoded_only(segmenter, frames):
+    """Ingested shard images are model inputs already: decoded on the device, not resized; an
+    image of another size is an error row."""
+    small = T.prepare_image(frames[0])
+    x, errors = segmenter.predictor.prepare_encoded(
+        [encode_jpeg(small, 95), encode_jpeg(frames[1], 95)], prepared=True
+    )
+    assert errors[0] == "" and "expected (48, 128)" in errors[1]
+    assert np.abs(x[0].numpy().astype(int) - small.astype(int)).mean() < 2
