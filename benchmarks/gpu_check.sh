@@ -8,9 +8,12 @@
 #   LEARNING=1 bash benchmarks/gpu_check.sh # also issue 11's learning curves (~10 min more)
 #
 # What runs here needs only PyTorch, torchvision, numpy and Pillow: the lent GPU machines have
-# no Ray or MLflow (Ray's wheel alone is over the 64 MiB a call can carry). The Ray-based halves
-# (jobs.train and jobs.label on the GPU) run with `make bench BENCH_ARGS="--device cuda"` where
-# the project is installed.
+# no Ray or MLflow. The Ray-based halves (jobs.train and jobs.label on the GPU) run at the end
+# when GPU_BUNDLE names the bundle of `python -m benchmarks.gpu_bundle` (Ray + mlflow-skinny
+# stripped to ~40 MiB; benchmarks/gpu_jobs.sh), or with `make bench BENCH_ARGS="--device cuda"`
+# where the project is installed.
+#
+#   GPU_BUNDLE=benchmarks/gpu-bundle/bundle.tar.xz bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/gpu-out}
@@ -53,5 +56,11 @@ if [ "${LEARNING:-0}" = 1 ]; then
     step 900 learning -- "$PY" -m benchmarks.bench_learning --device cuda --size 1024x384 \
         --frame-size 1692x855 --crop-top 345 --frames 192 --epochs 10 --batch-size 8 \
         --out "$OUT/learning.md"
+fi
+if [ -n "${GPU_BUNDLE:-}" ] && [ -f "$GPU_BUNDLE" ]; then
+    # The Ray jobs through the bundle (its own per-job limits; about 8 minutes at most).
+    GPU_BUNDLE="$GPU_BUNDLE" OUT="$OUT" PYTHON="$PY" bash benchmarks/gpu_jobs.sh || failed=1
+elif [ -n "${GPU_BUNDLE:-}" ]; then
+    echo "!! GPU_BUNDLE=$GPU_BUNDLE: no such file; the Ray jobs did not run"; failed=1
 fi
 exit $failed
