@@ -24,12 +24,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from pipelines.core.errors import Exit
 from pipelines.core.frames import FrameTransform
 from pipelines.labeling import commit, output
 from pipelines.labeling.config import LabelConfig
 from pipelines.labeling.inputs import Inputs, LabelingError, list_inputs
-from pipelines.labeling.stages import Pipeline
+from pipelines.labeling.stages import DEFERRED, Pipeline
 from pipelines.ops import capacity, faults, progress, tracking, watchdog
 from pipelines.registry.versions import ModelRef, fetch_verified, resolve_version, version_transform
 from pipelines.storage import Location, resolve
@@ -158,8 +162,6 @@ def _label(cfg: LabelConfig, lease: Lease, ref: ModelRef, transform: FrameTransf
             )  # fmt: skip
             scored = _chunks(cfg, lease, pipeline, todo, out, tally, dog, t0)
         if cfg.review_below is not None and scored:
-            import pyarrow as pa
-
             uri, n = output.write_review(out, lease.run, pa.concat_tables(scored), cfg.review_below,
                                          cfg.review_novelty_above)  # fmt: skip
             print(f"review: {n} frames with confidence under {cfg.review_below:g} or novelty "
@@ -168,30 +170,72 @@ def _label(cfg: LabelConfig, lease: Lease, ref: ModelRef, transform: FrameTransf
 
 def _chunks(cfg: LabelConfig, lease: Lease, pipeline: Pipeline, todo: list[dict],
             out: Location, tally: Tally, dog: watchdog.Watchdog, t0: float) -> list:  # fmt: skip
-    """Label ``todo`` in chunks of ``chunk_frames``, each committed on its own. Returns the
-    scores of this run's rows (for the review list) when one is asked for."""
-    scored = []
-    for n, start in enumerate(range(0, len(todo), cfg.chunk_frames)):
-        if cfg.time_limit is not None and time.time() - t0 > cfg.time_limit:
-            print(f"--time-limit {cfg.time_limit:g}s reached: {tally.left} frames left for "
-                  "the next run")  # fmt: skip
-            break
-        chunk = todo[start : start + cfg.chunk_frames]
-        labeled_at = datetime.now(timezone.utc)
-        staging = commit.new_staging(out, lease.run, n)
-        part = staging.join(f"labeled_date={labeled_at:%Y-%m-%d}")
-        pipeline.dataset(chunk, labeled_at).write_parquet(
-            part.path, filesystem=part.fs, min_rows_per_file=cfg.rows_per_file
-        )
-        result = commit.reconcile(staging, {r["source"] for r in chunk})
-        if cfg.review_below is not None:
-            scored.append(output.staged_scores(staging))
-        if faults.armed("label.exit_after_write") is not None:
-            faults.exit_process("label.exit_after_write", 137)
-        commit.finish_chunk(out, staging, result, lease)
-        tally.ok += result.ok
-        tally.error += result.error
-        tally.deferred += result.deferred
-        tally.left -= len(chunk)
-        dog.beat(f"chunk {n + 1} committed")
+    """Label ``todo`` in one streaming Ray Data pipeline (its actors start once and serve the
+    whole run) and commit its output every ``chunk_frames`` frames as they come out. Returns
+    the scores of this run's rows (for the review list) when one is asked for.
+
+    Before, each chunk was a pipeline of its own: the actors started again (5-10 s), the
+    pipeline drained to its last frame, and every chunk of an ingested dataset re-read every
+    shard. Output rows come out in any order, so a chunk is the next ``chunk_frames`` frames
+    to finish (deferred ones included: they are counted, not written)."""
+    scored: list = []
+    if _over_time(cfg, tally, t0):
+        return scored
+    labeled_at = datetime.now(timezone.utc)
+    stream = iter(pipeline.dataset(todo, labeled_at).iter_batches(batch_format="pyarrow",
+                                                                  batch_size=None))  # fmt: skip
+    pending = None  # rows out of the pipeline, not yet committed
+    n = 0
+    try:
+        for table in stream:
+            pending = table if pending is None else pa.concat_tables([pending, table])
+            stop = False
+            while len(pending) >= cfg.chunk_frames and not stop:
+                _commit_chunk(cfg, lease, pending.slice(0, cfg.chunk_frames), n, labeled_at,
+                              out, tally, dog, scored)  # fmt: skip
+                pending, n = pending.slice(cfg.chunk_frames), n + 1
+                stop = _over_time(cfg, tally, t0)
+            if stop:
+                break
+        else:
+            if pending is not None and len(pending):
+                _commit_chunk(cfg, lease, pending, n, labeled_at, out, tally, dog, scored)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # stops the pipeline when the run ends early (time limit, an error)
     return scored
+
+
+def _over_time(cfg: LabelConfig, tally: Tally, t0: float) -> bool:
+    if cfg.time_limit is None or time.time() - t0 <= cfg.time_limit or not tally.left:
+        return False
+    print(f"--time-limit {cfg.time_limit:g}s reached: {tally.left} frames left for the next run")
+    return True
+
+
+def _commit_chunk(cfg: LabelConfig, lease: Lease, rows: pa.Table, n: int, labeled_at: datetime,
+                  out: Location, tally: Tally, dog: watchdog.Watchdog, scored: list) -> None:  # fmt: skip
+    """Stage one chunk's rows (deferred frames have none), reconcile, commit."""
+    expected = set(rows["source"].to_pylist())
+    keep = rows.filter(pc.not_equal(rows["status"], DEFERRED))
+    staging = commit.new_staging(out, lease.run, n)
+    part = staging.join(f"labeled_date={labeled_at:%Y-%m-%d}")
+    for k, start in enumerate(range(0, len(keep), cfg.rows_per_file)):
+        sink = pa.BufferOutputStream()
+        pq.write_table(keep.slice(start, cfg.rows_per_file), sink)
+        # Named by run, chunk and part: unique in the output, and a re-tried commit of the
+        # same chunk (cut off mid-move) finds its own files.
+        name = f"{lease.run}-{n:05d}-{k:05d}.parquet"
+        part.join(name).write_bytes(sink.getvalue().to_pybytes())
+    result = commit.reconcile(staging, expected)
+    if cfg.review_below is not None:
+        scored.append(output.staged_scores(staging))
+    if faults.armed("label.exit_after_write") is not None:
+        faults.exit_process("label.exit_after_write", 137)
+    commit.finish_chunk(out, staging, result, lease)
+    tally.ok += result.ok
+    tally.error += result.error
+    tally.deferred += result.deferred
+    tally.left -= len(expected)
+    dog.beat(f"chunk {n + 1} committed")

@@ -1,4 +1,4 @@
-"""The Ray Data pipeline that labels one chunk: read + validate frames, and on CPU clusters
+"""The Ray Data pipeline of a labeling run: read + validate frames, and on CPU clusters
 decode + crop/resize them (CPU tasks) -> predict (one model per actor, a GPU each when asked,
 which then decodes and resizes the JPEGs itself: :class:`ModelStage`) -> the masks PNG-encoded
 at the frame size (CPU tasks).
@@ -27,6 +27,7 @@ from pipelines.labeling.schema import OUTPUT_SCHEMA, SCORE_NAMES
 from pipelines.ops import progress
 from pipelines.storage import Location, TransientStorageError, resolve
 
+DEFERRED = "deferred"  # the status of a frame storage could not deliver: counted, never written
 JPEG_MAGIC = b"\xff\xd8\xff"  # as pipelines.inference.device_frames (which imports PyTorch)
 
 
@@ -123,13 +124,12 @@ def encode_results(
     labeled_at: datetime,
     reports=None,
 ) -> pa.Table:
-    """CPU stage: masks back to the frame size, PNG-encoded, in the output schema. Deferred
-    frames get no row. ``reports``: the job's :class:`~pipelines.ops.progress.ProgressActor`,
+    """CPU stage: masks back to the frame size, PNG-encoded, in the output schema. A deferred
+    frame's row has status ``deferred``: the run counts it and writes no row for it. ``reports``: the job's :class:`~pipelines.ops.progress.ProgressActor`,
     given the batch's frames (the job's progress lines)."""
     cols: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
     for i in range(len(batch["source"])):
-        if batch["deferred"][i]:
-            continue
+        deferred = bool(batch["deferred"][i])
         error = str(batch["error"][i])
         h, w = int(batch["height"][i]), int(batch["width"][i])
         mask = apollo_png = pixels = None
@@ -157,7 +157,7 @@ def encode_results(
             **{k: _score(batch[k][i]) if not error else None for k in SCORE_NAMES},
             "model_name": model_name,
             "model_version": model_version,
-            "status": "error" if error else "ok",
+            "status": DEFERRED if deferred else "error" if error else "ok",
             "error": error or None,
             "labeled_at": labeled_at,
         }
@@ -174,8 +174,8 @@ def _score(v) -> float | None:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """What every chunk's pipeline of one run shares: the inputs, the model version (its files
-    in Ray's object store) and its transform, the actor pool and the output options."""
+    """A run's pipeline: the inputs, the model version (its files in Ray's object store) and its
+    transform, the actor pool and the output options."""
 
     inputs: Inputs
     transform: FrameTransform
@@ -190,8 +190,8 @@ class Pipeline:
     uncertain_below: float
     reports: Any = None  # the run's ProgressActor
 
-    def dataset(self, chunk: list[dict], labeled_at: datetime):
-        """The Ray dataset of one chunk's output rows (lazy: writing it runs it)."""
+    def dataset(self, rows: list[dict], labeled_at: datetime):
+        """The Ray dataset of these input rows' output rows (lazy: iterating it runs it)."""
         import ray
 
         # Without GPUs, the load and encode tasks reserve half a CPU: they are short next to a
@@ -200,7 +200,7 @@ class Pipeline:
         task_cpus = 1.0 if self.use_gpu else 0.5
         kind = self.inputs.kind
         return (
-            self._source(chunk)
+            self._source(rows)
             .map_batches(
                 load_frames, batch_size=4, batch_format="numpy", num_cpus=task_cpus,
                 fn_kwargs={"kind": kind, "transform": self.transform,
@@ -225,16 +225,17 @@ class Pipeline:
             )
         )  # fmt: skip
 
-    def _source(self, chunk: list[dict]):
+    def _source(self, rows: list[dict]):
         import ray
 
         if self.inputs.kind != "shards":
-            return ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk), 64)))
-        wanted = {r["source"] for r in chunk}
+            # Up to 256 blocks: enough read tasks to spread, few enough to plan at once.
+            return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 256)))
+        wanted = {r["source"] for r in rows}
         root = resolve(self.inputs.uri)  # the version resolved once, in list_inputs
         return (
             compat.read_parquet_v1(
-                chunk_shards(chunk),
+                shards_of(rows),
                 filesystem=root.fs,
                 columns=["image_id", "source_image", "image"],
             )
@@ -243,8 +244,7 @@ class Pipeline:
         )
 
 
-def chunk_shards(chunk: list[dict]) -> list[str]:
-    """The shard files that hold a chunk's frames, in order: the inputs list shards' rows
-    shard by shard, so each shard is read by the one or two chunks it spans, not by every
-    chunk of the run."""
-    return list(dict.fromkeys(r["shard"] for r in chunk))
+def shards_of(rows: list[dict]) -> list[str]:
+    """The shard files that hold these input rows, each once, in order: a run reads each
+    shard of an ingested dataset once (and none that holds nothing left to label)."""
+    return list(dict.fromkeys(r["shard"] for r in rows))

@@ -18,6 +18,7 @@ from pipelines.core.codecs import decode_png_mask, encode_jpeg
 from pipelines.data.synthetic import render_frame
 from pipelines.labeling.commit import STAGING
 from pipelines.labeling.output import read_output
+from pipelines.labeling.stages import Pipeline
 from pipelines.registry.versions import ModelRef, load_predictor
 from pipelines.storage import resolve
 from tests.support.helpers import CROP_TOP, FRAME_H, FRAME_W, ROOT, job_env, start_job
@@ -366,25 +367,37 @@ def test_storage_outage_defers_frames_to_the_next_run(
 
 
 def test_an_ingested_dataset_is_labeled_chunk_by_chunk_from_its_own_shards(
-    local_shards, register_version, tmp_path, capsys
+    local_shards, register_version, tmp_path, capsys, monkeypatch
 ):
-    """Labeling an ingested dataset: one ok row per shard frame at the shards' size, in
-    chunks that each read only the shards holding their frames."""
+    """Labeling an ingested dataset: one ok row per shard frame at the shards' size, several
+    commits from one pipeline that reads only the shards holding frames left to label."""
     from pipelines.labeling.inputs import list_inputs
-    from pipelines.labeling.stages import chunk_shards
+    from pipelines.labeling.stages import shards_of
 
     inputs = list_inputs(local_shards)
     shards = list(dict.fromkeys(r["shard"] for r in inputs.rows))
     assert len(inputs.rows) == 24 and len(shards) >= 2, shards  # else the chunk test is empty
     first = inputs.rows[:5]
-    assert chunk_shards(first) == [first[0]["shard"]]  # not every shard of the dataset
+    assert shards_of(first) == [first[0]["shard"]]  # not every shard of the dataset
+    assert shards_of(inputs.rows) == shards  # each once
 
     version = register_version(MODEL)
     out = tmp_path / "out"
+    pipelines = []
+    dataset = Pipeline.dataset
+
+    def counted(self, *args, **kwargs):
+        pipelines.append(args[0])
+        return dataset(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "dataset", counted)
     status, text = run_label(capsys, "--input", local_shards, "--output", str(out),
                              "--model", f"models:/{MODEL}/{version}", "--chunk-frames", "5")  # fmt: skip
     assert status == 0, text
     assert counts(text) == (24, 24, 0, 0)
+    assert [len(rows) for rows in pipelines] == [24]  # one pipeline (one actor pool) per run
+    files = [p for p in out.rglob("*.parquet") if "review" not in p.parts]
+    assert len({p.name.rsplit("-", 1)[0] for p in files}) == 5  # 24 frames, 5 per commit
     rows = read_output(str(out)).to_pylist()
     assert sorted(r["source"] for r in rows) == sorted(r["source"] for r in inputs.rows)
     t = inputs.transform
