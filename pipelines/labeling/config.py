@@ -28,8 +28,8 @@ class LabelConfig(ActorPoolOptions, SourceLimitOptions, ProgressOptions):
     )
     time_limit: float | None = option(
         None,
-        "seconds; no new chunk starts after this (set it below the scheduler's deadline: the "
-        "job stops itself and commits what it finished)",
+        "seconds; the run stops at its first commit after this (set it a chunk's time below "
+        "the scheduler's deadline: the job stops itself and keeps what it committed)",
         min=0,
         group="scheduling",
     )

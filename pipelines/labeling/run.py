@@ -1,6 +1,7 @@
 """A labeling run, top to bottom: resolve the model version once -> take the output's lease ->
 finish or discard what earlier runs left -> list the inputs and drop those already labeled by
-this version -> label the rest in chunks, each committed on its own -> the review list.
+this version -> label the rest in one streaming pipeline, committed chunk by chunk -> the review
+list.
 
 What makes it schedulable:
 
@@ -13,7 +14,7 @@ What makes it schedulable:
 - *transient vs permanent*: a frame that cannot be decoded is an ``error`` row (never tried
   again for that model version); a frame whose read still fails after retries (throttling, an
   outage) gets no row at all and is labeled by the next run;
-- *bounded*: no new chunk starts after ``time_limit``; no chunk committed for
+- *bounded*: the pipeline stops at the first commit after ``time_limit``; no chunk committed for
   ``stall_minutes`` ends the run (exit 1) with what was committed kept.
 """
 
