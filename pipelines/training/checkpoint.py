@@ -19,6 +19,13 @@ METRICS_FILE = "metrics.json"  # the epoch's metrics, validation confusion matri
 RECORD_DIR = "mlflow_record"
 
 
+def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) of ``epochs`` is checkpointed: every ``every``-th
+    epoch counted from the run's start (so a resumed run keeps the schedule), and always the
+    last one, which the driver registers."""
+    return (epoch + 1) % every == 0 or epoch == epochs - 1
+
+
 def save_train_state(directory: Path, optimizer, scheduler, epoch: int, step: int) -> None:
     import torch
 

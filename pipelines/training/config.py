@@ -18,6 +18,8 @@ from pipelines.core.options import ConfigError, as_dict, check_options, option
 from pipelines.ops.progress import ProgressOptions
 from pipelines.training.recipe import RECIPES, Recipe, RecipeError, make_recipe
 
+GRAD_COMPRESSION = ("none", "bf16")
+CHECKPOINT_UPLOAD = ("async", "sync")
 DATA, SCALE, OPTIMIZATION, TRACKING = (
     "data and model", "scale", "optimization", "tracking and checkpoints"
 )  # fmt: skip
@@ -75,6 +77,20 @@ class TrainConfig(ProgressOptions):
         900.0,
         "seconds an autoscaling cluster may take to provide the workers' nodes",
         above=0,
+        group=SCALE,
+    )
+    grad_compression: str = option(
+        "none",
+        "gradients as DDP all-reduces them: none (fp32) or bf16 (half the bytes per step: "
+        "torch's bf16_compress_hook; NCCL and gloo)",
+        choices=GRAD_COMPRESSION,
+        group=SCALE,
+    )
+    sync_batchnorm: bool | None = option(
+        None,
+        "BatchNorm statistics over the global batch (SyncBatchNorm: ~2 collectives per "
+        "BatchNorm layer per step); GPUs only. Default: on with --use-gpu and more than one "
+        "worker",
         group=SCALE,
     )
     epochs: int = option(10, "passes over the training set", min=1, group=OPTIMIZATION)
@@ -150,6 +166,17 @@ class TrainConfig(ProgressOptions):
     keep_checkpoints: int = option(
         2, "keep the best N checkpoints by val mIoU", min=1, group=TRACKING
     )
+    checkpoint_every: int = option(
+        1, "checkpoint every N epochs (the last epoch always); a resume restarts after the "
+        "last checkpoint", min=1, group=TRACKING,
+    )  # fmt: skip
+    checkpoint_upload: str = option(
+        "async",
+        "async: rank 0 uploads each checkpoint in the background while the ranks train on "
+        "(Ray Train's CheckpointUploadMode.ASYNC); sync: every rank waits for the upload",
+        choices=CHECKPOINT_UPLOAD,
+        group=TRACKING,
+    )
     max_failures: int = option(
         3, "worker-group restarts from the last checkpoint before giving up", min=0,
         group=TRACKING,
@@ -170,6 +197,10 @@ class TrainConfig(ProgressOptions):
                 f"{self.num_workers}: the global batch is split evenly over the workers (try "
                 f"{lo} or {lo + self.num_workers})"
             )
+        if self.sync_batchnorm and not self.use_gpu:
+            raise ConfigError(
+                "--sync-batchnorm needs --use-gpu: torch's SyncBatchNorm has no CPU (gloo) kernel"
+            )
         try:
             self.recipe_in_force()
         except RecipeError as e:
@@ -182,7 +213,7 @@ class TrainConfig(ProgressOptions):
 
     def resolved(self) -> TrainConfig:
         """The values in force where a default depends on others (the recipe's lr, momentum
-        and weight decay; amp with GPUs; a run name from the model and the time): what MLflow
+        and weight decay; amp and SyncBatchNorm with GPUs; a run name from the model and the time): what MLflow
         records and the workers use."""
         recipe = self.recipe_in_force()
         return replace(
@@ -191,6 +222,11 @@ class TrainConfig(ProgressOptions):
             momentum=recipe.momentum,
             weight_decay=recipe.weight_decay,
             amp=self.use_gpu if self.amp is None else self.amp,
+            sync_batchnorm=(
+                self.use_gpu and self.num_workers > 1
+                if self.sync_batchnorm is None
+                else self.sync_batchnorm
+            ),
             run_name=self.run_name or f"{self.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
         )
 

@@ -51,3 +51,31 @@ def check_replicas_agree(model: nn.Module) -> None:
             f"rank {dist.get_rank()}: the ranks hold different weights or BatchNorm statistics "
             f"before validation (checksums {float(lo)!r} .. {float(hi)!r})"
         )
+
+
+def compress_gradients(model: nn.Module, how: str) -> None:
+    """``how`` ``bf16``: DDP all-reduces ``model``'s gradient buckets in bfloat16 (torch's
+    ``bf16_compress_hook``: cast, all-reduce, divide by the world, cast back into the fp32
+    gradients), half the bytes of fp32; ``none``: DDP's own fp32 all-reduce. A model that is
+    not DDP (one worker) all-reduces nothing, so it is left as it is."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    if how not in ("none", "bf16"):
+        raise ValueError(f"unknown gradient compression {how!r}")
+    if how == "bf16" and isinstance(model, DistributedDataParallel):
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+
+
+def allreduce_bytes_per_step(model: nn.Module, how: str) -> int:
+    """The gradient bytes one rank sends into DDP's all-reduce per step: DDP's buckets hold
+    the gradient of every parameter that requires one, each element sent as bf16 (2 bytes)
+    with ``how`` ``bf16``, else in the gradient's own dtype; 0 for a model that is not DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return 0
+    params = [p for p in model.module.parameters() if p.requires_grad]
+    if how == "bf16":
+        return sum(p.numel() for p in params) * torch.finfo(torch.bfloat16).bits // 8
+    return sum(p.numel() * p.element_size() for p in params)

@@ -10,6 +10,7 @@ schedule, then for each epoch calls :func:`train_epoch`, :func:`validate` and
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pipelines.ops import faults
 from pipelines.ops.progress import StepLine
 from pipelines.training.batches import torch_batches
 from pipelines.training.checkpoint import (
+    checkpoint_due,
     load_train_state,
     read_epoch_record,
     restore_train_state,
@@ -35,7 +37,13 @@ from pipelines.training.checkpoint import (
     write_epoch_record,
 )
 from pipelines.training.config import LoopConfig
-from pipelines.training.distributed import broadcast_buffers, check_replicas_agree, sum_over_ranks
+from pipelines.training.distributed import (
+    allreduce_bytes_per_step,
+    broadcast_buffers,
+    check_replicas_agree,
+    compress_gradients,
+    sum_over_ranks,
+)
 from pipelines.training.recipe import make_loss, make_optimizer, set_trainable
 from pipelines.training.record import EpochLogger, SystemMetrics, epoch_pictures, overlay_samples
 
@@ -107,6 +115,13 @@ def train_loop_per_worker(config: dict) -> None:
                                        cfg.job.system_metrics_seconds)  # fmt: skip
         lines = StepLine(cfg.job.progress_seconds or float("inf"), w.steps_per_epoch,
                          cfg.job.epochs, start_epoch)  # fmt: skip
+        # What each step puts on the wire (once per run attempt): the log and the run's
+        # allreduce_bytes_per_step metric.
+        sent = allreduce_bytes_per_step(w.model, cfg.job.grad_compression)
+        log.info("DDP all-reduces %.1f MB of gradients per step per rank (--grad-compression "
+                 "%s)", sent / 1e6, cfg.job.grad_compression)  # fmt: skip
+        if tracker is not None:
+            tracker.log_epoch(start_epoch, {"allreduce_bytes_per_step": sent}, {})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.job.epochs):
@@ -165,11 +180,12 @@ def make_worker(cfg: LoopConfig) -> tuple[Worker, int, tuple | None]:
     set_trainable(model, learn_upsampling=cfg.recipe.learn_upsampling)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda" and world > 1:
+    if cfg.job.sync_batchnorm and device.type == "cuda" and world > 1:
         # BatchNorm statistics over the global batch, not each GPU's few frames (torchvision's
         # segmentation reference does the same). gloo on CPU has no SyncBatchNorm kernel.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
+    compress_gradients(model, cfg.job.grad_compression)
     # The step count is known before training from the manifest: streaming_split(equal=True)
     # gives every rank floor(frames / world) rows, and the last partial batch is dropped.
     steps = max(1, (cfg.train_frames // world) // (cfg.job.batch_size // world))
@@ -290,24 +306,35 @@ def evaluate_shard(
 
 
 def checkpoint_and_report(w: Worker, metrics: dict, details: dict, pictures: dict) -> None:
-    """Rank 0 writes the checkpoint (DDP keeps the weights identical), with the epoch's
-    MLflow record; every rank reports."""
+    """On the epochs ``--checkpoint-every`` picks (and the last), rank 0 writes the checkpoint
+    (DDP keeps the weights identical), with the epoch's MLflow record; every rank reports.
+    With ``--checkpoint-upload async`` Ray Train uploads it from a background thread and
+    deletes the local copy after: the ranks go on with the next epoch meanwhile (the upload
+    is waited for before the run ends)."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if w.rank == 0:
-            info = {"epoch": metrics["epoch"], "val_miou": metrics["val_miou"],
-                    **w.cfg.provenance}  # fmt: skip
-            spec = ModelSpec(model=w.cfg.job.model, n_class=w.cfg.n_class,
-                             transform=w.cfg.transform, class_names=labels.CLASS_NAMES,
-                             info=info)  # fmt: skip
-            save_model_dir(tmp, w.model, spec)
-            save_train_state(Path(tmp), w.optimizer, w.scheduler, metrics["epoch"],
-                             w.global_step)  # fmt: skip
-            write_epoch_record(Path(tmp), metrics, details, pictures)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+    job = w.cfg.job
+    upload = (ray.train.CheckpointUploadMode.ASYNC if job.checkpoint_upload == "async"
+              else ray.train.CheckpointUploadMode.SYNC)  # fmt: skip
+    if w.rank != 0 or not checkpoint_due(metrics["epoch"], job.epochs, job.checkpoint_every):
+        ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=upload)
+        return
+    # Not a TemporaryDirectory: an async upload reads it after report returns. Ray deletes
+    # it once uploaded (either mode); here only when the report itself fails.
+    tmp = tempfile.mkdtemp(prefix="checkpoint-")
+    try:
+        info = {"epoch": metrics["epoch"], "val_miou": metrics["val_miou"], **w.cfg.provenance}
+        spec = ModelSpec(model=job.model, n_class=w.cfg.n_class, transform=w.cfg.transform,
+                         class_names=labels.CLASS_NAMES, info=info)  # fmt: skip
+        save_model_dir(tmp, w.model, spec)
+        save_train_state(Path(tmp), w.optimizer, w.scheduler, metrics["epoch"], w.global_step)
+        write_epoch_record(Path(tmp), metrics, details, pictures)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_upload_mode=upload,
+                         delete_local_checkpoint_after_upload=True)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _exit_at_step_fault(w: Worker) -> None:
