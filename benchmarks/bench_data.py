@@ -9,9 +9,15 @@ One run, one local Ray with ``--cpus`` CPUs:
 2. ingest: discover, decode JPEG/PNG, crop, resize, map ids, encode, write Parquet shards;
    frames/s over the whole job and per CPU core given to Ray;
 3. streaming read of the training split, decoded in Ray Data tasks, delivered as torch
-   batches (what a training worker consumes): images/s without and with augmentation, and
-   the raw Parquet scan rate for reference. Each read is repeated over ``--epochs`` passes
-   after a warm-up pass.
+   batches (what a training worker consumes): images/s without and with augmentation (which
+   runs on the training device, here the CPU), and the raw Parquet scan rate for reference.
+   Each read is repeated over ``--epochs`` passes after a warm-up pass;
+4. the CPU cost per training image on one thread, in this process: what the data path's CPUs
+   do for one ingested frame when the step runs on a GPU (decode JPEG + PNG, and the copy into
+   pinned memory the collate makes: a plain copy of the same bytes where there is no CUDA),
+   and for reference what the augmentation costs when it runs on a CPU (a CPU worker's step).
+
+The last line, for scripts: ``cpu ms per training image: X`` (item 4, without the reference).
 """
 
 from __future__ import annotations
@@ -23,13 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
 from benchmarks.common import emit
+from pipelines.core.codecs import decode_png_mask, decode_rgb
 from pipelines.core.frames import FrameTransform, parse_size
-from pipelines.data.augment import Augment
+from pipelines.data.decode import decode_batch
 from pipelines.data.ingest import IngestConfig, ingest
-from pipelines.data.shards import build_dataset, read_shards
+from pipelines.data.shards import build_dataset, read_shards, shard_files
 from pipelines.data.synthetic import write_tree
-from pipelines.training.batches import torch_batches
+from pipelines.training.augment import Augment, augment_batch, step_generator
+from pipelines.training.batches import NormalizeCollate, torch_batches
 
 
 def read_rate(batches, epochs: int) -> tuple[float, float]:
@@ -93,16 +105,18 @@ def run(
             return torch_batches(build_dataset(str(shards), "train"), 8, transform)
 
         def augmented():
-            return torch_batches(
-                build_dataset(str(shards), "train", augment=Augment()), 8, transform
-            )
+            # As the training loop does: raw batches, augmented and normalized on its device.
+            gen = step_generator(torch.device("cpu"), 0)
+            raw = torch_batches(build_dataset(str(shards), "train"), 8, transform, normalize=False)
+            return (augment_batch(b, Augment(), transform, gen) for b in raw)
 
         rates = {}
         for name, fn in (("Parquet scan (bytes only)", scan), ("decoded torch batches", plain),
                          ("decoded + augmented torch batches", augmented)):  # fmt: skip
             read_rate(fn, 1)  # warm-up: worker start, file listing
             rates[name] = read_rate(fn, epochs)
-    ray.shutdown()
+        ray.shutdown()
+        cost = cpu_cost_per_image(shard_files(str(shards), "train"), transform)
 
     ingest_rate = valid / ingest_s
     caption = (
@@ -127,7 +141,55 @@ def run(
     rows.append(
         ("(synthetic frame generation, not part of ingest)", f"{frames / synth_s:.2f} frames/s")
     )
+    rows += [(f"CPU ms per training image, one thread: {k}", f"{v:.2f}") for k, v in cost.items()]
     return caption, rows
+
+
+def cpu_cost_per_image(files: list[str], transform: FrameTransform, repeats: int = 3) -> dict:
+    """Milliseconds of one CPU thread per ingested training image (the best of ``repeats``
+    passes over the split's rows, in this process): the stages the data path runs, then the
+    sum, then the augmentation as a CPU worker's step runs it, for reference."""
+    table = pq.read_table(files, columns=["image", "label"])
+    batch = {k: np.array(table[k].to_pylist(), dtype=object) for k in ("image", "label")}
+    n = len(batch["image"])
+    cuda = torch.cuda.is_available()
+    collate = NormalizeCollate(transform, "cuda" if cuda else "cpu", normalize=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1000 / n
+
+    try:
+        jpeg = best(lambda: [decode_rgb(b) for b in batch["image"]])
+        png = best(lambda: [decode_png_mask(b) for b in batch["label"]])
+        decoded = decode_batch(batch)
+        stack = best(lambda: decode_batch(batch)) - jpeg - png  # np.stack of the decoded frames
+        if cuda:
+            copy = best(lambda: collate(decoded))  # pinned copy; the transfer is the GPU's DMA
+        else:
+            copy = best(lambda: [decoded[k].copy() for k in ("image", "label")])
+        gen = step_generator(torch.device("cpu"), 0)
+        image, label = torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
+        aug = best(
+            lambda: augment_batch({"image": image, "label": label}, Augment(), transform, gen)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    total = jpeg + png + max(stack, 0.0) + copy
+    return {
+        "decode JPEG": jpeg,
+        "decode PNG label": png,
+        "stack into a batch": max(stack, 0.0),
+        "pinned copy" if cuda else "copy (stands in for the pinned copy)": copy,
+        "data path total (GPU step)": total,
+        "(reference: augmentation if run on this CPU, as a CPU worker does)": aug,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="timed passes over the training split")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
-    emit(*run(args.frames, args.frame_size, args.size, args.cpus, args.epochs), args.out)
+    caption, rows = run(args.frames, args.frame_size, args.size, args.cpus, args.epochs)
+    emit(caption, rows, args.out)
+    total = dict(rows)["CPU ms per training image, one thread: data path total (GPU step)"]
+    print(f"cpu ms per training image: {total}")
 
 
 if __name__ == "__main__":

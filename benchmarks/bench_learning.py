@@ -37,11 +37,12 @@ from fcn_models import FCN8sResNet101, bilinear_upsampling, build_model
 from pipelines.core.frames import FrameTransform, parse_size
 from pipelines.core.labels import N_CLASSES
 from pipelines.core.metrics import confusion_matrix, scores
-from pipelines.data.augment import Augment, decode_batch
+from pipelines.data.decode import decode_batch
 from pipelines.data.discover import discover, split_drives
 from pipelines.data.ingest import process_pair
 from pipelines.data.synthetic import write_tree
 from pipelines.storage import resolve
+from pipelines.training.augment import Augment, step_generator
 from pipelines.training.loop import epoch_seed, train_step
 from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
 
@@ -90,16 +91,20 @@ def ingest_in_memory(root: Path, transform: FrameTransform, val_fraction: float,
     return rows["train"], rows["val"]
 
 
-def batches(rows: list[dict], size: int, transform, device, augment, rng):
+def batches(rows: list[dict], size: int, transform, device, augment, generator):
+    """Decoded as the job's Ray Data stage decodes, augmented on the device as its step does."""
     for i in range(0, len(rows) - size + 1, size):  # drop_last, as the job
         chunk = rows[i : i + size]
         out = decode_batch(
-            {k: np.array([r[k] for r in chunk], dtype=object) for k in ("image", "label")},
-            augment,
-            rng,
+            {k: np.array([r[k] for r in chunk], dtype=object) for k in ("image", "label")}
         )
         image = torch.from_numpy(out["image"]).to(device)
-        yield transform.normalize(image), torch.from_numpy(out["label"]).long().to(device)
+        label = torch.from_numpy(out["label"]).to(device)
+        if augment is not None:
+            x, y = augment(image, label, generator)
+            yield transform.normalize(x.permute(0, 2, 3, 1)), y
+        else:
+            yield transform.normalize(image), label.long()
 
 
 def run(variant: str, train_rows, val_rows, args, transform, device) -> list[float]:
@@ -131,13 +136,14 @@ def run(variant: str, train_rows, val_rows, args, transform, device) -> list[flo
         if variant != "before":
             order = [train_rows[i] for i in rng.permutation(len(train_rows))]
         model.train()
-        for x, y in batches(order, args.batch_size, transform, device, Augment(), rng):
+        gen = step_generator(device, seed)
+        for x, y in batches(order, args.batch_size, transform, device, Augment(), gen):
             train_step(model, {"image": x, "label": y}, criterion, optimizer, autocast)
             scheduler.step()
         model.eval()
         conf = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.int64, device=device)
         with torch.no_grad(), autocast:
-            for x, y in batches(val_rows, 1, transform, device, None, rng):
+            for x, y in batches(val_rows, 1, transform, device, None, None):
                 conf += confusion_matrix(model(x).argmax(1), y, N_CLASSES)
         curve.append(scores(conf.cpu().numpy())["miou"])
         print(f"  {variant:8s} epoch {epoch + 1}: val mIoU {curve[-1]:.3f}", flush=True)

@@ -1,9 +1,10 @@
 """The shards of a dataset version: their schema, how rows are placed in files, and the Ray
 datasets that stream them into training, evaluation and labeling.
 
-Decoding (JPEG/PNG) and augmentation run in Ray Data tasks, spread over the cluster's CPUs, never
-in the training loop; batches cross the object store as uint8 (4x less than float32), and are
-normalized on the training device (:mod:`pipelines.training.batches`).
+Decoding (JPEG/PNG) runs in Ray Data tasks, spread over the cluster's CPUs, in units of about
+:data:`DECODE_BLOCK_BYTES` of encoded frames rather than whole shards; batches cross the
+object store as uint8 (4x less than float32), and are augmented and normalized on the training
+device (:mod:`pipelines.training.batches`, :mod:`pipelines.training.augment`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipelines import compat
 from pipelines.core.errors import UserError
-from pipelines.data.augment import Augment, decode_batch
+from pipelines.data.decode import decode_batch
 from pipelines.data.versions import resolve_dataset
 from pipelines.ops import faults
 from pipelines.storage import Location
@@ -36,6 +37,12 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 SHARD_COLUMNS = tuple(SHARD_SCHEMA.names)
+
+#: Encoded bytes of frames per decode task. A ~256 MB shard is ~2,000 frames at 1024x384:
+#: decoded by one task, the whole split would be decoded by as many CPUs as it has shards, and
+#: a small dataset by one or two. 8 MB (~60 frames, ~0.25 s of one CPU) keeps every CPU busy
+#: while the per-task overhead (~ms) stays small.
+DECODE_BLOCK_BYTES = 8 << 20
 
 
 class DataError(UserError):
@@ -78,7 +85,12 @@ def shard_files(data_uri: str, split: str) -> list[str]:
 
 
 def read_shards(
-    data_uri: str, split: str, columns: list[str] | None = None, *, shuffle_seed: int | None = None
+    data_uri: str,
+    split: str,
+    columns: list[str] | None = None,
+    *,
+    shuffle_seed: int | None = None,
+    block_bytes: int = DECODE_BLOCK_BYTES,
 ):
     """The raw rows of one split (``train``/``val``) as a Ray dataset, or a clear error.
 
@@ -87,26 +99,33 @@ def read_shards(
     from ray.data import FileShuffleConfig
 
     loc = resolve_dataset(data_uri).location.join(split)
-    files = [i.path for i in loc.list_files((".parquet",))]
+    infos = loc.list_files((".parquet",))
+    files = [i.path for i in infos]
     if not files:
         raise DataError(
             f"{loc.uri}: no Parquet shards (expected *.parquet written by `python -m jobs.ingest`)"
         )
     shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed)
-    # One read task (one block) per shard file: ingest sizes the files (~256 MB), and Ray's own
-    # estimate merges small files into one block, which streaming_split then hands whole to a
-    # single worker.
+    # One read task per shard file (Ray's own estimate merges small files into one block, which
+    # streaming_split then hands whole to a single worker), its output split into blocks of
+    # about `block_bytes`: asking Ray for more blocks than files splits each read's output
+    # (Ray 2.60: SplitBlocks), and the decode's tasks take blocks, so they run in parallel.
+    split = max(1, -(-max(i.size or 0 for i in infos) // max(1, block_bytes)))
     return compat.read_parquet_v1(
-        files, filesystem=loc.fs, columns=columns, shuffle=shuffle, override_num_blocks=len(files)
-    )
+        files, filesystem=loc.fs, columns=columns, shuffle=shuffle,
+        override_num_blocks=len(files) * split,
+    )  # fmt: skip
 
 
 def build_dataset(
-    data_uri: str, split: str, augment: Augment | None = None, *, shuffle_seed: int | None = None
+    data_uri: str,
+    split: str,
+    *,
+    shuffle_seed: int | None = None,
+    block_bytes: int = DECODE_BLOCK_BYTES,
 ):
-    """Decoded (and, for training, augmented) frames of one split, streamed by Ray Data;
-    with ``shuffle_seed``, the shard files in a new random order on every pass."""
+    """Decoded frames of one split, streamed by Ray Data; with ``shuffle_seed``, the shard
+    files in a new random order on every pass."""
     columns = ["image_id", "image", "label"]
-    return read_shards(data_uri, split, columns, shuffle_seed=shuffle_seed).map_batches(
-        decode_batch, batch_size=16, batch_format="numpy", fn_kwargs={"augment": augment}
-    )
+    ds = read_shards(data_uri, split, columns, shuffle_seed=shuffle_seed, block_bytes=block_bytes)
+    return ds.map_batches(decode_batch, batch_size=16, batch_format="numpy")

@@ -120,7 +120,6 @@ class Location:
         return sorted(infos, key=lambda i: i.path)
 
     # -- bytes --------------------------------------------------------------------------------
-    # -- bytes --------------------------------------------------------------------------------
     def read_bytes(
         self, *, max_bytes: int | None = None, retry: Retry | None = DEFAULT_RETRY
     ) -> bytes:

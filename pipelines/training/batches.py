@@ -1,6 +1,6 @@
 """Training and validation batches as torch tensors on the training device: Ray Data hands
-over uint8 frames (4x less than float32 to move through the object store), normalized here on
-the device (:meth:`~pipelines.core.frames.FrameTransform.normalize`); and how Ray Train splits
+over uint8 frames (4x less than float32 to move through the object store), normalized (and for
+training augmented) on the device (:meth:`~pipelines.core.frames.FrameTransform.normalize`); and how Ray Train splits
 the datasets over the workers.
 """
 
@@ -18,12 +18,17 @@ from pipelines.core.frames import FrameTransform
 
 class NormalizeCollate(NumpyBatchCollateFn):
     """``iter_torch_batches`` collate: uint8 numpy batch -> normalized float NCHW image and
-    int64 NHW label on ``device``."""
+    int64 NHW label on ``device``; with ``normalize=False`` the uint8 NHWC image and label,
+    moved only (training augments them first: :func:`~pipelines.training.augment.augment_batch`,
+    in the loop's thread, since Ray calls this in a pool of threads)."""
 
-    def __init__(self, transform: FrameTransform, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, transform: FrameTransform, device: torch.device | str = "cpu", normalize: bool = True
+    ) -> None:
         super().__init__()
         self.transform = transform
         self.device = torch.device(device)
+        self.normalize = normalize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         cuda = self.device.type == "cuda"
@@ -37,7 +42,10 @@ class NormalizeCollate(NumpyBatchCollateFn):
             image, label = image.pin_memory(), label.pin_memory()
         image = image.to(self.device, non_blocking=cuda)
         label = label.to(self.device, non_blocking=cuda)
-        out = {"image": self.transform.normalize(image), "label": label.long()}
+        if self.normalize:
+            out = {"image": self.transform.normalize(image), "label": label.long()}
+        else:
+            out = {"image": image, "label": label}
         if "image_id" in batch:
             out["image_id"] = [str(i) for i in batch["image_id"]]
         return out
@@ -53,6 +61,7 @@ def torch_batches(
     prefetch_batches: int = 2,
     shuffle_buffer: int = 0,
     shuffle_seed: int | None = None,
+    normalize: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of a Ray dataset or a Ray Train dataset shard as torch tensors.
 
@@ -61,7 +70,7 @@ def torch_batches(
     stream in instead of taking consecutive frames of one drive."""
     return ds.iter_torch_batches(
         batch_size=batch_size,
-        collate_fn=NormalizeCollate(transform, device),
+        collate_fn=NormalizeCollate(transform, device, normalize),
         drop_last=drop_last,
         prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=shuffle_buffer or None,

@@ -20,7 +20,6 @@ from pipelines.core import labels
 from pipelines.core.errors import Exit
 from pipelines.core.frames import FrameTransform
 from pipelines.core.options import ConfigError, as_dict
-from pipelines.data.augment import Augment
 from pipelines.data.shards import build_dataset, shard_files
 from pipelines.data.versions import DatasetVersion, resolve_dataset
 from pipelines.ops import capacity, faults, progress, tracking, watchdog
@@ -282,9 +281,7 @@ def make_trainer(cfg: TrainConfig, loop: LoopConfig, storage: Location):
             worker_runtime_env=faults.runtime_env(),  # the tests' armed fault points
         ),
         datasets={
-            "train": build_dataset(
-                cfg.data, "train", Augment() if cfg.augment else None, shuffle_seed=cfg.seed
-            ),
+            "train": build_dataset(cfg.data, "train", shuffle_seed=cfg.seed),
             "val": build_dataset(cfg.data, "val"),
         },
         dataset_config=split_config(),

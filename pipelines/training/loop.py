@@ -27,6 +27,7 @@ from pipelines.inference.device import check_gpu
 from pipelines.inference.model_dir import ModelSpec, load_model_dir, save_model_dir, unwrap
 from pipelines.ops import faults
 from pipelines.ops.progress import StepLine
+from pipelines.training.augment import Augment, augment_batch, step_generator
 from pipelines.training.batches import torch_batches
 from pipelines.training.checkpoint import (
     checkpoint_due,
@@ -212,9 +213,11 @@ def train_epoch(w: Worker, shard, epoch: int, seed: int, lines: StepLine | None)
     loss_sum = torch.zeros((), device=w.device)
     seen = torch.zeros((), device=w.device)
     t0 = time.perf_counter()
+    augment = Augment() if w.cfg.job.augment else None
+    generator = step_generator(w.device, seed)
     batches = torch_batches(
         shard, w.batch_size, w.cfg.transform, w.device, drop_last=True,
-        shuffle_buffer=w.cfg.job.shuffle_buffer, shuffle_seed=seed,
+        shuffle_buffer=w.cfg.job.shuffle_buffer, shuffle_seed=seed, normalize=augment is None,
     )  # fmt: skip
     setup_s = wait_s = 0.0
     stream, first, step_in_epoch = iter(batches), True, 0
@@ -227,6 +230,8 @@ def train_epoch(w: Worker, shard, epoch: int, seed: int, lines: StepLine | None)
             wait_s += time.perf_counter() - t_wait
         if batch is None:
             break
+        if augment is not None:  # on the device, in the step's stream
+            batch = augment_batch(batch, augment, w.cfg.transform, generator)
         loss = train_step(w.model, batch, w.criterion, w.optimizer, w.autocast,
                           channels_last=w.channels_last)  # fmt: skip
         w.scheduler.step()

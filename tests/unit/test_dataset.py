@@ -1,4 +1,6 @@
-"""The streaming dataset: decoding in Ray Data, augmentation invariants, torch batches."""
+"""The streaming dataset: decoding in Ray Data, in units smaller than a shard, torch batches."""
+
+import os
 
 import numpy as np
 import pytest
@@ -6,14 +8,14 @@ import torch
 
 from pipelines.core.codecs import encode_jpeg, encode_png
 from pipelines.core.labels import IGNORE_INDEX
-from pipelines.data.augment import Augment, decode_batch
-from pipelines.data.shards import DataError, build_dataset, read_shards
+from pipelines.data.decode import decode_batch
+from pipelines.data.shards import DataError, build_dataset, read_shards, shard_files
 from pipelines.training.batches import torch_batches
 from pipelines.training.loop import epoch_seed
 
 
 def test_train_batches_are_normalized_tensors(local_shards, test_transform, ray_cluster):
-    ds = build_dataset(local_shards, "train", augment=Augment())
+    ds = build_dataset(local_shards, "train")
     batches = list(torch_batches(ds, 4, test_transform, drop_last=True))
     assert len(batches) == 18 // 4
     b = batches[0]
@@ -79,35 +81,6 @@ def test_missing_shards_are_a_clear_error(tmp_path):
         read_shards(str(tmp_path), "train")  # a dataset without that split
 
 
-def test_augment_keeps_shape_and_label_values():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
-    label = rng.integers(0, 8, (32, 64), dtype=np.uint8)
-    aug = Augment(hflip=0.5, scale=(0.5, 1.5), colour=0.3)
-    for seed in range(20):
-        img, lbl = aug(image, label, np.random.default_rng(seed))
-        assert img.shape == image.shape and lbl.shape == label.shape
-        assert set(np.unique(lbl)) <= set(np.unique(label)) | {IGNORE_INDEX}
-
-
-def test_flip_only_mirrors_both():
-    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    label = np.array([[0, 1, 2], [3, 4, 5]], dtype=np.uint8)
-    img, lbl = Augment(hflip=1.0, scale=(1.0, 1.0), colour=0.0)(
-        image, label, np.random.default_rng(0)
-    )
-    assert np.array_equal(lbl, label[:, ::-1]) and np.array_equal(img, image[:, ::-1])
-
-
-def test_shrinking_pads_label_with_ignore_not_background():
-    label = np.zeros((40, 40), dtype=np.uint8)
-    image = np.zeros((40, 40, 3), dtype=np.uint8)
-    _, lbl = Augment(hflip=0.0, scale=(0.5, 0.5), colour=0.0)(
-        image, label, np.random.default_rng(0)
-    )
-    assert (lbl == IGNORE_INDEX).sum() == 40 * 40 - 20 * 20
-
-
 def test_decode_batch_without_ray():
     image = np.full((8, 16, 3), 90, dtype=np.uint8)
     label = np.eye(8, 16, dtype=np.uint8)
@@ -120,49 +93,19 @@ def test_decode_batch_without_ray():
     assert out["image"].shape == (1, 8, 16, 3) and np.array_equal(out["label"][0], label)
 
 
-def test_augment_keeps_image_and_label_aligned():
-    """After flip, scale and crop/pad, every pixel's colour still belongs to its label: the
-    image is painted from the label (one colour per class, blocks several pixels wide), so a
-    shift, a flip of one but not the other, or a different crop window shows as a mismatch."""
-    rng = np.random.default_rng(0)
-    palette = rng.integers(0, 256, (8, 3)).astype(np.uint8)
-    blocks = rng.integers(0, 8, (6, 10))
-    label = np.kron(blocks, np.ones((16, 16), dtype=np.int64)).astype(np.uint8)  # 96 x 160
-    label[:, :3] = 7  # an asymmetric edge: a flip must move it in both
-    image = palette[label]
-    aug = Augment(hflip=0.5, scale=(0.6, 1.6), colour=0.0)
-    flipped = scaled = 0
-    for seed in range(40):
-        img, lbl = aug(image, label, np.random.default_rng(seed))
-        # Pixels inside a uniform 5x5 label neighbourhood: away from class boundaries (and
-        # from the crop window's edge, beyond which the boundary is unknown), where bilinear
-        # (image) and nearest (label) resampling legitimately differ.
-        pad = np.pad(lbl.astype(np.int64), 2, constant_values=-1)
-        windows = np.lib.stride_tricks.sliding_window_view(pad, (5, 5))
-        inner = (windows == lbl[..., None, None]).all(axis=(-1, -2))
-        painted = inner & (lbl != IGNORE_INDEX)
-        assert painted.mean() > 0.1
-        diff = np.abs(img[painted].astype(int) - palette[lbl[painted]].astype(int)).max()
-        assert diff <= 2, (seed, diff)
-        # Padding: ignore in the label, black in the image.
-        assert (img[lbl == IGNORE_INDEX] == 0).all()
-        flipped += bool(lbl[:, -3:].mean() == 7 and (lbl[:, :3] != 7).any())
-        scaled += bool((lbl == IGNORE_INDEX).any())
-    assert flipped and scaled  # the seeds exercised both
-
-
-def test_crop_and_pad_take_the_same_window_of_image_and_label():
-    """Exact, pixel for pixel: the window (or padding) of the image is the label's."""
-    from pipelines.data.augment import _crop_or_pad
-
-    rng = np.random.default_rng(1)
-    palette = rng.integers(1, 256, (8, 3)).astype(np.uint8)  # no class is black
-    for ih, iw, h, w in [(40, 70, 32, 48), (20, 30, 32, 48), (40, 30, 32, 48)]:
-        label = rng.integers(0, 8, (ih, iw)).astype(np.uint8)  # every pixel its own
-        for seed in range(10):
-            img, lbl = _crop_or_pad(palette[label], label, h, w, np.random.default_rng(seed))
-            assert img.shape == (h, w, 3) and lbl.shape == (h, w)
-            valid = lbl != IGNORE_INDEX
-            assert np.array_equal(img[valid], palette[lbl[valid]])
-            assert (img[~valid] == 0).all()
-            assert valid.sum() == min(h, ih) * min(w, iw)
+def test_shards_are_decoded_in_blocks_smaller_than_a_file(local_shards, ray_cluster):
+    """A shard file's rows are split into blocks of about ``block_bytes`` of encoded frames and
+    decoded by an operator of its own (its tasks take blocks, not whole ~256 MB files), every
+    row once; a file within ``block_bytes`` is one block."""
+    files = shard_files(local_shards, "train")
+    whole = build_dataset(local_shards, "train").materialize()
+    assert whole.num_blocks() == len(files)
+    biggest = max(os.path.getsize(f) for f in files)
+    read = read_shards(local_shards, "train", block_bytes=biggest // 3).materialize()
+    assert read.num_blocks() >= 3 * len(files)
+    split = build_dataset(local_shards, "train", block_bytes=biggest // 3).materialize()
+    stats = split.stats()
+    assert "ReadParquet->SplitBlocks" in stats and "Operator 2 MapBatches(decode_batch)" in stats
+    assert sorted(r["image_id"] for r in split.take_all()) == sorted(
+        r["image_id"] for r in whole.take_all()
+    )

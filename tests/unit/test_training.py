@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from fcn_models import build_model
-from pipelines.data.augment import decode_batch
+from pipelines.data.decode import decode_batch
 from pipelines.data.shards import shard_files
 from pipelines.inference.model_dir import load_model_dir, save_model_dir
 from pipelines.ops import tracking
