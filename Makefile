@@ -1,9 +1,11 @@
 # Every target creates .venv and installs the project if needed, so a fresh clone needs only
-# `make demo` or `make test`.
+# `make demo` or `make test`. `make demo` installs what the jobs need; `make test` adds the
+# local stack's servers and the test tooling (pyproject's `dev` extra).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test lint bench clean venv lock
 
@@ -15,17 +17,21 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $(STAMP)
 
-lock: $(STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(DEV_STAMP)
+
+lock: $(DEV_STAMP)
 	$(PY) -m pip freeze --exclude-editable \
 		| grep -v -i -E '^(torch|torchvision|triton|nvidia-(cu|nc|nv)|cuda-)' > constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -34,7 +40,7 @@ test: lint
 
 # CPU-sized by default; on a GPU machine: make bench BENCH_ARGS="--device cuda"
 BENCH_ARGS ?= --quick
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:

@@ -39,7 +39,15 @@ def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help; the exit-status table (the epilog) keeps its lines."""
+    """Defaults in the help, once: not where the help already says its default, nor "None"
+    (a required flag, or one whose default the help explains); the exit-status table (the
+    epilog) keeps its lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser(

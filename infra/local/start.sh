@@ -54,6 +54,10 @@ while [ $# -gt 0 ]; do
 done
 
 [ -x "$BIN/ray" ] || { echo "error: $BIN/ray not found; run 'make venv' first" >&2; exit 2; }
+# The servers' own packages are the `stack` extra (the jobs and the Ray image never need them).
+"$BIN/python" -c "import psycopg2, mlflow.server.auth, moto.server" 2>/dev/null || {
+  echo "error: the local stack's servers are not installed in ${BIN%/bin}; run:" \
+    "$BIN/pip install -c constraints.txt -e '.[stack]'" >&2; exit 2; }
 if [ "$RESTART_MLFLOW" = 1 ] && [ ! -f "$STATE/mlflow.pid" ]; then
   echo "error: no MLflow server of a local stack in $STATE (start the stack first)" >&2
   exit 2

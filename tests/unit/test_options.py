@@ -59,6 +59,16 @@ def test_help_lists_groups_and_defaults():
     assert re.search(r"\ncluster:\n +--workers WORKERS +workers \(default: 2\)\n", text)
 
 
+@pytest.mark.parametrize("job", [ingest, train, promote, label], ids=lambda m: m.__name__)
+def test_help_states_each_default_once(job):
+    """No "(default: None)" (required flags, defaults the help explains), and no option whose
+    own help already says its default gets a second one."""
+    text = job.build_parser().format_help()
+    entries = re.split(r"\n  (?=-)", text)
+    assert "(default: None)" not in text
+    assert not [e for e in entries if e.lower().count("default:") > 1]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
