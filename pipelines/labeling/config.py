@@ -68,7 +68,7 @@ class LabelConfig(ActorPoolOptions, SourceLimitOptions, ProgressOptions):
     review_below: float | None = option(
         None,
         "also write the frames whose confidence is under this, or whose novelty is over "
-        "--review-novelty-above, to OUTPUT/review/labeled_date=DATE/RUN.parquet (ids, "
+        "--review-novelty-above, to OUTPUT/_review/labeled_date=DATE/RUN.parquet (ids, "
         "sources, scores), for people to review",
         above=0,
         max=1,

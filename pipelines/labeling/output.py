@@ -1,6 +1,6 @@
 """Reading labeling's output: the committed files (as Arrow's dataset discovery finds them),
 the sources already labeled by a model version, every committed row, a preview picture; and
-writing a run's review list.
+writing and reading the review lists.
 """
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.labeling.schema import NOVELTY_ABOVE, OUTPUT_SCHEMA, REVIEW, REVIEW_SCHEMA
+from pipelines.labeling.schema import (
+    LEGACY_REVIEW,
+    NOVELTY_ABOVE,
+    OUTPUT_SCHEMA,
+    REVIEW,
+    REVIEW_SCHEMA,
+)
 from pipelines.storage import Location, resolve
 
 
@@ -36,9 +42,12 @@ def committed_files(output: Location) -> list[str]:
 
 
 def _is_output_file(output: Location, path: str) -> bool:
-    """A committed output file: ``.parquet``, not under ``OUTPUT/review/``."""
-    return path.lower().endswith(".parquet") and not path.startswith(
-        output.join(REVIEW).path.rstrip("/") + "/"
+    """A committed output file: ``.parquet``, not a review list. ``OUTPUT/_review/`` is
+    skipped by discovery already (its underscore); ``OUTPUT/review/``, where review lists were
+    written before, is excluded here for one release (see ``LEGACY_REVIEW``)."""
+    return path.lower().endswith(".parquet") and not any(
+        path.startswith(output.join(folder).path.rstrip("/") + "/")
+        for folder in (REVIEW, LEGACY_REVIEW)
     )
 
 
@@ -105,8 +114,9 @@ def write_review(
     (``confidence`` of its lanes under ``below``, or, where no lane was predicted,
     ``pixel_confidence`` under it), or the frame is unlike the training data (``novelty``
     above ``novelty_above``: there the softmax is no guide, it is often sure and wrong).
-    Written as one small Parquet file ``OUTPUT/review/labeled_date=DATE/RUN.parquet``, so a
-    labeling team pulls exactly those frames. Returns (its URI, rows)."""
+    Written as one small Parquet file ``OUTPUT/_review/labeled_date=DATE/RUN.parquet``, which
+    readers of the output skip (the underscore), so a labeling team pulls exactly those
+    frames. Returns (its URI, rows)."""
     import pyarrow.compute as pc
 
     ok = rows.filter(pc.equal(rows["status"], "ok"))
@@ -121,6 +131,27 @@ def write_review(
     pq.write_table(picked, buf)
     dest.write_bytes(buf.getvalue())
     return dest.uri, picked.num_rows
+
+
+def read_review(output_uri: str) -> pa.Table:
+    """Every review list's rows, with the ``labeled_date`` partition column: those under
+    ``OUTPUT/_review/`` and, for one release, those written before under ``OUTPUT/review/``
+    (``LEGACY_REVIEW``)."""
+    import pyarrow.dataset as pads
+
+    output = resolve(output_uri)
+    date = pa.schema([("labeled_date", pa.string())])
+    schema = pa.unify_schemas([REVIEW_SCHEMA, date])
+    tables = []
+    for folder in (LEGACY_REVIEW, REVIEW):
+        base = output.join(folder)
+        files = [i.path for i in base.list_files((".parquet",))]
+        if files:
+            tables.append(pads.dataset(
+                files, schema=schema, filesystem=output.fs, format="parquet",
+                partitioning=pads.partitioning(date, flavor="hive"), partition_base_dir=base.path,
+            ).to_table())  # fmt: skip
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def preview(output_uri: str, dest: Path, n: int = 4) -> Path:

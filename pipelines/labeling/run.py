@@ -239,4 +239,6 @@ def _commit_chunk(cfg: LabelConfig, lease: Lease, rows: pa.Table, n: int, labele
     tally.error += result.error
     tally.deferred += result.deferred
     tally.left -= len(expected)
+    if pause := faults.armed("label.pause_after_commit"):
+        time.sleep(float(pause))
     dog.beat(f"chunk {n + 1} committed")

@@ -21,6 +21,7 @@ POINTS = {
     "ingest.pause_after_shard": "each shard write then pauses VALUE seconds",
     "label.exit_after_write": "the labeling driver exits 137 once a chunk's staging is written",
     "label.exit_mid_commit": "the labeling driver exits 137 after moving VALUE files of a commit",
+    "label.pause_after_commit": "the labeling driver pauses VALUE seconds after each commit",
     "train.exit_at_step": "rank 0 exits 1 at global step VALUE, once per run",
 }
 

@@ -177,6 +177,7 @@ def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, caps
     assert len({r["mask"] for r in table if r["status"] == "ok"}) > 1  # not a constant model
     # --review-below 1: every frame labeled ok is listed for review (ids and scores), once.
     [line] = [x for x in out.splitlines() if x.startswith("review: ")]
+    assert f"{s['output']}/_review/labeled_date=" in line, line  # where readers skip it
     review = pq.read_table(io.BytesIO(resolve(line.split(" -> ")[1]).read_bytes()))
     assert sorted(review.column("source").to_pylist()) == sorted(
         r["source"] for r in table if r["status"] == "ok"
@@ -396,10 +397,37 @@ def test_an_ingested_dataset_is_labeled_chunk_by_chunk_from_its_own_shards(
     assert status == 0, text
     assert counts(text) == (24, 24, 0, 0)
     assert [len(rows) for rows in pipelines] == [24]  # one pipeline (one actor pool) per run
-    files = [p for p in out.rglob("*.parquet") if "review" not in p.parts]
+    files = [p for p in out.rglob("*.parquet") if not {"_review", "review"} & set(p.parts)]
     assert len({p.name.rsplit("-", 1)[0] for p in files}) == 5  # 24 frames, 5 per commit
     rows = read_output(str(out)).to_pylist()
     assert sorted(r["source"] for r in rows) == sorted(r["source"] for r in inputs.rows)
     t = inputs.transform
     for r in rows:
         assert decode_png_mask(r["mask"]).shape == (r["height"], r["width"]) == (t.height, t.width)
+
+
+@pytest.mark.slow
+def test_a_run_past_its_time_limit_stops_at_the_next_commit_and_the_next_run_finishes(
+    labeling_setup, capsys, monkeypatch
+):
+    """--time-limit mid-run: the run commits its first chunk, finds itself past the limit
+    (each commit is followed by a pause longer than the limit, so the outcome does not depend
+    on how fast this machine labels) and stops, leaving the rest to the next run, which labels
+    exactly those: one row per input in all."""
+    s = labeling_setup
+    argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
+            "--max-pixels", str(MAX_PIXELS), "--chunk-frames", "3"]  # fmt: skip
+    monkeypatch.setenv("LANE_FAULTS", "label.pause_after_commit=16")
+    status, out = run_label(capsys, *argv, "--time-limit", "15")
+    assert status == 0, out
+    found, labeled, errors, *_ = counts(out)
+    assert labeled + errors == 3, out  # one chunk
+    assert f"--time-limit 15s reached: {len(s['expected']) - 3} frames left" in out
+    assert len(read_output(s["output"]).to_pylist()) == 3
+    monkeypatch.delenv("LANE_FAULTS")
+    status, out = run_label(capsys, *argv)
+    assert status == 0, out
+    table = read_output(s["output"]).to_pylist()
+    assert sorted(r["source"] for r in table) == sorted(
+        f"{s['input']}/{rel}" for rel in s["expected"]
+    )

@@ -1,9 +1,10 @@
 """The labeling output's bookkeeping scan (``already_labeled``, ``committed_files``,
-``read_output``) on a local folder and on the moto S3 server: fast, no Ray.
+``read_output``, ``read_review``) on a local folder and on the moto S3 server: fast, no Ray.
 
 Outputs are written as the job leaves them: ``labeled_date=YYYY-MM-DD/*.parquet`` in
-``OUTPUT_SCHEMA``, next to what must never be read as output (a ``_staging/`` run, a
-``_lease.json``, hidden files, a stray non-Parquet file).
+``OUTPUT_SCHEMA``, next to what must never be read as output (review lists under ``_review/``
+and, written by earlier releases, ``review/``; a ``_staging/`` run, a ``_lease.json``, hidden
+files, a stray non-Parquet file).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.labeling.output import already_labeled, committed_files, read_output
-from pipelines.labeling.schema import OUTPUT_SCHEMA
+from pipelines.labeling.output import already_labeled, committed_files, read_output, read_review
+from pipelines.labeling.schema import LEGACY_REVIEW, OUTPUT_SCHEMA, REVIEW, REVIEW_SCHEMA
 from pipelines.storage import Location, resolve
 
 MODEL = "lanes"
@@ -49,6 +50,11 @@ def rows(sources: list[str], version: str, model: str = MODEL, status: str = "ok
     )
 
 
+def review_rows(sources: list[str]) -> pa.Table:
+    """A review list's rows (its own columns), as write_review leaves them."""
+    return rows(sources, "1").select(REVIEW_SCHEMA.names).cast(REVIEW_SCHEMA)
+
+
 def put(output: Location, rel: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -78,8 +84,10 @@ def two_versions(output) -> Location:
         ["confidence", "pixel_confidence", "uncertain_fraction", "novelty"]
     )
     put(output, f"labeled_date={DAY1}/b_000000.parquet", legacy)
-    # A --review-below list: under the output, but no output rows.
-    put(output, f"review/labeled_date={DAY2}/run-x.parquet", rows(src("zz"), "1"))
+    # --review-below lists: under the output, but no output rows. One where the job writes
+    # them, one where earlier releases did (still excluded for one release).
+    put(output, f"{REVIEW}/labeled_date={DAY2}/run-x.parquet", review_rows(src("zz")))
+    put(output, f"{LEGACY_REVIEW}/labeled_date={DAY1}/run-w.parquet", review_rows(src("yy")))
     put(output, f"labeled_date={DAY2}/c_000000.parquet", rows(src("a1", "a2", "c3"), "2"))
     put(output, f"labeled_date={DAY2}/d_000000.parquet",
         pa.concat_tables([rows(src("d4"), "1"), rows(src("d5"), "2")]))  # fmt: skip
@@ -113,6 +121,13 @@ def test_committed_files_and_read_output_see_every_committed_row(two_versions):
     )
 
 
+def test_read_review_reads_both_review_locations_and_no_output_row(two_versions):
+    got = sorted(
+        (r["image_id"], r["labeled_date"]) for r in read_review(two_versions.uri).to_pylist()
+    )
+    assert got == [("yy.jpg", DAY1), ("zz.jpg", DAY2)]
+
+
 def test_staging_lease_hidden_and_stray_files_are_never_read_as_output(two_versions):
     out = two_versions
     # A run that was never committed, one whose commit was cut off, and their markers.
@@ -138,6 +153,7 @@ def test_missing_or_empty_output_is_an_empty_set(output):
     assert already_labeled(output, MODEL, "1") == set()
     assert committed_files(output) == []
     assert read_output(output.uri).num_rows == 0
+    assert read_review(output.uri).num_rows == 0
 
     # Only what is not output yet: a lease and a run still in staging.
     output.join("_lease.json").write_text("{}")
