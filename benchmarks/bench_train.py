@@ -31,8 +31,9 @@ import torch
 
 from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize
 from fcn_models import build_model
-from pipelines.core.frames import parse_size
+from pipelines.core.frames import FrameTransform, parse_size
 from pipelines.core.labels import N_CLASSES
+from pipelines.training.augment import Augment, augment_batch, step_generator
 from pipelines.training.loop import train_step
 from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
 
@@ -51,10 +52,17 @@ def flops_per_image(model: torch.nn.Module, h: int, w: int, device: torch.device
 
 
 def in_memory(
-    size: tuple[int, int], batch: int, steps: int, device: torch.device, compile_: bool = False
+    size: tuple[int, int],
+    batch: int,
+    steps: int,
+    device: torch.device,
+    compile_: bool = False,
+    augment: bool = False,
 ) -> tuple[float, float]:
     """(images/s, FLOPs per image) of SGD steps on tensors already on the device
-    (``compile_``: the model through ``torch.compile``, warm-up includes compiling)."""
+    (``compile_``: the model through ``torch.compile``, warm-up includes compiling;
+    ``augment``: each step starts from uint8 frames and runs the training loop's
+    augmentation and normalization on the device first, as ``train_epoch`` does)."""
     w, h = size
     cuda = device.type == "cuda"
     model = build_model("fcn8s_resnet101", N_CLASSES).to(device).train()
@@ -75,9 +83,18 @@ def in_memory(
     y = torch.randint(0, N_CLASSES, (batch, h, w), device=device)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    raw = {
+        "image": torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device),
+        "label": y.to(torch.uint8),
+    }
+    transform = FrameTransform(width=w, height=h)
+    gen = step_generator(device, 0)
 
     def step() -> None:
-        train_step(model, {"image": x, "label": y}, criterion, opt, autocast)
+        batch_ = {"image": x, "label": y}
+        if augment:
+            batch_ = augment_batch(raw, Augment(), transform, gen)
+        train_step(model, batch_, criterion, opt, autocast, channels_last=cuda)
 
     for _ in range(3):  # warm-up: allocator, cuDNN/oneDNN algorithm choice
         step()
@@ -180,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="skip the jobs.train run (for a machine with PyTorch but no Ray or MLflow)",
     )
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="also time in-memory steps that start from uint8 frames and augment on the device",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = parse_device(p, args)
@@ -217,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def mfu_of(rate: float) -> str:
         return f"{flops * rate / 1e12 / peak:.1%}" if peak else "n/a"
+
+    if args.augment:
+        a_rate, _ = in_memory(args.size, args.batch_size, args.steps, device, augment=True)
+        rows.append((f"in-memory + the step's augmentation on the {device.type}, batch "
+                     f"{args.batch_size}", f"{a_rate:.2f} images/s ({a_rate / mem_rate:.2f} of "
+                     "without)"))  # fmt: skip
 
     if args.compile:
         label = f"in-memory, torch.compile, batch {args.batch_size} (MFU)"
