@@ -14,10 +14,11 @@ the issue asks about need the GPU size, e.g. ``--device cuda --size 1024x384 --f
 
 Data: the demo's synthetic drives (``pipelines.data.synthetic.write_tree``), found and split by
 drive as ``jobs.ingest`` does (``discover``, ``split_drives``), converted by the pipeline's own
-``process_pair``, held in memory (no Ray), as ``benchmarks/bench_learning.py`` does. Training
-frames are decoded (``decode_batch``) and augmented on the device with the training job's
-``Augment``; the validation split is scored in eval mode with ``confusion_matrix`` and
-``scores`` (``pipelines.core.metrics``, the project's one metrics implementation).
+``process_pair``, held in memory (no Ray Data or Train; ``train_step``'s module imports Ray, so
+it must be installed), as ``benchmarks/bench_learning.py`` does. The frames are decoded once
+(``decode_batch``) onto the device; training batches are augmented there with the training
+job's ``Augment`` (``augment_batch``); the validation split is scored in eval mode with
+``confusion_matrix`` and ``scores`` (``pipelines.core.metrics``, the one metrics implementation).
 
 Models and how each starts (``fcn_models.build_model`` names):
 
@@ -65,19 +66,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.bench_learning import demo_data, ingest_in_memory
 from benchmarks.common import add_device_arg, device_name, emit, parse_device, synchronize, table
 from fcn_models import MODEL_NAMES, build_model
 from pipelines.core.frames import FrameTransform, parse_size
 from pipelines.core.labels import CLASS_NAMES, IGNORE_INDEX, N_CLASSES
 from pipelines.core.metrics import confusion_matrix, scores
 from pipelines.data.decode import decode_batch
-from pipelines.data.discover import discover, split_drives
-from pipelines.data.ingest import process_pair
-from pipelines.data.synthetic import write_tree
-from pipelines.storage import resolve
 from pipelines.training.augment import Augment, augment_batch, step_generator
-from pipelines.training.loop import epoch_seed, train_step
 from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
+from pipelines.training.step import epoch_seed, train_step
 from pipelines.training.weights import load_backbone_weights
 
 MODELS = MODEL_NAMES  # fcn32s, fcn16s, fcn8s, fcn8s_atonce, fcn8s_resnet101
@@ -87,54 +85,30 @@ VGG = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce")
 
 
 # -- data: as bench_learning, the demo's drives held in memory ------------------------------------
-def demo_data(root: Path, frames: int, frame_size: tuple[int, int]) -> None:
-    """The demo's labeled drive: ``frames`` frames in four chunks of four records each."""
-    step = max(1, frames // 4)
-    for start in range(0, frames, step):
-        write_tree(root, min(step, frames - start), records=4, width=frame_size[0],
-                   height=frame_size[1], seed=start, road="road02")  # fmt: skip
+def decoded(rows: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every frame of a split decoded once (``decode_batch``) and held on the device: uint8
+    ``image`` (N, H, W, 3) and ``label`` (N, H, W), as the training loop receives them."""
+    out = decode_batch(
+        {k: np.array([r[k] for r in rows], dtype=object) for k in ("image", "label")}
+    )
+    return {k: torch.from_numpy(out[k]).to(device) for k in ("image", "label")}
 
 
-def ingest_in_memory(root: Path, transform: FrameTransform, val_fraction: float, seed: int):
-    """(train rows, val rows) of encoded frames, split by drive as ``jobs.ingest`` does."""
-    found = discover(str(root))
-    splits = split_drives((c.drive for c in found.candidates), val_fraction, seed)
-    rows: dict[str, list[dict]] = {"train": [], "val": []}
-    for c in sorted(found.candidates, key=lambda c: c.image_id):
-        if c.image and c.label:
-            row = process_pair(
-                resolve(c.image).read_bytes(), resolve(c.label).read_bytes(), transform
-            )
-            rows[splits[c.drive]].append({"image_id": c.image_id, **row})
-    return rows["train"], rows["val"]
-
-
-def batches(rows: list[dict], size: int, transform: FrameTransform, device: torch.device,
-            augment: Augment | None = None, generator: torch.Generator | None = None
-            ) -> Iterator[dict]:  # fmt: skip
-    """Decoded batches of ``size`` rows (the last partial one dropped, as the job does):
-    augmented and normalized on the device as the training loop does, or only normalized."""
-    for i in range(0, len(rows) - size + 1, size):
-        chunk = rows[i : i + size]
-        out = decode_batch(
-            {k: np.array([r[k] for r in chunk], dtype=object) for k in ("image", "label")}
-        )
-        image = torch.from_numpy(out["image"]).to(device)
-        label = torch.from_numpy(out["label"]).to(device)
-        if augment is None:
-            yield {"image": transform.normalize(image), "label": label.long()}
-        else:
-            yield augment_batch({"image": image, "label": label}, augment, transform, generator)
-
-
-def train_batches(rows: list[dict], size: int, transform: FrameTransform, device: torch.device,
+def train_batches(frames: dict[str, torch.Tensor], size: int, transform: FrameTransform,
                   seed: int) -> Iterator[dict]:  # fmt: skip
-    """Augmented batches without end: a new order and augmentation stream every epoch, drawn
-    from ``seed`` and the epoch (the same sequence for every model of a seed)."""
+    """Augmented, normalized batches without end, as the training loop makes them
+    (``augment_batch``): a new order and augmentation stream every epoch, drawn from ``seed``
+    and the epoch (the same sequence for every model of a seed); the last partial batch of an
+    epoch is dropped, as the job does."""
+    n, device = len(frames["label"]), frames["label"].device
     for epoch in itertools.count():
         s = epoch_seed(seed, epoch)
-        order = [rows[i] for i in np.random.default_rng(s).permutation(len(rows))]
-        yield from batches(order, size, transform, device, Augment(), step_generator(device, s))
+        order = torch.from_numpy(np.random.default_rng(s).permutation(n)).to(device)
+        generator = step_generator(device, s)
+        for i in range(0, n - size + 1, size):
+            idx = order[i : i + size]
+            batch = {"image": frames["image"][idx], "label": frames["label"][idx]}
+            yield augment_batch(batch, Augment(), transform, generator)
 
 
 # -- the boundary measure -------------------------------------------------------------------------
@@ -186,7 +160,7 @@ def recipe_for(name: str, args):
     return make_recipe(recipe, name, lr=args.lr)
 
 
-def train(model: nn.Module, name: str, rows: list[dict], args, transform: FrameTransform,
+def train(model: nn.Module, name: str, frames: dict, args, transform: FrameTransform,
           device: torch.device, seed: int) -> dict:  # fmt: skip
     """``args.steps`` training steps as the training job takes them; images/s and peak memory."""
     cuda = device.type == "cuda"
@@ -201,7 +175,7 @@ def train(model: nn.Module, name: str, rows: list[dict], args, transform: FrameT
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)  # dropout
     model.train()
-    stream = train_batches(rows, args.batch_size, transform, device, seed)
+    stream = train_batches(frames, args.batch_size, transform, seed)
     seconds, images, loss = 0.0, 0, float("nan")
     for step, batch in enumerate(itertools.islice(stream, args.steps)):
         synchronize(device)
@@ -217,7 +191,7 @@ def train(model: nn.Module, name: str, rows: list[dict], args, transform: FrameT
     return {"images_per_s": images / max(seconds, 1e-9), "peak_mib": peak, "loss": loss}
 
 
-def evaluate(model: nn.Module, rows: list[dict], transform: FrameTransform,
+def evaluate(model: nn.Module, frames: dict, transform: FrameTransform,
              device: torch.device, band: int) -> dict:  # fmt: skip
     """Scores of the validation split in eval mode: everywhere, and within the label-edge band."""
     conf = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.int64, device=device)
@@ -225,9 +199,9 @@ def evaluate(model: nn.Module, rows: list[dict], transform: FrameTransform,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.eval()
     with torch.no_grad(), autocast:
-        for batch in batches(rows, 1, transform, device):
-            y = batch["label"]
-            pred = model(batch["image"]).argmax(1)
+        for i in range(len(frames["label"])):
+            y = frames["label"][i : i + 1].long()
+            pred = model(transform.normalize(frames["image"][i : i + 1])).argmax(1)
             conf += confusion_matrix(pred, y, N_CLASSES)
             edge = boundary_band(y, band)
             conf_band += confusion_matrix(pred, y.masked_fill(~edge, IGNORE_INDEX), N_CLASSES)
@@ -249,7 +223,7 @@ def evaluate(model: nn.Module, rows: list[dict], transform: FrameTransform,
 def run_seed(names: list[str], seed: int, data, args, transform, device, weights) -> list[dict]:
     """Every model of ``names`` (in ``MODELS`` order, so each stage follows the one it starts
     from) trained and scored from ``seed``."""
-    train_rows, val_rows = data
+    train_frames, val_frames = (decoded(rows, device) for rows in data)
     trained: dict[str, nn.Module] = {}
     results = []
     for name in names:
@@ -259,8 +233,8 @@ def run_seed(names: list[str], seed: int, data, args, transform, device, weights
             if done == name:
                 trained.pop(before, None)
         model = model.to(device)
-        fit = train(model, name, train_rows, args, transform, device, seed)
-        scored = evaluate(model, val_rows, transform, device, args.band)
+        fit = train(model, name, train_frames, args, transform, device, seed)
+        scored = evaluate(model, val_frames, transform, device, args.band)
         if name in STAGED_FROM.values():
             trained[name] = model
         results.append({"model": name, "seed": seed, "init": start, **fit, **scored})

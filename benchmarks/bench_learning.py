@@ -43,8 +43,8 @@ from pipelines.data.ingest import process_pair
 from pipelines.data.synthetic import write_tree
 from pipelines.storage import resolve
 from pipelines.training.augment import Augment, step_generator
-from pipelines.training.loop import epoch_seed, train_step
 from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
+from pipelines.training.step import epoch_seed, train_step
 
 VARIANTS = ("before", "shuffle", "groups", "after")
 

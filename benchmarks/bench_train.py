@@ -34,8 +34,8 @@ from fcn_models import build_model
 from pipelines.core.frames import FrameTransform, parse_size
 from pipelines.core.labels import N_CLASSES
 from pipelines.training.augment import Augment, augment_batch, step_generator
-from pipelines.training.loop import train_step
 from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
+from pipelines.training.step import train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

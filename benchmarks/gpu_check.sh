@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
 #   LEARNING=1 bash benchmarks/gpu_check.sh # also issue 11's learning curves (~10 min more)
+#   FCN_TABLE=1 bash benchmarks/gpu_check.sh # also issue 26's FCN table (~4-7 min more)
 #
 # What runs here needs only PyTorch, torchvision, numpy and Pillow: the lent GPU machines have
 # no Ray or MLflow. The Ray-based halves (jobs.train and jobs.label on the GPU) run at the end
@@ -57,6 +58,13 @@ if [ "${LEARNING:-0}" = 1 ]; then
     step 900 learning -- "$PY" -m benchmarks.bench_learning --device cuda --size 1024x384 \
         --frame-size 1692x855 --crop-top 345 --frames 192 --epochs 10 --batch-size 8 \
         --out "$OUT/learning.md"
+fi
+if [ "${FCN_TABLE:-0}" = 1 ]; then
+    # Issue 26: FCN-32s/16s/8s staged and at once, and FCN-8s ResNet-101, two seeds, 1024x384
+    # (~4 minutes on one H200, estimated from the CPU run's FLOPs).
+    step 420 fcn-table -- "$PY" -m benchmarks.bench_fcn_table --device cuda --size 1024x384 \
+        --frame-size 1692x855 --crop-top 345 --frames 96 --steps 100 --batch-size 8 \
+        --out "$OUT/fcn_table.md"
 fi
 if [ -n "${GPU_BUNDLE:-}" ] && [ -f "$GPU_BUNDLE" ]; then
     # The Ray jobs through the bundle (its own per-job limits; about 8 minutes at most).

@@ -47,32 +47,12 @@ from pipelines.training.distributed import (
 )
 from pipelines.training.recipe import make_loss, make_optimizer, set_trainable
 from pipelines.training.record import EpochLogger, SystemMetrics, epoch_pictures, overlay_samples
+from pipelines.training.step import epoch_seed, train_step
 
 log = logging.getLogger(__name__)
 
 # Marks, in run storage, that the "train.exit_at_step" fault point has fired for the run.
 FAULT_MARKER = ".fault-exit-at-step-done"
-
-
-def train_step(
-    model, batch: dict, criterion, optimizer, autocast, *, channels_last: bool = False
-) -> torch.Tensor:
-    """One optimization step on a batch; returns the (detached) loss."""
-    x, y = batch["image"], batch["label"]
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        loss = criterion(model(x).float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """An independent 32-bit seed per (run seed, epoch, rank): a resumed run draws what the
-    uninterrupted one would have drawn in that epoch, not epoch 0's numbers again."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 @dataclass

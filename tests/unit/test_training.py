@@ -26,7 +26,6 @@ from pipelines.training.checkpoint import (
     save_train_state,
     write_epoch_record,
 )
-from pipelines.training.loop import epoch_seed, train_step
 from pipelines.training.recipe import (
     RecipeError,
     make_loss,
@@ -35,6 +34,7 @@ from pipelines.training.recipe import (
     set_trainable,
 )
 from pipelines.training.record import EpochLogger, SystemMetrics, epoch_pictures
+from pipelines.training.step import epoch_seed, train_step
 
 MODEL = "fcn8s_resnet101"
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
