@@ -4,8 +4,9 @@ transform and file digests).
 
 Pyfunc contract: input a numpy batch of RGB frames, uint8, shape (N, H, W, 3), any N and any
 H x W (crop, resize and normalization run inside); output (N, H, W) uint8 training-id masks at
-the input's size. ``mlflow.pyfunc.load_model("models:/NAME/VERSION")`` does this in a plain
-Python process, no Ray needed.
+the input's size. For MLflow-native clients (``mlflow models serve``, ``mlflow.pyfunc``), which
+unpickle ``python_model.pkl`` and so trust the store; this project's code loads versions as
+data instead, :func:`pipelines.registry.load_model` for notebooks and services (same masks).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -25,6 +27,7 @@ from mlflow.types import Schema, TensorSpec
 import fcn_models
 import pipelines
 from pipelines.core.frames import MIN_FRAME
+from pipelines.inference import LaneModel
 from pipelines.inference.model_dir import SPEC_FILE, ModelSpec
 from pipelines.inference.predictor import Predictor
 from pipelines.ops import tracking
@@ -32,25 +35,25 @@ from pipelines.registry.versions import ARTIFACT_KEY, DIGEST_TAGS, TRANSFORM_TAG
 
 
 class LaneSegmentationModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: (N, H, W, 3) uint8 RGB frames -> (N, H, W) uint8 training-id masks."""
+    """MLflow pyfunc: (N, H, W, 3) uint8 RGB frames -> (N, H, W) uint8 training-id masks, by
+    :meth:`pipelines.inference.LaneModel.predict` (what ``pipelines.registry.load_model``
+    returns, without the pickle)."""
 
     def load_context(self, context) -> None:
-        self.predictor = Predictor.load(context.artifacts[ARTIFACT_KEY])
+        directory = context.artifacts[ARTIFACT_KEY]
+        self.model = LaneModel(Predictor.load(directory), source=str(directory))
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        # MLflow hands a named tensor input over as {name: array} after schema enforcement.
+    # ``model_input: np.ndarray``: MLflow wraps ``predict`` by its input's type hint when the
+    # class is defined; without one, or with one it cannot check, it warns on every import
+    # (every jobs.label and jobs.promote start). For np.ndarray it checks nothing and keeps
+    # the logged signature (a uint8 (-1, -1, -1, 3) tensor), which it enforces before this runs.
+    def predict(
+        self, context, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
+        # The signature's tensor is named: MLflow hands it over as {"frames": array}.
         if isinstance(model_input, dict) and len(model_input) == 1:
             model_input = next(iter(model_input.values()))
-        frames = np.asarray(model_input)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(
-                f"expected a uint8 batch of RGB frames shaped (N, H, W, 3), got shape "
-                f"{frames.shape} dtype {frames.dtype}"
-            )
-        masks = self.predictor.predict(frames)
-        if not masks:
-            return np.zeros(frames.shape[:3], dtype=np.uint8)
-        return np.stack(masks)
+        return self.model.predict(model_input)
 
 
 def signature() -> ModelSignature:

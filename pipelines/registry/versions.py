@@ -114,8 +114,12 @@ def fetch_verified(ref: ModelRef, client: MlflowClient | None = None) -> dict[st
     with tempfile.TemporaryDirectory() as tmp:
         for name, tag in DIGEST_TAGS.items():
             try:
+                # The client's store, not the process's: a notebook's load_model(tracking_uri=)
+                # leaves MLflow's global URI alone (``mlflow-artifacts:`` resolves against it).
                 path = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{base}/artifacts/{ARTIFACT_KEY}/{name}", dst_path=tmp
+                    artifact_uri=f"{base}/artifacts/{ARTIFACT_KEY}/{name}",
+                    dst_path=tmp,
+                    tracking_uri=client.tracking_uri,
                 )
                 data = Path(path).read_bytes()
             except (mlflow.exceptions.MlflowException, OSError) as e:
@@ -132,15 +136,16 @@ def fetch_verified(ref: ModelRef, client: MlflowClient | None = None) -> dict[st
     return files
 
 
-def load_predictor(ref: ModelRef, client: MlflowClient | None = None):
+def load_predictor(ref: ModelRef, client: MlflowClient | None = None, device=None):
     """A registered version loaded as data: its model directory's weights
     (``weights_only=True``) and spec (JSON), rebuilt by this project's ``build_model``, each
     file checked against the digest recorded at registration. Nothing of the version is
     unpickled or imported: its pyfunc wrapper (``python_model.pkl``, bundled code) is for
-    clients that choose to trust the store."""
+    clients that choose to trust the store. ``device``: as ``Predictor``'s (None: the GPU if
+    there is one)."""
     from pipelines.inference.predictor import Predictor
 
-    return Predictor.from_files(fetch_verified(ref, client))
+    return Predictor.from_files(fetch_verified(ref, client), device)
 
 
 def logged_model_id(version) -> str | None:
