@@ -140,7 +140,9 @@ import pyarrow.fs as pafs
 
 s3 = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"])
 frames = ds.dataset(
-    f"{OUTPUT.removeprefix('s3://')}/_review", filesystem=s3, format="parquet",
+    f"{OUTPUT.removeprefix('s3://')}/_review",
+    filesystem=s3,
+    format="parquet",
     partitioning="hive",
 ).to_table()
 """

@@ -19,8 +19,8 @@ def test_every_jobs_help_ends_with_the_table(job):
     assert job.build_parser().format_help().rstrip().endswith(exit_status_table())
 
 
-def test_the_readme_has_the_same_table():
-    readme = (ROOT / "README.md").read_text()
+def test_the_manual_has_the_same_table():
+    readme = (ROOT / "docs" / "jobs.md").read_text()
     table = readme[readme.index("| status | meaning |") :].split("\n\n")[0]
     rows = re.findall(r"^\| (\d) \| (.+) \|$", table, re.M)
     assert {Exit(int(code)): meaning for code, meaning in rows} == MEANING

@@ -838,11 +838,15 @@ def test_job_commands_match_their_parsers() -> None:
 
 
 def test_readme_and_crontab_commands_match_their_parsers() -> None:
-    """The user's manual and the plain-cluster schedule run the jobs too: their concrete
-    commands (```bash blocks; synopses are ```text) must name real jobs and flags."""
-    readme = ROOT / "README.md"
+    """The user's manual (README and docs/) and the plain-cluster schedule run the jobs too:
+    their concrete commands (```bash blocks; synopses are ```text) must name real jobs and
+    flags."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     calls = [
-        c for argv in readme_commands(readme.read_text()) for c in calls_in_argv(argv, "README.md")
+        c
+        for page in pages
+        for argv in readme_commands(page.read_text())
+        for c in calls_in_argv(argv, str(page.relative_to(ROOT)))
     ]
     assert {"jobs.ingest", "jobs.train", "jobs.promote", "jobs.label"} <= {c.module for c in calls}
     crontab = ROOT / "infra/cron/label.crontab"
