@@ -68,3 +68,14 @@ def test_the_pyfunc_class_is_defined_without_a_type_hint_warning():
     run = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "", run.stdout
+
+
+def test_registering_a_version_logs_no_warning(register_version, caplog):
+    """The training job registers every run's model: MLflow's warning that the pyfunc object
+    is pickled (known, and never read by the jobs) must not print on every run."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        register_version("quiet-registration")
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in warned if "python_model" in m or "CloudPickle" in m], warned
