@@ -33,6 +33,10 @@ def init_ray(min_cpus: int = 0) -> str:
     return "local"
 
 
+def _bars_off_on_purpose(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled.")
+
+
 def quiet_ray_data() -> None:
     """Ray Data's progress bars on a terminal only; without one (``ray job submit``, a CronJob)
     the jobs print their own one-line progress instead of Ray Data's multi-line reports."""
@@ -43,3 +47,5 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     if not sys.stderr.isatty():
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data then warns, once per process, that its bars are off: they are, on purpose.
+        logging.getLogger("ray.data._internal.progress").addFilter(_bars_off_on_purpose)
