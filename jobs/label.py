@@ -3,7 +3,7 @@
     python -m jobs.label --input URI --output URI --model models:/NAME@champion
 
 Input: a prefix of raw frames (*.jpg / *.png, any size) or an ingested dataset. Output: Parquet
-under OUTPUT/labeled_date=YYYY-MM-DD/ (schema in the README). Only inputs without a row for the
+under OUTPUT/labeled_date=YYYY-MM-DD/ (schema in docs/label.md). Only inputs without a row for the
 same model version are labeled, so it can run on a schedule; runs that overlap are safe (a lease
 on OUTPUT: the second exits 0 naming the holder, or waits with --wait-for-lease). Exit status:
 0 done (or nothing to do, or another run holds the lease); 3 some frames were deferred after

@@ -23,7 +23,7 @@ class Exit(IntEnum):
     BROKEN_GPU = 7
 
 
-#: What each status means, as every job's ``--help`` and the README list it.
+#: What each status means, as every job's ``--help`` and docs/jobs.md list it.
 MEANING = {
     Exit.OK: "done, or nothing to do (no new frames, another run holds the output's lease, "
     "the candidate already holds the alias)",

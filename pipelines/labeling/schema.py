@@ -1,4 +1,4 @@
-"""What labeling writes: the output schema (documented in the README), the per-frame scores and
+"""What labeling writes: the output schema (documented in docs/label.md), the per-frame scores and
 the review list's columns.
 
 ``OUTPUT/labeled_date=YYYY-MM-DD/*.parquet`` holds one row per input frame and model version;
@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from pipelines.core.metrics import SCORE_NAMES
 
-#: The output schema (also documented in the README).
+#: The output schema (also documented in docs/label.md).
 OUTPUT_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),  # input path relative to --input, without extension
