@@ -244,76 +244,50 @@ def test_the_review_list_is_written_under_an_underscore_folder(labeled):
     assert re.search(rf"-> {where}/_review/labeled_date=[\d-]+/[^/]+\.parquet$", line), line
 
 
-def test_pandas_reads_one_row_per_labeled_frame(labeled):
-    frames = run_snippet(PANDAS, labeled.output)
-    assert sorted(frames["image_id"]) == labeled.ids
+def image_ids(frames) -> list[str]:
+    """The sorted ``image_id`` column of whatever a reader returned (pandas, pyarrow or polars
+    frame, a Ray dataset)."""
+    if hasattr(frames, "select_columns") and hasattr(frames, "take_all"):  # Ray Data
+        return sorted(r["image_id"] for r in frames.select_columns(["image_id"]).take_all())
+    column = frames["image_id"]
+    for to_list in ("to_pylist", "to_list"):  # pyarrow, polars
+        if hasattr(column, to_list):
+            return sorted(getattr(column, to_list)())
+    return sorted(column)  # pandas
 
 
-def test_pyarrow_dataset_reads_one_row_per_labeled_frame(labeled):
-    frames = run_snippet(PYARROW, labeled.output)
-    assert sorted(frames["image_id"].to_pylist()) == labeled.ids
+READERS = {"pandas": (PANDAS, S3_PANDAS), "pyarrow": (PYARROW, S3_PYARROW),
+           "duckdb": (DUCKDB, S3_DUCKDB), "polars": (POLARS, S3_POLARS), "ray": (RAY, S3_RAY)}  # fmt: skip
 
 
-def test_duckdb_reads_one_row_per_labeled_frame(labeled):
-    frames = run_snippet(DUCKDB, labeled.output)
-    assert sorted(frames["image_id"]) == labeled.ids
-
-
-def test_polars_reads_one_row_per_labeled_frame(labeled):
-    frames = run_snippet(POLARS, labeled.output)
-    assert sorted(frames["image_id"].to_list()) == labeled.ids
-
-
-def test_ray_data_reads_one_row_per_labeled_frame(labeled):
-    frames = run_snippet(RAY, labeled.output)
-    assert sorted(r["image_id"] for r in frames.select_columns(["image_id"]).take_all()) == (
-        labeled.ids
-    )
+@pytest.mark.parametrize("reader", READERS)
+def test_a_reader_reads_one_row_per_labeled_frame(reader, labeled):
+    assert image_ids(run_snippet(READERS[reader][0], labeled.output)) == labeled.ids
 
 
 def test_the_review_list_reads_as_its_own_rows(labeled):
     frames = run_snippet(REVIEW_LIST, labeled.output)
     assert sorted(frames.column_names) == sorted([*REVIEW_SCHEMA.names, "labeled_date"])
-    assert sorted(frames["image_id"].to_pylist()) == labeled.review_ids
+    assert image_ids(frames) == labeled.review_ids
 
 
 # -- S3-compatible endpoint ---------------------------------------------------------------------
-def test_pandas_on_s3_reads_one_row_per_labeled_frame(labeled, s3_output, endpoint):
-    frames = run_snippet(S3_PANDAS, s3_output)
-    assert sorted(frames["image_id"]) == labeled.ids
-
-
-def test_pyarrow_dataset_on_s3_reads_one_row_per_labeled_frame(labeled, s3_output, endpoint):
-    frames = run_snippet(S3_PYARROW, s3_output)
-    assert sorted(frames["image_id"].to_pylist()) == labeled.ids
-
-
-def test_duckdb_on_s3_reads_one_row_per_labeled_frame(labeled, s3_output, endpoint):
-    frames = run_snippet(S3_DUCKDB, s3_output)
-    assert sorted(frames["image_id"]) == labeled.ids
-
-
-def test_polars_on_s3_reads_one_row_per_labeled_frame(labeled, s3_output, endpoint):
-    frames = run_snippet(S3_POLARS, s3_output)
-    assert sorted(frames["image_id"].to_list()) == labeled.ids
-
-
-def test_ray_data_on_s3_reads_one_row_per_labeled_frame(labeled, s3_output, endpoint):
-    frames = run_snippet(S3_RAY, s3_output)
-    assert sorted(r["image_id"] for r in frames.select_columns(["image_id"]).take_all()) == (
-        labeled.ids
-    )
+@pytest.mark.parametrize("reader", READERS)
+def test_a_reader_on_s3_reads_one_row_per_labeled_frame(reader, labeled, s3_output, endpoint):
+    assert image_ids(run_snippet(READERS[reader][1], s3_output)) == labeled.ids
 
 
 def test_the_review_list_on_s3_reads_as_its_own_rows(labeled, s3_output, endpoint):
     frames = run_snippet(S3_REVIEW_LIST, s3_output)
-    assert sorted(frames["image_id"].to_pylist()) == labeled.review_ids
+    assert image_ids(frames) == labeled.review_ids
 
 
 def test_the_docs_quote_the_tested_snippets():
     """docs/reading-output.md shows users exactly the snippets these tests run."""
     page = (ROOT / "docs" / "reading-output.md").read_text()
-    snippets = {k: v for k, v in globals().items() if k.isupper() and "frames = " in str(v)}
+    snippets = {f"{reader} {where}": code for reader, pair in READERS.items()
+                for where, code in zip(("local", "s3"), pair, strict=True)}  # fmt: skip
+    snippets.update({"review list local": REVIEW_LIST, "review list s3": S3_REVIEW_LIST})
     assert len(snippets) == 12
     missing = [k for k, v in snippets.items() if f"```python\n{v}```" not in page]
     assert not missing, missing
