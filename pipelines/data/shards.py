@@ -110,10 +110,10 @@ def read_shards(
     # streaming_split then hands whole to a single worker), its output split into blocks of
     # about `block_bytes`: asking Ray for more blocks than files splits each read's output
     # (Ray 2.60: SplitBlocks), and the decode's tasks take blocks, so they run in parallel.
-    split = max(1, -(-max(i.size or 0 for i in infos) // max(1, block_bytes)))
+    blocks_per_file = max(1, -(-max(i.size or 0 for i in infos) // max(1, block_bytes)))
     return compat.read_parquet_v1(
         files, filesystem=loc.fs, columns=columns, shuffle=shuffle,
-        override_num_blocks=len(files) * split,
+        override_num_blocks=len(files) * blocks_per_file,
     )  # fmt: skip
 
 
