@@ -42,7 +42,7 @@ from pipelines.data.discover import discover, split_drives
 from pipelines.data.ingest import process_pair
 from pipelines.data.synthetic import write_tree
 from pipelines.storage import resolve
-from pipelines.training.augment import Augment, step_generator
+from pipelines.training.augment import Augment, augment_batch, step_generator
 from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
 from pipelines.training.step import epoch_seed, train_step
 
@@ -101,8 +101,8 @@ def batches(rows: list[dict], size: int, transform, device, augment, generator):
         image = torch.from_numpy(out["image"]).to(device)
         label = torch.from_numpy(out["label"]).to(device)
         if augment is not None:
-            x, y = augment(image, label, generator)
-            yield transform.normalize(x.permute(0, 2, 3, 1)), y
+            b = augment_batch({"image": image, "label": label}, augment, transform, generator)
+            yield b["image"], b["label"]
         else:
             yield transform.normalize(image), label.long()
 

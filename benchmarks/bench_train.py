@@ -83,17 +83,17 @@ def in_memory(
     y = torch.randint(0, N_CLASSES, (batch, h, w), device=device)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-    raw = {
-        "image": torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device),
-        "label": y.to(torch.uint8),
-    }
-    transform = FrameTransform(width=w, height=h)
-    gen = step_generator(device, 0)
+    if augment:  # uint8 frames on the device, as the training loop receives them
+        raw = {
+            "image": torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device),
+            "label": y.to(torch.uint8),
+        }
+        transform, gen = FrameTransform(width=w, height=h), step_generator(device, 0)
 
     def step() -> None:
-        batch_ = {"image": x, "label": y}
-        if augment:
-            batch_ = augment_batch(raw, Augment(), transform, gen)
+        batch_ = (
+            augment_batch(raw, Augment(), transform, gen) if augment else {"image": x, "label": y}
+        )
         train_step(model, batch_, criterion, opt, autocast, channels_last=cuda)
 
     for _ in range(3):  # warm-up: allocator, cuDNN/oneDNN algorithm choice

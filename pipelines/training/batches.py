@@ -1,7 +1,7 @@
 """Training and validation batches as torch tensors on the training device: Ray Data hands
 over uint8 frames (4x less than float32 to move through the object store), normalized (and for
-training augmented) on the device (:meth:`~pipelines.core.frames.FrameTransform.normalize`); and how Ray Train splits
-the datasets over the workers.
+training augmented) on the device (:meth:`~pipelines.core.frames.FrameTransform.normalize`);
+and how Ray Train splits the datasets over the workers.
 """
 
 from __future__ import annotations
