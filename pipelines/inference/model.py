@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from pipelines.inference.predictor import Predictor
 
 
+#: A URI's scheme (models:/, runs:/, s3://, file://): what a local model path never starts with.
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
 class FramesError(UserError):
     """A frame batch a model cannot take (shape, dtype, size): the message names the model."""
 
@@ -126,7 +130,7 @@ def load_model(path: str | Path, *, device: torch.device | str | None = None) ->
     ``device``: None picks the GPU if there is one. A local directory has no recorded digests:
     for registered versions use :func:`pipelines.registry.load_model`, which checks them."""
     text = str(path)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", text):  # models:/, runs:/, s3://: a URI
+    if URI_SCHEME.match(text):
         raise ModelDirError(
             f"{text}: pipelines.inference.load_model takes a local model directory; load "
             "models:/ URIs with pipelines.registry.load_model (resolved, digests checked)"

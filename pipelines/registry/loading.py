@@ -14,7 +14,6 @@ before it (tests/unit/test_package_rules.py).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,14 +21,13 @@ from mlflow import MlflowClient
 
 from pipelines.inference import LaneModel
 from pipelines.inference import load_model as load_model_dir
+from pipelines.inference.model import URI_SCHEME
 from pipelines.inference.model_dir import SPEC_FILE
 from pipelines.ops import tracking
 from pipelines.registry.versions import ARTIFACT_KEY, RegistryError, load_predictor, resolve_version
 
 if TYPE_CHECKING:
     import torch
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # runs:/, s3://, file://: not a local path
 
 
 def load_model(
@@ -52,7 +50,7 @@ def load_model(
     (:class:`~pipelines.ops.tracking.TrackingUnreachable`)."""
     text = os.fspath(uri)
     if not text.startswith("models:"):
-        if _SCHEME.match(text):
+        if URI_SCHEME.match(text):
             raise RegistryError(
                 f"{text}: expected models:/NAME@ALIAS, models:/NAME/VERSION, "
                 "models:/NAME/latest or a local model directory"
