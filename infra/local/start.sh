@@ -2,7 +2,8 @@
 # Start the local stack on 127.0.0.1: a Ray head (dashboard + job server, token
 # authentication on), an MLflow tracking server on a PostgreSQL backend store (an instance
 # initialised under the state folder; sqlite where the PostgreSQL server binaries are missing,
-# or with --sqlite), and with --s3 a local S3-protocol server (moto) to try the s3:// paths.
+# or with --sqlite), and with --s3 a local S3-protocol server (moto) to try the s3:// paths
+# (its objects saved to the state folder by stop.sh and restored here).
 # Then:
 #
 #   source .local-stack/env.sh
@@ -31,6 +32,7 @@ usage() {
 usage: infra/local/start.sh [--s3] [--artifacts URI] [--num-cpus N]
        infra/local/start.sh --restart-mlflow
   --s3             also start a local S3 server (moto) on 127.0.0.1:$S3_PORT with bucket 'lanes'
+                   (stop.sh saves its objects to $STATE/s3, the next start restores them)
   --artifacts URI  where the MLflow server stores artifacts (default: $STATE/mlartifacts;
                    s3://lanes/mlartifacts with --s3)
   --num-cpus N     logical CPUs of the Ray head (default: all cores, at least 4)
@@ -166,9 +168,20 @@ if [ "$WITH_S3" = 1 ]; then
   "$BIN/python" -m moto.server -H 127.0.0.1 -p "$S3_PORT" > "$STATE/s3.log" 2>&1 &
   "${PROC[@]}" record "$STATE" s3 $!
   wait_http "http://127.0.0.1:$S3_PORT/moto-api/" s3 "$S3_PORT"
-  "$BIN/python" -c "import boto3; boto3.client('s3', endpoint_url='$AWS_ENDPOINT_URL_S3').create_bucket(Bucket='lanes')"
+  # moto keeps objects in memory: what the last stop saved to $STATE/s3 goes back in first.
+  # Only a server whose restore succeeded is saved again by stop.sh ($STATE/s3.endpoint says
+  # so), so a failed start never overwrites the snapshot with an empty server.
+  "$BIN/python" "$ROOT/infra/local/s3_state.py" restore "$STATE" "$AWS_ENDPOINT_URL_S3" \
+    || fail "the S3 snapshot in $STATE/s3 was not restored (above)"
+  echo "$AWS_ENDPOINT_URL_S3" > "$STATE/s3.endpoint"
+  "$BIN/python" - "$AWS_ENDPOINT_URL_S3" <<'PY'
+import sys, boto3
+client = boto3.client("s3", endpoint_url=sys.argv[1])
+if "lanes" not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+    client.create_bucket(Bucket="lanes")
+PY
   ARTIFACTS="${ARTIFACTS:-s3://lanes/mlartifacts}"
-  echo "S3 server      http://127.0.0.1:$S3_PORT  (bucket: lanes)"
+  echo "S3 server      http://127.0.0.1:$S3_PORT  (bucket: lanes; saved to $STATE/s3 at each stop)"
 fi
 
 # PostgreSQL, the backend store real deployments use: an instance initialised once under
