@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from .fcn_resnet import FCN8sResNet101, ResNet101Backbone
+from .fcn_resnet import FCN8sResNet, FCN8sResNet101, ResNet101Backbone, ResNetBackbone
 from .fcn_vgg import FCN8s, FCN16s, FCN32s
 from .upsampling import (
     aligned_bilinear_upsampling,
@@ -25,11 +25,13 @@ from .vgg import VGG16, VGG16Conv, check_n_class, convolutionalize, vgg16_featur
 
 __all__ = [
     "FCN8s",
+    "FCN8sResNet",
     "FCN8sResNet101",
     "FCN16s",
     "FCN32s",
     "MODEL_NAMES",
     "ResNet101Backbone",
+    "ResNetBackbone",
     "VGG16",
     "VGG16Conv",
     "aligned_bilinear_upsampling",
@@ -44,7 +46,9 @@ __all__ = [
     "vgg16_feature_sizes",
 ]
 
-MODEL_NAMES: tuple[str, ...] = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "fcn8s_resnet101")
+MODEL_NAMES: tuple[str, ...] = (
+    "fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "fcn8s_resnet101", "fcn8s_resnet18",
+)  # fmt: skip
 
 _OPTS = frozenset({"backbone_weights"})
 
@@ -54,7 +58,7 @@ def build_model(name: str, n_class: int, **opts: Any) -> nn.Module:
 
     ``backbone_weights`` (optional): for the VGG FCNs a ``VGG16`` / torchvision vgg16
     state_dict (or a ``VGG16`` module), copied into conv1..fc7 via ``copy_params_from_vgg16``;
-    for ``fcn8s_resnet101`` a torchvision resnet101 state_dict. Raises ValueError for an
+    for ``fcn8s_resnet101`` / ``fcn8s_resnet18`` a torchvision resnet101 / resnet18 state_dict. Raises ValueError for an
     unknown name or ``n_class < 2`` and TypeError for unknown options.
     """
     unknown = sorted(set(opts) - _OPTS)
@@ -71,6 +75,10 @@ def build_model(name: str, n_class: int, **opts: Any) -> nn.Module:
         if isinstance(weights, nn.Module):
             weights = weights.state_dict()
         return FCN8sResNet101(n_class, backbone_weights=weights)
+    if name == "fcn8s_resnet18":
+        if isinstance(weights, nn.Module):
+            weights = weights.state_dict()
+        return FCN8sResNet(n_class, backbone_weights=weights, depth=18)
     model: FCN32s | FCN16s | FCN8s
     if name == "fcn32s":
         model = FCN32s(n_class)

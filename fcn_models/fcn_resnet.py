@@ -1,10 +1,12 @@
-"""FCN-8s on a ResNet-101 backbone (the course assignment "FCN-8s (ResNet101)").
+"""FCN-8s on a ResNet backbone: ResNet-101 (the course assignment "FCN-8s (ResNet101)", the
+production model) or ResNet-18 (the same head on a backbone a quarter the size, for CPU runs
+and quick experiments).
 
 Centres
 -------
 Output pixel ``j`` of a conv/pool is centred on input coordinate ``u = s*j + (k - 1)/2 - p``
-(derived in ``fcn_vgg.py``). Every layer of torchvision's ResNet-101 (v1.5) has
-``k = 2p + 1``, so ``u = s*j`` throughout:
+(derived in ``fcn_vgg.py``). Every layer of torchvision's ResNets (v1.5; the basic blocks of
+ResNet-18 as the bottlenecks of ResNet-101) has ``k = 2p + 1``, so ``u = s*j`` throughout:
 
     conv1 (k7, s2, p3):        u = 2j + 3 - 3 = 2j
     maxpool (k3, s2, p1):      u = 2j + 1 - 1 = 2j
@@ -37,34 +39,47 @@ from torch import Tensor, nn
 from .upsampling import aligned_bilinear_upsampling, upsample_aligned
 from .vgg import _preview, check_images, check_n_class
 
-__all__ = ["FCN8sResNet101", "ResNet101Backbone"]
+__all__ = [
+    "FCN8sResNet",
+    "FCN8sResNet101",
+    "RESNET_CHANNELS",
+    "ResNet101Backbone",
+    "ResNetBackbone",
+]
+
+#: Channels of layer2/3/4 by depth: basic blocks (18) keep their width, bottlenecks (101)
+#: expand it four times.
+RESNET_CHANNELS: dict[int, tuple[int, int, int]] = {18: (128, 256, 512), 101: (512, 1024, 2048)}
 
 
-class ResNet101Backbone(nn.Module):
-    """torchvision's ``resnet101`` without ``avgpool``/``fc``; returns layer2, layer3, layer4.
+class ResNetBackbone(nn.Module):
+    """torchvision's ``resnet{depth}`` without ``avgpool``/``fc``; returns layer2, layer3, layer4.
 
     Parameter names are torchvision's (``conv1.weight``, ``layer1.0.conv1.weight``, ...), so a
-    torchvision resnet101 state_dict minus ``fc.*`` loads strictly.
+    torchvision state_dict of the same depth minus ``fc.*`` loads strictly.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, depth: int = 101) -> None:
         super().__init__()
+        if depth not in RESNET_CHANNELS:
+            raise ValueError(f"ResNetBackbone: depth {depth}; valid: {sorted(RESNET_CHANNELS)}")
         # Imported here: torchvision adds seconds to ``import fcn_models`` and only this needs it.
-        from torchvision.models import resnet101
+        from torchvision import models
 
-        r = resnet101(weights=None)
+        self.depth, self.channels = depth, RESNET_CHANNELS[depth]
+        r = getattr(models, f"resnet{depth}")(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = r.conv1, r.bn1, r.relu, r.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # 1/4, 64 ch
-        c2 = self.layer2(self.layer1(x))  # 1/8, 512 ch
-        c3 = self.layer3(c2)  # 1/16, 1024 ch
-        c4 = self.layer4(c3)  # 1/32, 2048 ch
+        c2 = self.layer2(self.layer1(x))  # 1/8, channels[0]
+        c3 = self.layer3(c2)  # 1/16, channels[1]
+        c4 = self.layer4(c3)  # 1/32, channels[2]
         return c2, c3, c4
 
     def load_torchvision_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Load a torchvision resnet101 state_dict (``fc.*`` ignored); ValueError if it is not one."""
+        """Load a torchvision state_dict of this depth (``fc.*`` ignored); ValueError if it is not one."""
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         own = self.state_dict()
         # BatchNorm fills in a missing num_batches_tracked (older checkpoints lack it).
@@ -79,15 +94,22 @@ class ResNet101Backbone(nn.Module):
         )
         if missing or unexpected or wrong:
             raise ValueError(
-                "backbone_weights is not a torchvision resnet101 state_dict: "
+                f"backbone_weights is not a torchvision resnet{self.depth} state_dict: "
                 f"missing keys: {_preview(missing)}; unexpected keys: {_preview(unexpected)}; "
                 f"wrong shapes: {_preview(wrong)}"
             )
         self.load_state_dict(state, strict=True)
 
 
-class FCN8sResNet101(nn.Module):
-    """FCN-8s with ResNet-101: 1x1 score heads on layer2/3/4 (strides 8/16/32), fused coarse to fine.
+class ResNet101Backbone(ResNetBackbone):
+    """:class:`ResNetBackbone` of depth 101 (torchvision's ``resnet101``)."""
+
+    def __init__(self) -> None:
+        super().__init__(101)
+
+
+class FCN8sResNet(nn.Module):
+    """FCN-8s with a ResNet: 1x1 score heads on layer2/3/4 (strides 8/16/32), fused coarse to fine.
 
     ``forward`` = ``encode`` (pad, backbone, normalised taps) -> 1x1 ``score_layer*`` heads ->
     ``fuse``: ``score_layer4`` -> x2 (``upscore2``) + ``score_layer3`` -> x2
@@ -103,31 +125,34 @@ class FCN8sResNet101(nn.Module):
     torchvision's ``FCNHead`` does. ResNet features are post-ReLU, with positive means over
     512-2048 channels; a 1x1 head read straight from them gets a gradient that points the
     same way for every channel, so one SGD step at the recipe's lr 0.01 moves each logit by
-    ``lr * sum_c mean_c**2`` (hundreds here) and training diverges. Normalized inputs remove
+    ``lr * sum_c mean_c**2`` (hundreds for ResNet-101) and training diverges. Normalized inputs remove
     that common component (``tests/unit/test_models.py`` checks the first step stays small).
 
     Score heads start at zero (as in the VGG FCNs), so an untrained model outputs zeros.
-    ``backbone_weights``: a torchvision resnet101 state_dict (e.g. ImageNet weights the
-    caller loaded); ``fc.*`` is ignored, anything else must match (ValueError otherwise).
+    ``depth``: 101 (the production model) or 18. ``backbone_weights``: a torchvision
+    ``resnet{depth}`` state_dict (e.g. ImageNet weights the caller loaded); ``fc.*`` is
+    ignored, anything else must match (ValueError otherwise).
     """
 
     OUTPUT_STRIDE = 32
 
     def __init__(
-        self, n_class: int = 21, backbone_weights: Mapping[str, Tensor] | None = None
-    ) -> None:
+        self, n_class: int = 21, backbone_weights: Mapping[str, Tensor] | None = None,
+        depth: int = 101,
+    ) -> None:  # fmt: skip
         super().__init__()
-        check_n_class(n_class, "FCN8sResNet101")
+        check_n_class(n_class, type(self).__name__)
         self.n_class = n_class
-        self.backbone = ResNet101Backbone()
+        self.backbone = ResNetBackbone(depth)
         if backbone_weights is not None:
             self.backbone.load_torchvision_state_dict(backbone_weights)
-        self.norm_layer2 = nn.BatchNorm2d(512)
-        self.norm_layer3 = nn.BatchNorm2d(1024)
-        self.norm_layer4 = nn.BatchNorm2d(2048)
-        self.score_layer2 = nn.Conv2d(512, n_class, kernel_size=1)
-        self.score_layer3 = nn.Conv2d(1024, n_class, kernel_size=1)
-        self.score_layer4 = nn.Conv2d(2048, n_class, kernel_size=1)
+        ch2, ch3, ch4 = self.backbone.channels
+        self.norm_layer2 = nn.BatchNorm2d(ch2)
+        self.norm_layer3 = nn.BatchNorm2d(ch3)
+        self.norm_layer4 = nn.BatchNorm2d(ch4)
+        self.score_layer2 = nn.Conv2d(ch2, n_class, kernel_size=1)
+        self.score_layer3 = nn.Conv2d(ch3, n_class, kernel_size=1)
+        self.score_layer4 = nn.Conv2d(ch4, n_class, kernel_size=1)
         for m in (self.score_layer2, self.score_layer3, self.score_layer4):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -136,11 +161,11 @@ class FCN8sResNet101(nn.Module):
         self.upscore8 = aligned_bilinear_upsampling(n_class, 8)  # 1/8 -> 1
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised ``(layer2, layer3, layer4)``: 512/1024/2048 ch at ``Hp/8, Hp/16, Hp/32``.
+        """Normalised ``(layer2, layer3, layer4)`` (``backbone.channels``) at ``Hp/8, Hp/16, Hp/32``.
 
         ``Hp, Wp``: ``H, W`` zero-padded at the bottom/right to multiples of 32.
         """
-        check_images(x, "FCN8sResNet101")
+        check_images(x, type(self).__name__)
         h, w = x.shape[-2:]
         s = self.OUTPUT_STRIDE
         pad_h, pad_w = -h % s, -w % s
@@ -165,3 +190,12 @@ class FCN8sResNet101(nn.Module):
         out = upsample_aligned(self.upscore8, fused)  # Hp
         h, w = size
         return out[:, :, :h, :w]
+
+
+class FCN8sResNet101(FCN8sResNet):
+    """:class:`FCN8sResNet` on ResNet-101: the production model (``fcn8s_resnet101``)."""
+
+    def __init__(
+        self, n_class: int = 21, backbone_weights: Mapping[str, Tensor] | None = None
+    ) -> None:
+        super().__init__(n_class, backbone_weights, depth=101)

@@ -26,7 +26,7 @@ from tests.support.helpers import (
     stop,
     wait_for_port,
 )
-from tests.support.models import make_model, plant_malicious_pickle
+from tests.support.models import TEST_MODEL, make_model, plant_malicious_pickle
 
 # The environment is fixed before anything starts, so that Ray workers (which inherit it)
 # see the same S3 endpoint and fake credentials, and Ray's token lives in a test folder, never
@@ -161,7 +161,7 @@ def register_version(tmp_path, mlflow_store, test_transform):
         name: str, constant_class: int | None = None, seed: int = 0, transform=None
     ) -> str:
         model_dir = tmp_path / f"model-{name}-{constant_class}-{seed}"
-        spec = ModelSpec("fcn8s_resnet101", 8, transform or test_transform, labels.CLASS_NAMES)
+        spec = ModelSpec(TEST_MODEL, 8, transform or test_transform, labels.CLASS_NAMES)
         save_model_dir(model_dir, make_model(constant_class, seed), spec)
         # An experiment of our own: the default one would put artifacts in ./mlruns.
         experiment = tracking.ensure_experiment("registered-by-tests", mlflow_store)

@@ -18,15 +18,14 @@ class BackboneWeightsError(UserError):
 
 
 def torchvision_weights(model: str):
-    """torchvision's ImageNet weights enum for ``model``'s backbone: ResNet-101 for
-    ``fcn8s_resnet101``, VGG-16 (the paper's) for the VGG FCNs."""
-    from torchvision.models import ResNet101_Weights, VGG16_Weights
+    """torchvision's ImageNet weights enum for ``model``'s backbone: ResNet-101 / ResNet-18 for
+    ``fcn8s_resnet101`` / ``fcn8s_resnet18``, VGG-16 (the paper's) for the VGG FCNs."""
+    from torchvision.models import ResNet18_Weights, ResNet101_Weights, VGG16_Weights
 
-    return (
-        ResNet101_Weights.IMAGENET1K_V2
-        if model == "fcn8s_resnet101"
-        else VGG16_Weights.IMAGENET1K_V1
-    )
+    return {
+        "fcn8s_resnet101": ResNet101_Weights.IMAGENET1K_V2,
+        "fcn8s_resnet18": ResNet18_Weights.IMAGENET1K_V1,
+    }.get(model, VGG16_Weights.IMAGENET1K_V1)
 
 
 def load_state_dict(source: str, model: str = "fcn8s_resnet101") -> dict[str, torch.Tensor]:

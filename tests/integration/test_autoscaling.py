@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.autoscaling import AutoscalingRay
 from tests.support.helpers import FRAME_H, FRAME_W, ROOT, free_port, stop, wait_for_port
-from tests.support.models import make_model
+from tests.support.models import TEST_MODEL, make_model
 
 pytestmark = pytest.mark.slow
 MODEL = "lanes-autoscaling"
@@ -65,7 +65,7 @@ def setup(tmp_path_factory, test_transform):
     write_tree(tmp / "frames", 6, records=2, width=FRAME_W, height=FRAME_H, seed=3,
                with_labels=False)  # fmt: skip
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
+    spec = ModelSpec(TEST_MODEL, 8, test_transform, labels.CLASS_NAMES)
     save_model_dir(tmp / "model", make_model(seed=1), spec)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -139,6 +139,7 @@ def test_training_refuses_a_local_tracking_store_on_a_cluster_that_grows(setup, 
     status, out, _ = setup.job(
         "jobs.train", "--data", local_shards, "--storage", str(setup.tmp / "ckpt"),
         "--experiment", "autoscaling", "--register-as", MODEL, "--epochs", "1",
+        "--model", TEST_MODEL,
     )  # fmt: skip
     assert status == 2, out[-4000:]
     assert "is a store on this machine's disk, but the Ray cluster spans an autoscaling " \
@@ -166,6 +167,7 @@ def test_training_on_an_idle_cluster_scales_up_and_registers(setup, local_shards
         "jobs.train", "--data", local_shards, "--storage", str(setup.tmp / "ckpt"),
         "--experiment", "autoscaling", "--register-as", MODEL, "--epochs", "1",
         "--num-workers", "2", "--batch-size", "4", "--no-augment", "--run-name", "grown",
+        "--model", TEST_MODEL,
         MLFLOW_TRACKING_URI=mlflow_server,
     )  # fmt: skip
     assert status == 0, out[-6000:]
@@ -178,7 +180,8 @@ def test_training_on_a_node_without_cuda_fails_loudly(setup, local_shards, mlflo
         "jobs.train", "--data", local_shards, "--storage", str(setup.tmp / "ckpt"),
         "--experiment", "autoscaling", "--register-as", MODEL, "--epochs", "1",
         "--num-workers", "1", "--use-gpu", "--batch-size", "2", "--no-augment",
-        "--run-name", "broken-gpu", "--max-failures", "0", MLFLOW_TRACKING_URI=mlflow_server,
+        "--run-name", "broken-gpu", "--max-failures", "0", "--model", TEST_MODEL,
+        MLFLOW_TRACKING_URI=mlflow_server,
     )  # fmt: skip
     assert status == 7, out[-6000:]
     [error] = [line for line in out.splitlines() if line.startswith("error: ")]

@@ -17,6 +17,7 @@ from pipelines.ops import tracking
 from pipelines.registry import aliases
 from pipelines.registry.versions import RegistryError
 from tests.support.helpers import ROOT, job_env, start_job
+from tests.support.models import TEST_MODEL
 
 MODEL = "lanes-faults-test"
 
@@ -116,7 +117,8 @@ def test_training_that_cannot_get_data_cpus_is_ended_by_its_watchdog(
     argv = ["--data", local_shards, "--storage", str(tmp_path / "ckpt"), "--run-name", "stuck",
             "--experiment", "faults", "--register-as", MODEL, "--num-workers", "2",
             "--batch-size", "4", "--epochs", "1", "--no-augment",
-            "--cpus-per-worker", "2", "--cluster-cpus", "5", "--stall-minutes", "0.2"]  # fmt: skip
+            "--cpus-per-worker", "2", "--cluster-cpus", "5", "--stall-minutes", "0.2",
+            "--model", TEST_MODEL]  # fmt: skip
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.train", *argv],
@@ -164,7 +166,8 @@ def test_training_resumes_when_a_lost_node_is_back(tmp_path, local_shards, mlflo
         assert address.startswith("127.0.0.1:"), address
         argv = ["--data", local_shards, "--storage", str(storage), "--run-name", "node-loss",
                 "--experiment", "faults", "--register-as", MODEL, "--num-workers", "2",
-                "--batch-size", "4", "--epochs", "2", "--no-augment", "--max-failures", "1"]  # fmt: skip
+                "--batch-size", "4", "--epochs", "2", "--no-augment", "--max-failures", "1",
+                "--model", TEST_MODEL]  # fmt: skip
         job = subprocess.Popen(
             [sys.executable, "-m", "jobs.train", *argv], cwd=ROOT,
             env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE,

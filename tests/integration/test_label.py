@@ -201,10 +201,10 @@ def test_model_actor_without_gpu_takes_its_share_of_the_node(ray_cluster, tmp_pa
 
     from pipelines.inference.actors import Segmenter
     from pipelines.inference.model_dir import MODEL_FILE, SPEC_FILE, ModelSpec, save_model_dir
-    from tests.support.models import make_model
+    from tests.support.models import TEST_MODEL, make_model
 
     model = make_model(constant_class=3)
-    d = save_model_dir(tmp_path / "m", model, ModelSpec("fcn8s_resnet101", 8, test_transform))
+    d = save_model_dir(tmp_path / "m", model, ModelSpec(TEST_MODEL, 8, test_transform))
     files = ray_cluster.put({n: (d / n).read_bytes() for n in (MODEL_FILE, SPEC_FILE)})
 
     class Probe(Segmenter):

@@ -29,6 +29,7 @@ from pipelines.data.versions import resolve_dataset
 from pipelines.ops import tracking
 from tests.support.faults import start_outage_server
 from tests.support.helpers import ROOT, free_port
+from tests.support.models import TEST_MODEL
 
 START, STOP = ROOT / "infra/local/start.sh", ROOT / "infra/local/stop.sh"
 
@@ -184,7 +185,7 @@ def stack_run(local_stack, local_shards):
             "ray job submit --working-dir . -- python -m jobs.train "
             f"--data {local_shards} --storage s3://lanes/checkpoints "
             "--experiment stack --register-as lanes-stack --num-workers 2 --batch-size 4 "
-            "--epochs 1 --run-name stack-run --no-augment",
+            f"--epochs 1 --run-name stack-run --no-augment --model {TEST_MODEL}",
             local_stack, merge=True,
         ))  # fmt: skip
         bad_stdout, bad_stderr = bad.communicate(timeout=300)

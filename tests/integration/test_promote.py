@@ -12,6 +12,7 @@ from jobs import promote
 from pipelines.data.versions import resolve_dataset
 from pipelines.inference.evaluate import evaluate
 from pipelines.registry.versions import ModelRef, load_predictor, logged_model_id
+from tests.support.models import TEST_MODEL
 
 MODEL = "lanes-promote-test"
 
@@ -164,10 +165,10 @@ def test_evaluation_counts_the_models_classes(tmp_path, local_shards, test_trans
     from pipelines.inference.model_dir import ModelSpec
 
     torch.manual_seed(0)
-    model = build_model("fcn8s_resnet101", 9).eval()
+    model = build_model(TEST_MODEL, 9).eval()
     with torch.no_grad():
         model.score_layer4.bias[8] = 1.0  # predicts the extra class everywhere
-    spec = ModelSpec("fcn8s_resnet101", 9, test_transform)
+    spec = ModelSpec(TEST_MODEL, 9, test_transform)
     result = evaluate(model_files(tmp_path, model, spec), local_shards)
     conf = np.array(result["confusion"])
     assert conf.shape == (9, 9)
@@ -189,11 +190,11 @@ def test_actor_pool_evaluation_equals_the_single_process_confusion(
     from pipelines.inference.predictor import Predictor
 
     torch.manual_seed(3)
-    model = build_model("fcn8s_resnet101", 8).eval()
+    model = build_model(TEST_MODEL, 8).eval()
     with torch.no_grad():  # a model whose predictions vary over the frame: a real matrix
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
+    spec = ModelSpec(TEST_MODEL, 8, test_transform, labels.CLASS_NAMES)
     expected = single_process_confusion(Predictor(model, spec, "cpu"), local_shards)
     assert (expected > 0).sum() >= 4  # several (true, predicted) pairs: a non-trivial check
     beats = []

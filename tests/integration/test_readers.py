@@ -186,7 +186,7 @@ def labeled(tmp_path_factory, ray_cluster, test_transform) -> Labeled:
     from pipelines.inference.model_dir import ModelSpec, save_model_dir
     from pipelines.ops import tracking
     from pipelines.registry.pyfunc import register_model_dir
-    from tests.support.models import make_model
+    from tests.support.models import TEST_MODEL, make_model
 
     root = tmp_path_factory.mktemp("readers")
     store = f"sqlite:///{root / 'mlflow.db'}"
@@ -196,7 +196,7 @@ def labeled(tmp_path_factory, ray_cluster, test_transform) -> Labeled:
         mlflow.set_tracking_uri(store)
         mlflow.set_registry_uri(store)
         try:
-            spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
+            spec = ModelSpec(TEST_MODEL, 8, test_transform, labels.CLASS_NAMES)
             model_dir = save_model_dir(root / "model", make_model(), spec)
             experiment = tracking.ensure_experiment("registered-by-tests", store)
             with mlflow.start_run(experiment_id=experiment, run_name="register-readers"):

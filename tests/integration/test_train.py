@@ -26,9 +26,9 @@ from pipelines.storage import resolve
 from pipelines.training.checkpoint import METRICS_FILE, TRAIN_STATE_FILE
 from pipelines.training.loop import FAULT_MARKER
 from tests.support.helpers import ROOT, free_port
-from tests.support.models import Touch
+from tests.support.models import TEST_MODEL, Touch
 
-MODEL = "fcn8s_resnet101"
+MODEL = TEST_MODEL
 
 
 def train_args(data: str, storage: str, run_name: str, *extra: str) -> list[str]:
@@ -190,7 +190,7 @@ def test_bad_arguments_fail_before_workers_start(
         ),
         (
             train_args(local_shards, storage, "i", "--backbone-weights", str(not_resnet)),
-            f"--backbone-weights: {not_resnet} does not fit fcn8s_resnet101",
+            f"--backbone-weights: {not_resnet} does not fit {MODEL}",
         ),
         # Too small a cluster (the session's has 4 CPUs): fail at once instead of waiting.
         (

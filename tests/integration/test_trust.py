@@ -16,7 +16,7 @@ from pipelines.inference.model_dir import UnsafeFileError, load_model_dir, save_
 from pipelines.registry.versions import DIGEST_TAGS, ModelRef, RegistryError, load_predictor
 from pipelines.training.checkpoint import load_train_state
 from tests.support.helpers import FRAME_H, FRAME_W
-from tests.support.models import Touch, make_model, plant_malicious_pickle, stored_model
+from tests.support.models import TEST_MODEL, Touch, make_model, plant_malicious_pickle, stored_model
 
 MODEL = "lanes-trust-test"
 
@@ -95,7 +95,7 @@ def test_weights_and_train_state_that_would_run_code_are_refused(tmp_path, test_
 
     canary = tmp_path / "pickle-ran"
     model_dir = tmp_path / "model"
-    spec = ModelSpec("fcn8s_resnet101", 8, test_transform, labels.CLASS_NAMES)
+    spec = ModelSpec(TEST_MODEL, 8, test_transform, labels.CLASS_NAMES)
     save_model_dir(model_dir, make_model(1), spec)
     torch.save({"weights": Touch(canary)}, model_dir / "model.pt")
     with pytest.raises(UnsafeFileError, match=r"model\.pt: refused to load: .*could run code"):

@@ -13,11 +13,11 @@ from pipelines.inference.predictor import Predictor
 from pipelines.labeling.output import committed_files, write_review
 from pipelines.labeling.schema import OUTPUT_SCHEMA, REVIEW
 from pipelines.storage import resolve
-from tests.support.models import make_model
+from tests.support.models import TEST_MODEL, make_model
 
 
 def test_scores_are_the_softmax_statistics_of_each_frame(test_transform):
-    spec = ModelSpec("fcn8s_resnet101", 8, test_transform)
+    spec = ModelSpec(TEST_MODEL, 8, test_transform)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, test_transform.height, test_transform.width, 3), np.uint8)
     model = make_model(None, seed=4)
@@ -40,7 +40,7 @@ def test_scores_are_the_softmax_statistics_of_each_frame(test_transform):
     assert scores["uncertain_fraction"].min() > 0 and scores["uncertain_fraction"].max() < 1
 
     # A model that predicts background everywhere has no lane confidence (NaN -> null).
-    background = Predictor(make_model(0), ModelSpec("fcn8s_resnet101", 8, test_transform), "cpu")
+    background = Predictor(make_model(0), ModelSpec(TEST_MODEL, 8, test_transform), "cpu")
     _, scores = background.predict_scored(images)
     assert np.isnan(scores["confidence"]).all() and (scores["pixel_confidence"] > 0).all()
 
@@ -157,6 +157,7 @@ def test_a_trained_model_is_sure_of_noise_and_only_novelty_sends_noise_to_review
 
     images, labels = frames(16)
     torch.manual_seed(0)
+    # The production model: its overconfidence on noise is what the test is about.
     model = build_model("fcn8s_resnet101", 8)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     x, y = transform.normalize(torch.from_numpy(images)), torch.from_numpy(labels).long()

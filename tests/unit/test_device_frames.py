@@ -28,6 +28,8 @@ from pipelines.labeling.stages import load_frames
 from pipelines.storage import resolve
 from tests.support.models import make_model
 
+PRODUCTION = "fcn8s_resnet101"
+
 
 def idat(png: bytes) -> bytes:
     """The zlib stream of a PNG's (single) IDAT chunk."""
@@ -104,7 +106,8 @@ def frames():
 def segmenter():
     torch.set_num_threads(2)
     seg = Segmenter.__new__(Segmenter)  # the actor's call without Ray: its predictor on the CPU
-    seg.predictor = Predictor(make_model(), ModelSpec("fcn8s_resnet101", 8, T), "cpu")
+    # The production model: the masks' agreement bound is measured on it.
+    seg.predictor = Predictor(make_model(name=PRODUCTION), ModelSpec(PRODUCTION, 8, T), "cpu")
     seg.uncertain_below, seg.inputs_prepared = 0.5, False
     return seg
 

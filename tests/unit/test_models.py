@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchvision.models import resnet101
 
@@ -20,6 +21,7 @@ from fcn_models import (
     MODEL_NAMES,
     VGG16,
     FCN8s,
+    FCN8sResNet,
     FCN8sResNet101,
     FCN16s,
     FCN32s,
@@ -224,11 +226,13 @@ def test_build_model_returns_the_named_architecture(meta_models: dict[str, nn.Mo
         "fcn8s": FCN8s,
         "fcn8s_atonce": FCN8s,
         "fcn8s_resnet101": FCN8sResNet101,
+        "fcn8s_resnet18": FCN8sResNet,
     }
     assert set(expected) == set(MODEL_NAMES)
     for name, cls in expected.items():
         assert type(meta_models[name]) is cls
     assert meta_models["fcn8s_atonce"].at_once and not meta_models["fcn8s"].at_once
+    assert meta_models["fcn8s_resnet18"].backbone.depth == 18
 
 
 def test_build_model_rejects_a_wrong_backbone_state_dict() -> None:
@@ -239,6 +243,8 @@ def test_build_model_rejects_a_wrong_backbone_state_dict() -> None:
             build_model("fcn8s", N_CLASS, backbone_weights=resnet_state)
         with pytest.raises(ValueError, match="not a torchvision resnet101 state_dict"):
             build_model("fcn8s_resnet101", N_CLASS, backbone_weights=vgg_state)
+        with pytest.raises(ValueError, match="not a torchvision resnet18 state_dict"):
+            build_model("fcn8s_resnet18", N_CLASS, backbone_weights=resnet_state)
         truncated = {k: v for k, v in resnet_state.items() if not k.startswith("layer3.22.")}
         with pytest.raises(ValueError, match="missing keys: layer3.22"):
             build_model("fcn8s_resnet101", N_CLASS, backbone_weights=truncated)
@@ -250,16 +256,17 @@ def test_build_model_rejects_a_wrong_backbone_state_dict() -> None:
 # ------------------------------------------------------------- ResNet-101 backbone weights
 
 
-def test_resnet_backbone_weights_are_loaded() -> None:
+@pytest.mark.parametrize("depth", [101, 18])
+def test_resnet_backbone_weights_are_loaded(depth: int) -> None:
     torch.manual_seed(1)
-    reference = resnet101(weights=None)
+    reference = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     with torch.no_grad():  # make the BatchNorm buffers non-default too
         for m in reference.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
     state = reference.state_dict()
-    model = build_model("fcn8s_resnet101", N_CLASS, backbone_weights=state)
+    model = build_model(f"fcn8s_resnet{depth}", N_CLASS, backbone_weights=state)
     own = model.backbone.state_dict()
     assert set(own) == {k for k in state if not k.startswith("fc.")}
     for k, v in own.items():
@@ -282,7 +289,7 @@ def _forward_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _train_input(name: str) -> torch.Tensor:
     # ResNet's BatchNorm needs > 1 value per channel in training: batch 2 (layer4 is 1x1).
-    return _images(2, 32, 40) if name == "fcn8s_resnet101" else _images(1, 9, 11)
+    return _images(2, 32, 40) if name.startswith("fcn8s_resnet") else _images(1, 9, 11)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

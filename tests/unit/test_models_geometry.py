@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fcn_models import FCN8s, FCN8sResNet101, FCN16s, FCN32s
+from fcn_models import FCN8s, FCN8sResNet, FCN16s, FCN32s
 
 FCN_CLASSES = [FCN32s, FCN16s, FCN8s]
 F64 = torch.float64
@@ -228,9 +228,9 @@ def _linear_backbone(backbone: nn.Module) -> nn.Module:
     return net.double().eval()
 
 
-@pytest.fixture(scope="module")
-def resnet_fcn() -> nn.Module:
-    return _own_upsamplers(FCN8sResNet101(n_class=N_CLASS))
+@pytest.fixture(scope="module", params=[101, 18], ids=["resnet101", "resnet18"])
+def resnet_fcn(request) -> nn.Module:
+    return _own_upsamplers(FCN8sResNet(n_class=N_CLASS, depth=request.param))
 
 
 @pytest.fixture(scope="module")
