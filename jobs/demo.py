@@ -1,6 +1,6 @@
 """The whole loop on one machine, on embedded defaults (what `make demo` runs).
 
-    python -m jobs.demo [--dir demo] [--frames 48] [--epochs 5]
+    python -m jobs.demo [--dir demo] [--frames 48] [--epochs 5] [--model fcn8s_resnet101]
 
 synthetic drive data -> ingest -> train FCN-8s ResNet101 (2 CPU workers, Ray Train) ->
 register (MLflow, sqlite) -> promote to ``champion`` -> label new frames -> preview PNG.
@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from fcn_models import MODEL_NAMES
 
 MODEL_NAME = "lane-demo"
 EXPERIMENT = "lane-demo"
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=48, help="labeled synthetic frames to train on")
     p.add_argument("--new-frames", type=int, default=8, help="unlabeled frames to label")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--model", default="fcn8s_resnet101", choices=MODEL_NAMES,
+                   help="model factory name (fcn8s_resnet18 trains in about a quarter of the time)")  # fmt: skip
     args = p.parse_args(argv)
 
     demo = Demo(Path(args.dir).resolve(), f"demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
@@ -160,7 +164,7 @@ def run_steps(demo: Demo, args: argparse.Namespace, steps: Steps) -> str | None:
         return "ingest"
 
     train_argv = [
-        "--data", str(demo.shards), "--model", "fcn8s_resnet101", "--num-workers", "2",
+        "--data", str(demo.shards), "--model", args.model, "--num-workers", "2",
         "--epochs", str(args.epochs), "--batch-size", "4", "--lr", "0.02",
         "--experiment", EXPERIMENT, "--register-as", MODEL_NAME,
         "--storage", str(demo.checkpoints), "--run-name", demo.run_name,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipelines.labeling.output import read_output
 from tests.support.helpers import ROOT
+from tests.support.models import TEST_MODEL
 
 #: Marks the fenced Python block that follows as runnable after `make demo`.
 MARK = "<!-- snippet: demo -->"
@@ -52,7 +53,7 @@ def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     work = tmp_path_factory.mktemp("user")
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.demo", "--dir", str(work / "demo"), "--frames", "16",
-         "--new-frames", "4", "--epochs", "1"],
+         "--new-frames", "4", "--epochs", "1", "--model", TEST_MODEL],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
