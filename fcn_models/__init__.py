@@ -71,13 +71,11 @@ def build_model(name: str, n_class: int, **opts: Any) -> nn.Module:
     check_n_class(n_class, f"build_model({name!r})")
     weights = opts.get("backbone_weights")
 
-    if name == "fcn8s_resnet101":
+    if name in ("fcn8s_resnet101", "fcn8s_resnet18"):
         if isinstance(weights, nn.Module):
             weights = weights.state_dict()
-        return FCN8sResNet101(n_class, backbone_weights=weights)
-    if name == "fcn8s_resnet18":
-        if isinstance(weights, nn.Module):
-            weights = weights.state_dict()
+        if name == "fcn8s_resnet101":
+            return FCN8sResNet101(n_class, backbone_weights=weights)
         return FCN8sResNet(n_class, backbone_weights=weights, depth=18)
     model: FCN32s | FCN16s | FCN8s
     if name == "fcn32s":

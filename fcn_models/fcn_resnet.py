@@ -39,17 +39,9 @@ from torch import Tensor, nn
 from .upsampling import aligned_bilinear_upsampling, upsample_aligned
 from .vgg import _preview, check_images, check_n_class
 
-__all__ = [
-    "FCN8sResNet",
-    "FCN8sResNet101",
-    "RESNET_CHANNELS",
-    "ResNet101Backbone",
-    "ResNetBackbone",
-]
+__all__ = ["RESNET_DEPTHS", "FCN8sResNet", "FCN8sResNet101", "ResNet101Backbone", "ResNetBackbone"]
 
-#: Channels of layer2/3/4 by depth: basic blocks (18) keep their width, bottlenecks (101)
-#: expand it four times.
-RESNET_CHANNELS: dict[int, tuple[int, int, int]] = {18: (128, 256, 512), 101: (512, 1024, 2048)}
+RESNET_DEPTHS = (18, 101)  # those build_model offers (fcn8s_resnet18, fcn8s_resnet101)
 
 
 class ResNetBackbone(nn.Module):
@@ -61,13 +53,16 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, depth: int = 101) -> None:
         super().__init__()
-        if depth not in RESNET_CHANNELS:
-            raise ValueError(f"ResNetBackbone: depth {depth}; valid: {sorted(RESNET_CHANNELS)}")
+        if depth not in RESNET_DEPTHS:
+            raise ValueError(f"ResNetBackbone: depth {depth}; valid: {list(RESNET_DEPTHS)}")
         # Imported here: torchvision adds seconds to ``import fcn_models`` and only this needs it.
         from torchvision import models
 
-        self.depth, self.channels = depth, RESNET_CHANNELS[depth]
         r = getattr(models, f"resnet{depth}")(weights=None)
+        # layer2/3/4 (channels of layer4 = the classifier's input) each double the one before:
+        # 128/256/512 with basic blocks (18), 512/1024/2048 with bottlenecks (101).
+        c4 = r.fc.in_features
+        self.depth, self.channels = depth, (c4 // 4, c4 // 2, c4)
         self.conv1, self.bn1, self.relu, self.maxpool = r.conv1, r.bn1, r.relu, r.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
 

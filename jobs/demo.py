@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-frames", type=int, default=8, help="unlabeled frames to label")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--model", default="fcn8s_resnet101", choices=MODEL_NAMES,
-                   help="model factory name (fcn8s_resnet18 trains in about a quarter of the time)")  # fmt: skip
+                   help="model factory name (fcn8s_resnet18: a quarter of the parameters)")  # fmt: skip
     args = p.parse_args(argv)
 
     demo = Demo(Path(args.dir).resolve(), f"demo-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
