@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,8 +21,7 @@ from tests.support.helpers import (
     MODEL_W,
     free_port,
     ingest_config,
-    stop,
-    wait_for_port,
+    moto_server,
 )
 from tests.support.models import TEST_MODEL, make_model, plant_malicious_pickle
 
@@ -62,19 +59,11 @@ os.environ.pop("RAY_ADDRESS", None)
 @pytest.fixture(scope="session")
 def s3_server():
     """moto in server mode on 127.0.0.1; yields the endpoint. Buckets: ``lanes``."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(S3_PORT, proc)
-        import boto3
+    import boto3
 
-        boto3.client("s3", endpoint_url=S3_ENDPOINT).create_bucket(Bucket="lanes")
-        yield S3_ENDPOINT
-    finally:
-        stop(proc)
+    with moto_server(S3_PORT) as (_, endpoint):
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="lanes")
+        yield endpoint
 
 
 @pytest.fixture

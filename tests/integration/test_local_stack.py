@@ -6,7 +6,6 @@ infra/local/stop.sh."""
 import base64
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -28,7 +27,7 @@ from mlflow import MlflowClient
 from pipelines.data.versions import resolve_dataset
 from pipelines.ops import tracking
 from tests.support.faults import start_outage_server
-from tests.support.helpers import ROOT, free_port
+from tests.support.helpers import ROOT, free_port, stack_env, stale_http_server
 from tests.support.models import TEST_MODEL
 
 START, STOP = ROOT / "infra/local/start.sh", ROOT / "infra/local/stop.sh"
@@ -53,11 +52,8 @@ def local_stack():
     }
     # The stack's S3 (checkpoints) is an outage server the test can take away for a while.
     s3 = start_outage_server(outage_seconds=10)
-    env = {**os.environ, "LANE_STACK_DIR": str(state), **{k: str(v) for k, v in ports.items()},
-           "AWS_ENDPOINT_URL_S3": s3.endpoint}  # fmt: skip
     # The test session's own settings must not leak into the stack or its clients.
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
+    env = {**stack_env(state, **ports), "AWS_ENDPOINT_URL_S3": s3.endpoint}
     try:
         start = subprocess.run(
             [str(START), "--num-cpus", "2"], env=env, capture_output=True, text=True, timeout=300
@@ -349,13 +345,6 @@ def test_a_failing_job_is_reported_with_its_one_line_error(stack_run):
 
 
 # -- start.sh and stop.sh: only what they started ---------------------------------------------
-def stack_env(state: Path, **ports: int) -> dict[str, str]:
-    env = {**os.environ, "LANE_STACK_DIR": str(state), **{k: str(v) for k, v in ports.items()}}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    return env
-
-
 def gone(p: psutil.Process) -> bool:
     """Ended (a zombie whose parent has not reaped it counts: it runs nothing)."""
     try:
@@ -400,39 +389,26 @@ def test_start_refuses_a_server_it_did_not_start_and_leaves_nothing_running(tmp_
     """A stale server answers on MLflow's port (any request, with any credentials): start.sh
     does not take it for its own MLflow, fails with a clear error, and stops the S3 server it
     had already started."""
-    import http.server
-
-    class Stale(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    stale = http.server.HTTPServer(("127.0.0.1", 0), Stale)
-    threading.Thread(target=stale.serve_forever, daemon=True).start()
     s3_port = free_port()
     state = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
-    env = stack_env(state, MLFLOW_PORT=stale.server_port, S3_PORT=s3_port,
-                    RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port(),
-                    PG_PORT=free_port())  # fmt: skip
-    try:
-        start = subprocess.run([str(START), "--s3"], env=env, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
-        assert start.returncode == 1, start.stdout + start.stderr
-        assert (
-            f"error: mlflow: port {stale.server_port} is taken by another server" in start.stderr
-        ), start.stderr
-        assert "S3 server" in start.stdout  # it had started, and was stopped again
-        assert not listening(s3_port)
-        assert not list(state.glob("*.pid"))
-        assert listening(stale.server_port)  # not ours: left alone
-    finally:
-        stale.shutdown()
-        subprocess.run([str(STOP)], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(state, ignore_errors=True)
+    with stale_http_server() as stale_port:
+        env = stack_env(state, MLFLOW_PORT=stale_port, S3_PORT=s3_port,
+                        RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port(),
+                        PG_PORT=free_port())  # fmt: skip
+        try:
+            start = subprocess.run([str(START), "--s3"], env=env, capture_output=True,
+                                   text=True, timeout=300)  # fmt: skip
+            assert start.returncode == 1, start.stdout + start.stderr
+            assert f"error: mlflow: port {stale_port} is taken by another server" in start.stderr, (
+                start.stderr
+            )
+            assert "S3 server" in start.stdout  # it had started, and was stopped again
+            assert not listening(s3_port)
+            assert not list(state.glob("*.pid"))
+            assert listening(stale_port)  # not ours: left alone
+        finally:
+            subprocess.run([str(STOP)], env=env, capture_output=True, timeout=120)
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def test_start_interrupted_stops_what_it_started(tmp_path):

@@ -2,20 +2,18 @@
 start: stop.sh saves every object to STATE/s3 (infra/local/s3_state.py), start.sh restores
 them. Against real moto servers on 127.0.0.1, one per "start"."""
 
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 
-from tests.support.helpers import ROOT, free_port, stop, wait_for_port
+from tests.support.helpers import ROOT, free_port, moto_server, stack_env, stale_http_server
 
 S3_STATE = ROOT / "infra/local/s3_state.py"
 START, STOP = ROOT / "infra/local/start.sh", ROOT / "infra/local/stop.sh"
@@ -31,20 +29,6 @@ OBJECTS = {
     ("other", "copy-of-a/b"): b"inside the folder",
 }
 BIG = ("lanes", "shards/v1/part-0.parquet")  # over boto3's multipart threshold (8 MiB)
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[tuple[subprocess.Popen, str]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for_port(port, proc)
-        yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
 
 
 def fill(endpoint: str, big: bytes) -> None:
@@ -140,13 +124,6 @@ def test_a_failed_save_keeps_the_previous_snapshot(saved, big):
 
 
 # -- stop.sh and start.sh --------------------------------------------------------------------
-def stack_env(state: Path, **ports: int) -> dict[str, str]:
-    env = {**os.environ, "LANE_STACK_DIR": str(state), **{k: str(v) for k, v in ports.items()}}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    return env
-
-
 def record_as_stack_s3(state: Path, proc: subprocess.Popen) -> None:
     """``proc`` recorded as the stack's S3 server, as start.sh does."""
     subprocess.run([sys.executable, str(ROOT / "infra/local/proc.py"), "record", str(state),
@@ -186,35 +163,23 @@ def test_start_restores_the_snapshot_into_its_s3_server(saved):
     """start.sh --s3 restores before anything else starts. Here its MLflow port is taken, so
     the start fails right after, and its clean-up (stop.sh) saves the server it restored: the
     snapshot still names every object only if they were really in that server."""
-    import http.server
-    import threading
-
-    class Stale(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    stale = http.server.HTTPServer(("127.0.0.1", 0), Stale)
-    threading.Thread(target=stale.serve_forever, daemon=True).start()
     keys = sorted((b, e["key"]) for b, entries in json.loads(
         (saved / "s3/index.json").read_text())["buckets"].items() for e in entries)  # fmt: skip
     # A short path: start.sh's state folder also holds Ray's sockets in a full start.
     state = Path(tempfile.mkdtemp(prefix="ls-", dir="/tmp"))
     shutil.copytree(saved / "s3", state / "s3")
-    env = stack_env(state, MLFLOW_PORT=stale.server_port, S3_PORT=free_port(),
-                    RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port())  # fmt: skip
-    try:
-        start = subprocess.run([str(START), "--s3", "--sqlite"], env=env, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
-        assert start.returncode == 1, start.stdout + start.stderr
-        assert "s3: restored 7 objects (9.4 MB) in 2 buckets" in start.stdout, start.stdout
-        index = json.loads((state / "s3/index.json").read_text())
-        after = sorted((b, e["key"]) for b, entries in index["buckets"].items() for e in entries)
-        assert after == keys
-    finally:
-        stale.shutdown()
-        subprocess.run([str(STOP)], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(state, ignore_errors=True)
+    with stale_http_server() as stale_port:
+        env = stack_env(state, MLFLOW_PORT=stale_port, S3_PORT=free_port(),
+                        RAY_GCS_PORT=free_port(), RAY_DASHBOARD_PORT=free_port())  # fmt: skip
+        try:
+            start = subprocess.run([str(START), "--s3", "--sqlite"], env=env,
+                                   capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert start.returncode == 1, start.stdout + start.stderr
+            assert "s3: restored 7 objects (9.4 MB) in 2 buckets" in start.stdout, start.stdout
+            index = json.loads((state / "s3/index.json").read_text())
+            after = sorted((b, e["key"]) for b, entries in index["buckets"].items()
+                           for e in entries)  # fmt: skip
+            assert after == keys
+        finally:
+            subprocess.run([str(STOP)], env=env, capture_output=True, timeout=120)
+            shutil.rmtree(state, ignore_errors=True)

@@ -3,11 +3,15 @@ processes on the session's Ray cluster, the tests' ingest config."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +38,51 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
                 return
         time.sleep(0.2)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def moto_server(port: int | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """moto in server mode on 127.0.0.1 (``port``, or a free one): (process, endpoint)."""
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc)
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def stack_env(state: Path, **ports: int) -> dict[str, str]:
+    """The environment of infra/local/start.sh and stop.sh for a stack in ``state`` on
+    ``ports``, without the test session's own Ray and MLflow settings."""
+    env = {**os.environ, "LANE_STACK_DIR": str(state), **{k: str(v) for k, v in ports.items()}}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return env
+
+
+@contextlib.contextmanager
+def stale_http_server() -> Iterator[int]:
+    """A server that is not the stack's answering 200 to any GET on a free port (yields it)."""
+
+    class Stale(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Stale)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
 
 
 def job_env(**extra: str) -> dict[str, str]:
