@@ -1,204 +1,174 @@
-"""What the training recipe learns: val mIoU per epoch of FCN-8s ResNet-101, the recipe as it was
-before issue 11 against the one the training job runs now, on the same data from the same seed.
+"""What the training recipe learns: val mIoU per epoch of the training job's model and recipe
+on the demo's data, trained and scored by the training engine, from one or more seeds.
 
-    python -m benchmarks.bench_learning [--device cpu|cuda] [--size 256x128] [--frames 48]
-        [--epochs 5] [--batch-size 4] [--lr 0.02] [--seed 0] [--variants ...] [--out FILE]
+    python -m benchmarks.bench_learning [--device cpu|cuda] [--model fcn8s_resnet101]
+        [--size 256x128] [--frame-size 846x428] [--crop-top 172] [--frames 48] [--epochs 5]
+        [--batch-size 4] [--lr 0.02] [--seeds 0] [--out FILE]
 
-The data are the demo's (``make demo``): synthetic drives, ingested by the pipeline's own
-``process_pair`` (crop, resize, label ids) and split by drive as ``jobs.ingest`` splits them,
-held in memory so that only the recipe differs between runs (no Ray: it also runs where Ray is
-not installed). Every epoch decodes and augments the training frames with the pipeline's
-``Augment``, trains, and scores the validation split in eval mode.
-
-Variants, each adding one change to the one before:
-
-- ``before``: frames in ``image_id`` order (consecutive frames of one camera per batch),
-  every parameter in one SGD group with weight decay, upsamplers trained, skips fused with
-  the old even-kernel upsamplers (3.5 / 7.5 / 15.5 px off at the output);
-- ``shuffle``: a new random order every epoch, from ``--seed`` and the epoch;
-- ``groups``: the reference parameter groups (upsamplers fixed, biases 2x lr without decay,
-  no decay on normalization parameters);
-- ``after``: and the centre-aligned skip fusion: the training job's recipe today.
+The demo's synthetic drives (``make demo``), converted by the pipeline's ``process_pair`` and
+split by drive as ``jobs.ingest`` does, are held decoded on the device (no Ray, so it runs on
+the lent GPU machines too); each epoch is what a training worker does with its shard, through
+``pipelines.training.engine``. The curves before issue 11's recipe are in RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import add_device_arg, device_name, emit, parse_device
-from fcn_models import FCN8sResNet101, bilinear_upsampling, build_model
+from fcn_models import MODEL_NAMES
 from pipelines.core.frames import FrameTransform, parse_size
 from pipelines.core.labels import N_CLASSES
-from pipelines.core.metrics import confusion_matrix, scores
+from pipelines.core.metrics import scores
 from pipelines.data.decode import decode_batch
 from pipelines.data.discover import discover, split_drives
 from pipelines.data.ingest import process_pair
 from pipelines.data.synthetic import write_tree
 from pipelines.storage import resolve
+from pipelines.training import engine
 from pipelines.training.augment import Augment, augment_batch, step_generator
-from pipelines.training.recipe import make_loss, make_optimizer, make_recipe, set_trainable
-from pipelines.training.step import epoch_seed, train_step
+from pipelines.training.recipe import make_recipe
 
-VARIANTS = ("before", "shuffle", "groups", "after")
-
-
-class LegacyFCN8sResNet101(FCN8sResNet101):
-    """The model as it was before the aligned fusion: k4 s2 p1, k4 s2 p1, k16 s8 p4."""
-
-    def __init__(self, n_class: int) -> None:
-        super().__init__(n_class)
-        self.upscore2 = bilinear_upsampling(n_class, 2, padding=1)
-        self.upscore_layer3 = bilinear_upsampling(n_class, 2, padding=1)
-        self.upscore8 = bilinear_upsampling(n_class, 8, padding=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % 32, 0, -h % 32))
-        c2, c3, c4 = self.backbone(x)
-        fused = self.upscore2(self.score_layer4(self.norm_layer4(c4)))
-        fused = self.upscore_layer3(fused + self.score_layer3(self.norm_layer3(c3)))
-        fused = fused + self.score_layer2(self.norm_layer2(c2))
-        return self.upscore8(fused)[:, :, :h, :w]
+Frames = dict[str, torch.Tensor]
 
 
-def demo_data(root: Path, frames: int, frame_size: tuple[int, int]) -> None:
-    """The demo's labeled drive: ``frames`` frames in four chunks of four records each."""
-    step = max(1, frames // 4)
-    for start in range(0, frames, step):
-        write_tree(root, min(step, frames - start), records=4, width=frame_size[0],
-                   height=frame_size[1], seed=start, road="road02")  # fmt: skip
+# -- the demo's data, in memory (also bench_fcn_table's) -----------------------------------------
+def seed_list(text: str) -> list[int]:
+    return [int(s) for s in text.split(",")]
 
 
-def ingest_in_memory(root: Path, transform: FrameTransform, val_fraction: float, seed: int):
-    """(train rows, val rows) of encoded frames, as ``jobs.ingest`` would shard them; train
-    rows in ``image_id`` order."""
-    found = discover(str(root))
-    splits = split_drives((c.drive for c in found.candidates), val_fraction, seed)
+def demo_parser(doc: str, *, size: tuple[int, int], frames: int, batch_size: int,
+                seeds: str) -> argparse.ArgumentParser:  # fmt: skip
+    """The flags of a run on the demo's data, this benchmark's and bench_fcn_table's."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_device_arg(p)
+    p.add_argument("--size", type=parse_size, default=size, help="model input WxH")
+    p.add_argument("--frame-size", type=parse_size, default=(846, 428), help="source frames WxH")
+    p.add_argument("--crop-top", type=int, default=172, help="sky rows cut from each frame")
+    p.add_argument("--frames", type=int, default=frames)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--seeds", type=seed_list, default=seeds, help="comma list")
+    p.add_argument("--out", type=Path)
+    return p
+
+
+def load_demo(args: argparse.Namespace, transform: FrameTransform,
+              device: torch.device) -> tuple[Frames, Frames]:  # fmt: skip
+    """(train, val) frames of the demo's drive (``args.frames`` frames in four chunks of four
+    records each; a quarter of the chunks held out as ``jobs.ingest`` splits drives), decoded
+    once as the job decodes them (``decode_batch``) and held on the device: uint8 ``image``
+    (N, H, W, 3) and ``label`` (N, H, W)."""
     rows: dict[str, list[dict]] = {"train": [], "val": []}
-    for c in sorted(found.candidates, key=lambda c: c.image_id):
-        if c.image and c.label:
-            row = process_pair(
-                resolve(c.image).read_bytes(), resolve(c.label).read_bytes(), transform
-            )
-            rows[splits[c.drive]].append({"image_id": c.image_id, **row})
-    return rows["train"], rows["val"]
+    with tempfile.TemporaryDirectory() as tmp:
+        step = max(1, args.frames // 4)
+        for start in range(0, args.frames, step):
+            write_tree(Path(tmp), min(step, args.frames - start), records=4, seed=start,
+                       width=args.frame_size[0], height=args.frame_size[1], road="road02")  # fmt: skip
+        found = discover(tmp)
+        split = split_drives((c.drive for c in found.candidates), 0.25, 0)
+        for c in sorted(found.candidates, key=lambda c: c.image_id):
+            if c.image and c.label:
+                pair = (resolve(c.image).read_bytes(), resolve(c.label).read_bytes())
+                rows[split[c.drive]].append(process_pair(*pair, transform))
+    print(f"data: {len(rows['train'])} train, {len(rows['val'])} val frames", flush=True)
+    if len(rows["train"]) < args.batch_size or not rows["val"]:
+        raise SystemExit(f"--frames {args.frames}: too few frames for a batch and a val split")
+    keys = ("image", "label")
+    out = [decode_batch({k: np.array([r[k] for r in part], dtype=object) for k in keys})
+           for part in (rows["train"], rows["val"])]  # fmt: skip
+    return tuple({k: torch.from_numpy(d[k]).to(device) for k in keys} for d in out)
 
 
-def batches(rows: list[dict], size: int, transform, device, augment, generator):
-    """Decoded as the job's Ray Data stage decodes, augmented on the device as its step does."""
-    for i in range(0, len(rows) - size + 1, size):  # drop_last, as the job
-        chunk = rows[i : i + size]
-        out = decode_batch(
-            {k: np.array([r[k] for r in chunk], dtype=object) for k in ("image", "label")}
-        )
-        image = torch.from_numpy(out["image"]).to(device)
-        label = torch.from_numpy(out["label"]).to(device)
-        if augment is not None:
-            b = augment_batch({"image": image, "label": label}, augment, transform, generator)
-            yield b["image"], b["label"]
-        else:
-            yield transform.normalize(image), label.long()
+def epoch_batches(frames: Frames, size: int, seed: int) -> Iterator[Frames]:
+    """One epoch of raw batches in an order drawn from ``seed``; the last partial batch is
+    dropped, as the job does."""
+    n = len(frames["label"])
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n)).to(frames["label"].device)
+    for i in range(0, n - size + 1, size):
+        yield {k: v[order[i : i + size]] for k, v in frames.items()}
 
 
-def run(variant: str, train_rows, val_rows, args, transform, device) -> list[float]:
-    """Val mIoU after each epoch."""
-    torch.manual_seed(args.seed)
-    model = (LegacyFCN8sResNet101 if variant != "after" else FCN8sResNet101)(N_CLASSES)
-    model = model.to(device)
-    if variant == "after":
-        assert type(model) is type(build_model("fcn8s_resnet101", N_CLASSES))
-    steps = (len(train_rows) // args.batch_size) * args.epochs
-    recipe = make_recipe("default", "fcn8s_resnet101", lr=args.lr)
-    if variant in ("groups", "after"):
-        set_trainable(model, learn_upsampling=False)
-        optimizer, scheduler = make_optimizer(model, recipe, steps)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                    weight_decay=recipe.weight_decay)  # fmt: skip
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: max(0.0, 1 - s / steps) ** recipe.poly_power
-        )
-    criterion = make_loss(recipe)
-    cuda = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-    curve = []
-    for epoch in range(args.epochs):
-        seed = epoch_seed(args.seed, epoch)
-        rng = np.random.default_rng(seed)
-        order = train_rows
-        if variant != "before":
-            order = [train_rows[i] for i in rng.permutation(len(train_rows))]
-        model.train()
-        gen = step_generator(device, seed)
-        for x, y in batches(order, args.batch_size, transform, device, Augment(), gen):
-            train_step(model, {"image": x, "label": y}, criterion, optimizer, autocast)
-            scheduler.step()
-        model.eval()
-        conf = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.int64, device=device)
-        with torch.no_grad(), autocast:
-            for x, y in batches(val_rows, 1, transform, device, None, None):
-                conf += confusion_matrix(model(x).argmax(1), y, N_CLASSES)
-        curve.append(scores(conf.cpu().numpy())["miou"])
-        print(f"  {variant:8s} epoch {epoch + 1}: val mIoU {curve[-1]:.3f}", flush=True)
-    return curve
+def val_conf(
+    state: engine.TrainState, frames: Frames, args, transform: FrameTransform
+) -> np.ndarray:
+    """The confusion matrix of the validation split (``engine.evaluate``), in batches of
+    normalized images and int64 labels."""
+    n, b = len(frames["label"]), args.batch_size
+    batches = (
+        {"image": transform.normalize(frames["image"][i : i + b]), "label": frames["label"][i : i + b].long()}
+        for i in range(0, n, b)
+    )  # fmt: skip
+    return engine.evaluate(state.model, batches, N_CLASSES, autocast=state.autocast).cpu().numpy()
+
+
+def fit(state: engine.TrainState, frames: Frames, steps: int, args, transform: FrameTransform,
+        seed: int, *, on_step: Callable | None = None,
+        after_epoch: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """``steps`` engine steps as the training job takes them: epoch after epoch of ``seed``'s
+    batches (the last epoch cut short), augmented on the device, dropout reseeded per epoch."""
+    epoch = 0
+    while state.global_step < steps:
+        s = engine.epoch_seed(seed, epoch)
+        torch.manual_seed(s)  # dropout (VGG FCNs), as the loop does
+        batches = itertools.islice(epoch_batches(frames, args.batch_size, s),
+                                   steps - state.global_step)  # fmt: skip
+        gen = step_generator(state.device, s)  # the epoch's own augmentation stream
+        engine.train_one_epoch(state, batches, on_step=on_step,
+                               augment=lambda b, g=gen: augment_batch(b, Augment(), transform, g))  # fmt: skip
+        if after_epoch is not None:
+            after_epoch()
+        epoch += 1
+
+
+# -- the curve --------------------------------------------------------------------------------------
+def curve(args, seed: int, train: Frames, val: Frames, transform, device) -> list[float]:
+    """Val mIoU after each epoch of one run from ``seed``."""
+    steps = len(train["label"]) // args.batch_size * args.epochs
+    state = engine.build_train_state(
+        engine.build_model(args.model, N_CLASSES, seed=seed),
+        make_recipe("default", args.model, lr=args.lr), total_steps=steps, device=device,
+        amp=device.type == "cuda",
+    )  # fmt: skip
+    out: list[float] = []
+
+    def score() -> None:
+        out.append(scores(val_conf(state, val, args, transform))["miou"])
+        print(f"  seed {seed} epoch {len(out)}: val mIoU {out[-1]:.3f}", flush=True)
+
+    fit(state, train, steps, args, transform, seed, after_epoch=score)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_device_arg(p)
-    p.add_argument("--size", type=parse_size, default=(256, 128), help="model input WxH")
-    p.add_argument("--frame-size", type=parse_size, default=(846, 428), help="source frames WxH")
-    p.add_argument("--crop-top", type=int, default=172, help="sky rows cut from each frame")
-    p.add_argument("--frames", type=int, default=48)
+    p = demo_parser(__doc__, size=(256, 128), frames=48, batch_size=4, seeds="0")
+    p.add_argument("--model", choices=MODEL_NAMES, default="fcn8s_resnet101")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.02, help="the demo's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    device = parse_device(p, args)
-    variants = args.variants.split(",")
-    if not set(variants) <= set(VARIANTS):
-        p.error(f"--variants: choose from {', '.join(VARIANTS)}")
-
+    device, seeds = parse_device(p, args), args.seeds
     transform = FrameTransform(width=args.size[0], height=args.size[1], crop_top=args.crop_top)
     torch.set_flush_denormal(True)  # as the training loop does (10x on CPU)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        demo_data(Path(tmp), args.frames, args.frame_size)
-        train_rows, val_rows = ingest_in_memory(Path(tmp), transform, 0.25, args.seed)
-    print(f"data: {len(train_rows)} train, {len(val_rows)} val frames "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-    if len(train_rows) < args.batch_size or not val_rows:
-        p.error(f"--frames {args.frames}: too few frames for a batch and a validation split")
-    curves = {}
-    for v in variants:
-        t = time.perf_counter()
-        curves[v] = run(v, train_rows, val_rows, args, transform, device)
-        print(f"  {v}: {time.perf_counter() - t:.0f} s", flush=True)
+    train, val = load_demo(args, transform, device)
+    curves = [curve(args, seed, train, val, transform, device) for seed in seeds]
 
     w, h = args.size
     caption = (
-        f"FCN-8s ResNet-101 from scratch, {w}x{h}, batch {args.batch_size}, lr {args.lr:g}, "
-        f"{len(train_rows)} train / {len(val_rows)} val frames (the demo's synthetic drives), "
-        f"seed {args.seed}; {device.type} ({device_name(device)}), torch {torch.__version__}. "
-        f"Val mIoU after each epoch."
+        f"{args.model} from scratch, {w}x{h}, batch {args.batch_size}, lr {args.lr:g}, "
+        f"{len(train['label'])} train / {len(val['label'])} val frames (the demo's synthetic "
+        f"drives); {device.type} ({device_name(device)}), torch {torch.__version__}"
+        f"{', bf16 autocast' if device.type == 'cuda' else ''}. Val mIoU after each epoch."
     )
-    rows = [
-        (epoch + 1, *(f"{curves[v][epoch]:.3f}" for v in variants)) for epoch in range(args.epochs)
-    ]
-    if "before" in curves and "after" in curves:
-        rows.append(("gain after - before, last epoch",
-                     *(f"{curves[v][-1] - curves['before'][-1]:+.3f}" for v in variants)))  # fmt: skip
-    emit(caption, rows, args.out, header=("epoch", *variants))
+    mean = [np.mean(curves, axis=0).tolist()] if len(curves) > 1 else []
+    rows = [(e + 1, *(f"{c[e]:.3f}" for c in curves + mean)) for e in range(args.epochs)]
+    header = ("epoch", *(f"seed {s}" for s in seeds), *(["mean"] if mean else []))
+    emit(caption, rows, args.out, header=header)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,14 @@
 """Ray and MLflow for a lent GPU machine that has neither: one ``bundle.tar.xz`` of a
 site-packages tree that fits the 64 MiB a device call carries.
 
-    python -m benchmarks.gpu_bundle [--out benchmarks/gpu-bundle] [--wheels DIR]
-        [--python-version 3.12]
+    python -m benchmarks.gpu_bundle [--out benchmarks/gpu-bundle] [--python-version 3.12]
 
-The GPU image (python3.12, PyTorch, torchvision, numpy, pandas, pyarrow, aiohttp, grpcio,
-protobuf, ... : ``IMAGE_HAS`` below, from the device tool's KINDS.md) lacks Ray and MLflow, and
-nothing can be installed there. This resolves ``ray[default,data,train]`` (the dashboard serves
-the state API Ray Train queries), ``mlflow-skinny`` and SQLAlchemy + Alembic (the jobs' sqlite
-tracking store; the skinny package lacks both) for that Python, at the versions pinned in
-constraints.txt, for manylinux x86_64 wheels only; downloads the wheels of what the image lacks
-(``--wheels`` is the cache: a wheel already there is not fetched again); unpacks them into one
-tree; strips what no Python job loads (Ray's Java jar, the dashboard's JavaScript source maps,
-RLlib, tests folders, the wheels' console scripts); and writes ``OUT/bundle.tar.xz`` (xz preset
-9) and ``OUT/MANIFEST.txt`` (each package and version, what was stripped, sizes). Refuses, in
-one line, a bundle over 60 MiB.
-
-On the GPU machine (``benchmarks/gpu_jobs.sh`` does this)::
-
-    mkdir -p /tmp/gpu-bundle && tar -xJf benchmarks/gpu-bundle/bundle.tar.xz -C /tmp/gpu-bundle
-    PYTHONPATH=/tmp/gpu-bundle/site python3 -m jobs.train ...
-
-The project's own source is not in the bundle: the device tool carries the working tree.
-``--python-version 3.11`` builds the same bundle for this machine's Python, to check it here.
+Resolves Ray (Data, Train, the dashboard whose state API Ray Train queries), mlflow-skinny and
+the sqlite store's SQLAlchemy + Alembic for the GPU image's Python at constraints.txt's
+versions; installs what the image lacks (``gpu_image_packages.txt``) into one tree; strips
+what no job loads; writes ``OUT/bundle.tar.xz`` and ``OUT/MANIFEST.txt``, or refuses a bundle
+over 60 MiB. ``benchmarks/gpu_jobs.sh`` unpacks it there and runs the jobs through
+``PYTHONPATH``. ``--python-version 3.11`` builds one for this machine, to check it here.
 """
 
 from __future__ import annotations
@@ -30,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
-import os
 import re
 import shutil
 import subprocess
@@ -38,45 +23,17 @@ import sys
 import tarfile
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "benchmarks" / "gpu-bundle"
 LIMIT_MIB = 60
 
-# What the jobs need beyond the image. The sqlite store (``sqlite:///...``, what the demo and
-# the benchmarks use) needs SQLAlchemy and Alembic, which mlflow-skinny does not pull in.
+# What the jobs need beyond the image; mlflow-skinny lacks the sqlite store's SQLAlchemy/Alembic.
 REQUIREMENTS = ["ray[default,data,train]", "mlflow-skinny", "sqlalchemy", "alembic"]
 
-# Python packages of the device's 'cuda' image (KINDS.md, "Python packages already there", read
-# on 2026-11-17): not bundled. Canonical names (PEP 503).
-_IMAGE_PACKAGES = """
-    absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
-    botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy
-    coverage cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython
-    diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools formulaic
-    frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize
-    hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib
-    jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator
-    lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes
-    mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx
-    ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc
-    nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand
-    nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13
-    nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
-    opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging
-    pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client propcache
-    protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks
-    pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist
-    python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu safetensors
-    scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece
-    sentence-transformers setuptools shellingham simplejson six sortedcontainers statsmodels
-    sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl tifffile
-    tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
-    torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect
-    urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"""
-IMAGE_HAS = set(_IMAGE_PACKAGES.split())
+# Python packages of the device's 'cuda' image (its KINDS.md, "Python packages already there",
+# read on 2026-11-17; canonical names, one a line): not bundled.
+IMAGE_HAS = set((ROOT / "benchmarks" / "gpu_image_packages.txt").read_text().split())
 
 # In the image, but bundled all the same: googleapis-common-protos, proto-plus and google-api-core
 # (the dashboard's metrics agent, via opencensus) need protobuf >= 6.33.5, newer than the image
@@ -84,8 +41,7 @@ IMAGE_HAS = set(_IMAGE_PACKAGES.split())
 # generated code runs on any protobuf >= 3.20. ``--also NAME`` adds others.
 ALSO_BUNDLE = {"protobuf"}
 
-# Needed by the resolution but never loaded by a Python job: not bundled at all. py-spy is
-# one binary the dashboard's profiler runs on request.
+# Resolved but never loaded by a Python job (one binary the dashboard's profiler runs): left out.
 SKIP_PACKAGES = {"py-spy"}
 
 PLATFORMS = [
@@ -98,6 +54,8 @@ STRIP_DIRS = [
     "ray/jars",  # the Java workers' jar (34.5 MB)
     "ray/rllib",  # reinforcement learning: not imported by Data, Train or the dashboard
     "ray/cpp",  # the C++ API's headers and library
+    "bin",  # console scripts: the jobs run as python -m
+    "include",  # C headers
 ]
 STRIP_DIR_NAMES = {"tests", "__pycache__"}
 STRIP_SUFFIXES = (".map", ".pyc", ".pyi")
@@ -117,10 +75,9 @@ def run_pip(cmd: list[str]) -> None:
 
 
 def pip_platform_args(python_version: str) -> list[str]:
-    args = ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp"]
-    for p in PLATFORMS:
-        args += ["--platform", p]
-    return args
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    return ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
+            *platforms]  # fmt: skip
 
 
 def pinned_constraints(path: Path, tmp: Path, image: set[str]) -> Path:
@@ -151,158 +108,96 @@ def resolve(python_version: str, constraints: Path, tmp: Path) -> list[tuple[str
     return sorted((canonical(i["metadata"]["name"]), i["metadata"]["version"]) for i in items)
 
 
-def wheel_for(wheels: Path, name: str, version: str) -> Path | None:
-    for f in wheels.glob("*.whl"):
-        parts = f.name.split("-")
-        if canonical(parts[0]) == name and parts[1] == version:
-            return f
-    return None
-
-
-def fetch(wanted: list[tuple[str, str]], wheels: Path, python_version: str) -> list[Path]:
-    """The wheels of ``wanted``, downloaded into ``wheels`` where not there already."""
-    missing = [f"{n}=={v}" for n, v in wanted if wheel_for(wheels, n, v) is None]
-    if missing:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
-            *pip_platform_args(python_version), *missing,
-        ]  # fmt: skip
-        run_pip(cmd)
-    found = [wheel_for(wheels, n, v) for n, v in wanted]
-    lost = [f"{n}=={v}" for (n, v), f in zip(wanted, found, strict=True) if f is None]
-    if lost:
-        raise SystemExit(f"error: no wheel downloaded for {', '.join(lost)}")
-    return [f for f in found if f is not None]
-
-
-def unpack(wheel: Path, site: Path) -> None:
-    """A wheel's files into ``site``: its ``.data/purelib`` and ``platlib`` merged in, its
-    scripts and headers left out (the jobs run as ``python -m``)."""
-    with zipfile.ZipFile(wheel) as z:
-        for info in z.infolist():
-            name = info.filename
-            top, _, rest = name.partition("/")
-            if top.endswith(".data"):
-                kind, _, rest = rest.partition("/")
-                if kind not in ("purelib", "platlib") or not rest:
-                    continue
-                name = rest
-            if name.endswith("/"):
-                continue
-            dest = site / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with z.open(info) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
-            mode = (info.external_attr >> 16) & 0o777
-            if mode:
-                os.chmod(dest, mode | 0o600)
+def install(wanted: list[tuple[str, str]], site: Path, python_version: str) -> None:
+    """The wheels of ``wanted`` (exact versions, no dependencies: the resolution chose them)
+    installed into ``site`` as pip installs them, for the GPU image's Python and platform."""
+    run_pip([
+        sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
+        "--target", str(site), *pip_platform_args(python_version), *(f"{n}=={v}" for n, v in wanted),
+    ])  # fmt: skip
 
 
 def tree_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def strip(site: Path) -> list[tuple[str, int]]:
-    """Remove what no Python job loads; (path, bytes) of each removal."""
-    removed: list[tuple[str, int]] = []
-
-    def drop(p: Path) -> None:
-        size = tree_size(p) if p.is_dir() else p.stat().st_size
-        removed.append((str(p.relative_to(site)) + ("/" if p.is_dir() else ""), size))
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-
+def strip(site: Path) -> None:
+    """Remove what no Python job loads: ``STRIP_DIRS``, every folder named in
+    ``STRIP_DIR_NAMES`` and every file ending in ``STRIP_SUFFIXES``."""
     for rel in STRIP_DIRS:
-        if (site / rel).exists():
-            drop(site / rel)
-    for p in sorted(site.rglob("*"), key=lambda p: len(p.parts)):
-        if not p.exists():  # inside a folder dropped already
-            continue
-        if (p.is_dir() and p.name in STRIP_DIR_NAMES) or (
-            p.is_file() and p.name.endswith(STRIP_SUFFIXES)
-        ):
-            drop(p)
-    return removed
+        shutil.rmtree(site / rel, ignore_errors=True)
+    for p in sorted(site.rglob("*"), key=lambda p: len(p.parts)):  # folders before their files
+        if p.is_dir() and p.name in STRIP_DIR_NAMES:
+            shutil.rmtree(p)
+        elif p.is_file() and p.name.endswith(STRIP_SUFFIXES):  # False when gone with its folder
+            p.unlink()
 
 
 def write_tar(src: Path, dest: Path) -> None:
-    with (
-        lzma.open(dest, "wb", preset=9 | lzma.PRESET_EXTREME) as xz,
-        tarfile.open(fileobj=xz, mode="w") as tar,
-    ):
+    with tarfile.open(dest, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:
         tar.add(src, arcname=src.name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the bundle")
-    p.add_argument("--wheels", type=Path, help="wheel cache (default OUT/wheels-PYVER)")
-    p.add_argument("--python-version", default="3.12", help="the GPU image's Python")
-    p.add_argument("--constraints", type=Path, default=ROOT / "constraints.txt")
-    p.add_argument(
-        "--also",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="bundle this package even though the image has it (repeatable)",
-    )
-    args = p.parse_args(argv)
-
+def build(args: argparse.Namespace) -> dict:
+    """Resolves, installs, strips and packs the bundle into ``args.out``; what MANIFEST says."""
     t0 = time.time()
-    out: Path = args.out.resolve()
-    wheels: Path = (args.wheels or out / f"wheels-{args.python_version}").resolve()
-    wheels.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         image = IMAGE_HAS - ALSO_BUNDLE - {canonical(n) for n in args.also}
         constraints = pinned_constraints(args.constraints, tmp, image)
         resolved = resolve(args.python_version, constraints, tmp)
         wanted = [(n, v) for n, v in resolved if n not in image | SKIP_PACKAGES]
-        from_image = [(n, v) for n, v in resolved if n in image]
-        files = fetch(wanted, wheels, args.python_version)
-        t_fetch = time.time() - t0
-
         site = tmp / "gpu-bundle" / "site"
-        site.mkdir(parents=True)
-        for f in files:
-            unpack(f, site)
+        install(wanted, site, args.python_version)
         unpacked = tree_size(site)
-        removed = strip(site)
+        strip(site)
         kept = tree_size(site)
-        bundle = out / "bundle.tar.xz"
-        write_tar(site.parent, bundle)
-    size = bundle.stat().st_size
-    seconds = time.time() - t0
+        write_tar(site.parent, args.out / "bundle.tar.xz")
+    return {"resolved": resolved, "wanted": wanted, "image": image, "unpacked": unpacked,
+            "kept": kept, "seconds": time.time() - t0}  # fmt: skip
 
-    manifest = [
+
+def manifest(args: argparse.Namespace, built: dict, size: int) -> list[str]:
+    """MANIFEST.txt: the bundle's size, its packages and versions, and what was left out."""
+    return [
         f"# benchmarks/gpu_bundle.py for Python {args.python_version}, manylinux x86_64",
         f"# bundle.tar.xz: {size / 2**20:.1f} MiB (xz -9e); unpacks to gpu-bundle/site/, "
-        f"{kept / 2**20:.1f} MiB ({unpacked / 2**20:.1f} MiB before stripping)",
-        f"# built in {seconds:.0f}s ({t_fetch:.0f}s resolving and fetching wheels)",
+        f"{built['kept'] / 2**20:.1f} MiB ({built['unpacked'] / 2**20:.1f} MiB before stripping "
+        f"{', '.join(STRIP_DIRS + sorted(STRIP_DIR_NAMES))}, *{', *'.join(STRIP_SUFFIXES)})",
+        f"# built in {built['seconds']:.0f}s",
         "# use: tar -xJf bundle.tar.xz -C /tmp && PYTHONPATH=/tmp/gpu-bundle/site python3 ...",
         "",
-        "## bundled (name version wheel)",
-        *(f"{n} {v} {f.name}" for (n, v), f in zip(wanted, files, strict=True)),
+        "## bundled (name version)",
+        *(f"{n} {v}" for n, v in built["wanted"]),
         "",
         "## required but taken from the GPU image (version resolved here; the image's own is used)",
-        *(f"{n} {v}" for n, v in from_image),
+        *(f"{n} {v}" for n, v in built["resolved"] if n in built["image"]),
         "",
         "## required but left out (never loaded by a Python job)",
-        *(f"{n} {v}" for n, v in resolved if n in SKIP_PACKAGES),
-        "",
-        "## stripped (path bytes)",
-        *(f"{path} {b}" for path, b in removed if b >= 100_000 or path.endswith("/")),
-        f"# and {sum(1 for path, b in removed if b < 100_000 and not path.endswith('/'))} "
-        f"smaller files ({', '.join(STRIP_SUFFIXES)})",
+        *(f"{n} {v}" for n, v in built["resolved"] if n in SKIP_PACKAGES),
     ]
-    (out / "MANIFEST.txt").write_text("\n".join(manifest) + "\n")
-    print("\n".join(manifest[:4]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "gpu-bundle")
+    p.add_argument("--python-version", default="3.12", help="the GPU image's Python")
+    p.add_argument("--constraints", type=Path, default=ROOT / "constraints.txt")
+    p.add_argument("--also", action="append", default=[], metavar="NAME",
+                   help="bundle this package even though the image has it (repeatable)")  # fmt: skip
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    built = build(args)
+    bundle = args.out / "bundle.tar.xz"
+    size = bundle.stat().st_size
+    lines = manifest(args, built, size)
+    (args.out / "MANIFEST.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:4]))
     if size > LIMIT_MIB * 2**20:
         bundle.unlink()
-        print(
-            f"error: the bundle is {size / 2**20:.1f} MiB, over the {LIMIT_MIB} MiB limit "
-            f"(a device call carries 64 MiB); see {out / 'MANIFEST.txt'}",
-            file=sys.stderr,
-        )
+        print(f"error: the bundle is {size / 2**20:.1f} MiB, over the {LIMIT_MIB} MiB limit "
+              f"(a device call carries 64 MiB); see {args.out / 'MANIFEST.txt'}", file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

@@ -5,7 +5,7 @@
 # one H100 (each step has its own time limit, the slow torch.compile ones last).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
-#   LEARNING=1 bash benchmarks/gpu_check.sh # also issue 11's learning curves (~10 min more)
+#   LEARNING=1 bash benchmarks/gpu_check.sh # also the recipe's learning curve (~3 min more)
 #   FCN_TABLE=1 bash benchmarks/gpu_check.sh # also issue 26's FCN table (~4-7 min more)
 #
 # What runs here needs only PyTorch, torchvision, numpy and Pillow: the lent GPU machines have
@@ -40,12 +40,12 @@ PY
 
 # Forward latency of every model at 384x1024.
 step 120 models -- "$PY" -m benchmarks.bench_models --device cuda --out "$OUT/models.md"
-# The training step at 1024x384 (bf16 autocast + channels_last), with MFU, batch 8/16/32, and
-# with the step's augmentation on the GPU (uint8 frames in, as the training loop gets them).
+# The training step at 1024x384 (bf16 autocast + channels_last) with MFU, and with the step's
+# augmentation on the GPU (uint8 frames in, as the training loop gets them).
 step 180 train -- "$PY" -m benchmarks.bench_train --device cuda --in-memory-only --steps 30 \
-    --more-batch-sizes 16,32 --augment --out "$OUT/train.md"
-# Labeling stages on full 3384x1710 frames: CPU decode / write-back before and after, nvJPEG,
-# forward only; CPU threads one GPU needs.
+    --augment --out "$OUT/train.md"
+# Labeling stages on full 3384x1710 frames: the job's CPU stages on either path, nvJPEG,
+# forward only, the actor's call; CPU threads one GPU needs.
 step 120 stages -- "$PY" -m benchmarks.bench_label_stages --device cuda --frames 32 \
     --batch-size 16 --out "$OUT/stages.md"
 # torch.compile on and off: the training step, then the labeling forward pass.
@@ -54,7 +54,7 @@ step 210 train-compile -- "$PY" -m benchmarks.bench_train --device cuda --in-mem
 step 150 forward-compile -- "$PY" -m benchmarks.bench_label_stages --device cuda --frames 8 \
     --repeats 1 --batch-size 16 --compile --out "$OUT/stages_compile.md"
 if [ "${LEARNING:-0}" = 1 ]; then
-    # Issue 11: what the recipe learns at the production input size, before and after.
+    # What the training recipe learns at the production input size (one seed).
     step 900 learning -- "$PY" -m benchmarks.bench_learning --device cuda --size 1024x384 \
         --frame-size 1692x855 --crop-top 345 --frames 192 --epochs 10 --batch-size 8 \
         --out "$OUT/learning.md"

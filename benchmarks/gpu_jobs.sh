@@ -3,8 +3,8 @@
 # lent GPU machines): unpacks the bundle that `python -m benchmarks.gpu_bundle` builds (Ray,
 # mlflow-skinny, SQLAlchemy/Alembic for the sqlite store; ~40 MiB) and runs, through it, the
 # benchmarks that call the real jobs on synthetic frames at 1024x384 (bench_train: the training
-# job's images/s on freshly ingested shards; bench_label: the labeling job's frames/s on full
-# frames), each with its own time limit. Token authentication stays on (the jobs' local Ray).
+# job's images/s on freshly ingested shards; bench_vs_plain --only label: the labeling job on
+# full frames against the plain script and the forward pass), each with its own time limit. Token authentication stays on (the jobs' local Ray).
 #
 #   GPU_BUNDLE=benchmarks/gpu-bundle/bundle.tar.xz bash benchmarks/gpu_jobs.sh
 #   DEVICE=cpu SIZE=256x128 FRAME_SIZE=846x428 bash benchmarks/gpu_jobs.sh   # a check on a CPU
@@ -51,7 +51,9 @@ step() {  # step SECONDS NAME -- command...: run with a time limit; a failure is
 # jobs.train: 1 worker (--use-gpu on cuda), 2 epochs on TRAIN_FRAMES synthetic frames, sqlite store.
 step "${TRAIN_LIMIT:-240}" jobs-train -- "$PY" -m benchmarks.bench_train --device "$DEVICE" \
     --size "$SIZE" --frames "$TRAIN_FRAMES" --epochs 2 --steps 10 --out "$OUT/jobs_train.md"
-# jobs.label: one model actor (one GPU on cuda), twice from scratch (a third, then all frames).
-step "${LABEL_LIMIT:-240}" jobs-label -- "$PY" -m benchmarks.bench_label --device "$DEVICE" \
-    --size "$SIZE" --frame-size "$FRAME_SIZE" --frames "$LABEL_FRAMES" --out "$OUT/jobs_label.md"
+# jobs.label (one GPU per model actor on cuda) on all frames and on a third (the steady rate),
+# the forward pass alone and the plain script on the same device beside it.
+step "${LABEL_LIMIT:-300}" jobs-label -- "$PY" -m benchmarks.bench_vs_plain --only label \
+    --device "$DEVICE" --label-size "$SIZE" --frame-size "$FRAME_SIZE" --frames "$LABEL_FRAMES" \
+    --batch-size 8 --out "$OUT/jobs_label.md"
 exit $failed

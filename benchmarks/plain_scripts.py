@@ -1,15 +1,12 @@
-"""The scripts a user would write instead of this project, as the peers of
-``benchmarks/bench_vs_plain.py``: plain PyTorch, no Ray, no MLflow, the same model and sizes.
+"""The scripts a user would write instead of this project, the peers of
+``benchmarks/bench_vs_plain.py``: plain PyTorch, no Ray, no MLflow; only the model
+(``build_model``) and the label id map are the project's. They decode the raw frames as such
+scripts do (PIL in DataLoader workers) and print one JSON line of timings.
 
     python -m benchmarks.plain_scripts label --frames DIR --weights model.pt --out out.parquet \\
-        --size 512x192 --crop-top 690 --batch-size 4 [--workers 2]
+        --size 512x192 --crop-top 690 --batch-size 4 [--workers 2] [--device cpu|cuda]
     python -m benchmarks.plain_scripts train --frames DIR --size 256x96 --crop-top 690 \\
         --batch-size 4 --epochs 3 [--procs 2]
-
-They decode the raw frames the way such scripts do (``Image.open(...).convert``, crop, resize,
-in DataLoader workers) and print one JSON line of timings. Only the model (``build_model``) and the
-label id map are shared with the project; everything around it is written here, as a peer
-would write it.
 """
 
 from __future__ import annotations
@@ -34,8 +31,7 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
 
 def _size(text: str) -> tuple[int, int]:
-    w, h = (int(v) for v in text.split("x"))
-    return w, h
+    return tuple(int(v) for v in text.split("x"))
 
 
 class Frames(torch.utils.data.Dataset):
@@ -61,7 +57,7 @@ class Frames(torch.utils.data.Dataset):
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x.permute(0, 3, 1, 2).float() - MEAN) / STD
+    return (x.permute(0, 3, 1, 2).float() - MEAN.to(x.device)) / STD.to(x.device)
 
 
 def label(args) -> dict:
@@ -72,7 +68,7 @@ def label(args) -> dict:
     paths = sorted(Path(args.frames).rglob("*.jpg"))
     model = build_model("fcn8s_resnet101", N_CLASS)
     model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    model.eval()
+    model.to(args.device).eval()
     loader = torch.utils.data.DataLoader(
         Frames(paths, _size(args.size), args.crop_top),
         batch_size=args.batch_size,
@@ -84,7 +80,8 @@ def label(args) -> dict:
         for batch in loader:
             if t_first is None:
                 t_first = time.perf_counter()
-            pred = model(normalize(batch["image"])).argmax(1).to(torch.uint8).numpy()
+            x = normalize(batch["image"].to(args.device))
+            pred = model(x).argmax(1).to(torch.uint8).cpu().numpy()
             for m, i, (h, w) in zip(pred, batch["index"], batch["hw"].tolist(), strict=True):
                 full = np.zeros((h, w), dtype=np.uint8)
                 small = Image.fromarray(m)
@@ -160,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     lp.add_argument("--weights", required=True)
     lp.add_argument("--out", required=True)
     lp.add_argument("--workers", type=int, default=2)
+    lp.add_argument("--device", default="cpu")
     tp = sub.add_parser("train")
     tp.add_argument("--epochs", type=int, default=3)
     tp.add_argument("--procs", type=int, default=2)

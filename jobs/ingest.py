@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from jobs import _cli
-from pipelines.data.ingest import IngestConfig, run
+from pipelines.data.workflow import IngestConfig, run
 
 PROG, DESCRIPTION = "python -m jobs.ingest", "Ingest Apollo-style lane data into Parquet shards."
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from jobs import _cli
-from pipelines.labeling.run import LabelConfig, run
+from pipelines.labeling.workflow import LabelConfig, run
 
 PROG = "python -m jobs.label"
 DESCRIPTION = "Batch-label frames with a registered lane model (Ray Data, one model per actor)."

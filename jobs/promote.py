@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from jobs import _cli
-from pipelines.registry.promotion import NOT_PROMOTED, PromoteConfig, run
+from pipelines.registry.workflow import NOT_PROMOTED, PromoteConfig, run
 
 __all__ = ["NOT_PROMOTED", "main"]
 PROG = "python -m jobs.promote"

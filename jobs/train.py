@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from jobs import _cli
-from pipelines.training.driver import TrainConfig, run
+from pipelines.training.workflow import TrainConfig, run
 
 PROG = "python -m jobs.train"
 DESCRIPTION = (

@@ -3,7 +3,7 @@ ones before it, never one after):
 
 - ``core``: label map, the one frame transform, codecs, metrics, pictures, job options;
 - ``storage``: the one resolver, retries, conditional writes, the lease;
-- ``ops``: tracking store, cluster connection and capacity, watchdog, progress, fault points;
+- ``runtime``: tracking store, cluster connection and capacity, watchdog, progress, fault points;
 - ``data``: the one source reader under limits, ingest, dataset versions, shards;
 - ``inference``: model directory, predictor, model actors, evaluation;
 - ``registry``: registered versions, the pyfunc, aliases, promotion;

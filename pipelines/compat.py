@@ -79,7 +79,7 @@ def read_parquet_v1(files: list[str], **kwargs):
     datasource. The V2 one (Ray 2.60's default, switched by ``DataContext.use_datasource_v2``)
     adds a listing stage of its own tasks that costs ~5 s on every execution (every epoch's
     pass, every evaluation) even for one small local file, against ~0.1 s
-    (benchmarks/bench_read_parquet.py); the files are known already. The datasource is chosen
+    (benchmarks/RESULTS.md; the benchmark that measured it is in commit e8c73ae); the files are known already. The datasource is chosen
     when the dataset is created."""
     import ray
 

@@ -23,7 +23,7 @@ from tests.support.helpers import (
     ingest_config,
     moto_server,
 )
-from tests.support.models import TEST_MODEL, make_model, plant_malicious_pickle
+from tests.support.models import register_test_model
 
 # The environment is fixed before anything starts, so that Ray workers (which inherit it)
 # see the same S3 endpoint and fake credentials, and Ray's token lives in a test folder, never
@@ -119,7 +119,7 @@ def synthetic_tree(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def local_shards(synthetic_tree, tmp_path_factory, ray_cluster, test_transform) -> str:
     """The synthetic tree ingested to a local folder (read-only for tests)."""
-    from pipelines.data.ingest import ingest
+    from pipelines.data.workflow import ingest
 
     dest = tmp_path_factory.mktemp("shards")
     result = ingest(
@@ -132,33 +132,35 @@ def local_shards(synthetic_tree, tmp_path_factory, ray_cluster, test_transform) 
 @pytest.fixture
 def register_version(tmp_path, mlflow_store, test_transform):
     """``register_version(name, constant_class=None, seed=0, transform=None) -> version``:
-    registers a model
-    built by :func:`make_model` the way jobs.train does (pyfunc + tags) in the test's store.
+    registers a model built by :func:`make_model` the way jobs.train does (pyfunc + tags) in
+    the test's store.
 
     Every version it registers carries a planted ``python_model.pkl`` that would create a
     file when unpickled; the test fails afterwards if that file exists: whatever the test ran
     (labeling, promotion, evaluation, in this process or in Ray workers) loaded the versions
     as data."""
-    import mlflow
-
-    from pipelines.core import labels
-    from pipelines.inference.model_dir import ModelSpec, save_model_dir
-    from pipelines.ops import tracking
-    from pipelines.registry.pyfunc import register_model_dir
-
-    def register(
-        name: str, constant_class: int | None = None, seed: int = 0, transform=None
-    ) -> str:
-        model_dir = tmp_path / f"model-{name}-{constant_class}-{seed}"
-        spec = ModelSpec(TEST_MODEL, 8, transform or test_transform, labels.CLASS_NAMES)
-        save_model_dir(model_dir, make_model(constant_class, seed), spec)
-        # An experiment of our own: the default one would put artifacts in ./mlruns.
-        experiment = tracking.ensure_experiment("registered-by-tests", mlflow_store)
-        with mlflow.start_run(experiment_id=experiment, run_name=f"register-{name}"):
-            version = register_model_dir(model_dir, name, {"made_by": "tests"})
-        plant_malicious_pickle(name, str(version.version), canary)
-        return str(version.version)
-
     canary = tmp_path / "planted-pickle-ran"
+
+    def register(name: str, constant_class: int | None = None, seed: int = 0,
+                 transform=None) -> str:  # fmt: skip
+        return register_test_model(mlflow_store, tmp_path, name, transform or test_transform,
+                                   canary, constant_class, seed)  # fmt: skip
+
     yield register
     assert not canary.exists(), "a job unpickled a registered version's python_model.pkl"
+
+
+#: The modules that take longest (benchmarks/RESULTS.md, suite timings), collected first: with
+#: ``make test``'s two workers (``pytest -n 2 --dist loadfile``: a module's tests, and its
+#: module fixtures, stay on one worker) the long ones start at once and the suite does not end
+#: waiting on one of them alone.
+LONGEST_FIRST = ("test_autoscaling", "test_local_stack", "test_faults", "test_label", "test_demo",
+                 "test_train", "test_promote", "test_ingest", "test_readers")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items) -> None:
+    def rank(item) -> int:
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order

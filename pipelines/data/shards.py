@@ -10,7 +10,6 @@ device (:mod:`pipelines.training.batches`, :mod:`pipelines.training.augment`).
 from __future__ import annotations
 
 import hashlib
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +19,7 @@ from pipelines import compat
 from pipelines.core.errors import UserError
 from pipelines.data.decode import decode_batch
 from pipelines.data.versions import resolve_dataset
-from pipelines.ops import faults
+from pipelines.runtime import faults
 from pipelines.storage import Location
 
 SPLITS = ("train", "val")
@@ -63,8 +62,7 @@ def write_shard(group: pa.Table, dest: Location, seed: int) -> pa.Table:
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
     dest.join(name).write_bytes(buf.getvalue().to_pybytes())  # one put, retried on outages
-    if pause := faults.armed("ingest.pause_after_shard"):
-        time.sleep(float(pause))
+    faults.point("ingest.shard_written", path=dest.join(name).uri)
     return pa.table({"file": [name], "rows": [table.num_rows]})
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,3 +282,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_drive(
+    out: str | Path, n: int, *, width: int, height: int, seed: int = 0, road: str = "road02",
+    with_labels: bool = True, on_written: Callable[[int], None] | None = None,
+) -> None:  # fmt: skip
+    """``n`` frames of one road in chunks of a quarter, each chunk its own four records (a
+    drive that spans records and cameras, as a delivery does); ``on_written(frames so far)``
+    after each chunk (the demo's progress)."""
+    step = max(1, n // 4)
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        write_tree(out, count, records=4, width=width, height=height, seed=seed + start,
+                   road=road, with_labels=with_labels)  # fmt: skip
+        if on_written is not None:
+            on_written(start + count)

@@ -3,7 +3,8 @@ per actor, built once from the version's files (verified by the job's driver and
 Ray's object store: the actors neither download the model again nor talk to MLflow).
 
 - :class:`Segmenter`: labeling's model stage (masks and per-frame scores);
-- :class:`Scorer`: evaluation's (one confusion matrix per batch).
+- :class:`Scorer`: evaluation's (one confusion matrix per batch, by
+  :func:`pipelines.inference.evaluate.evaluate`).
 """
 
 from __future__ import annotations
@@ -11,28 +12,36 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines.core.metrics import SCORE_NAMES, confusion_matrix
+from pipelines.core.metrics import SCORE_NAMES
+from pipelines.inference.evaluate import evaluate
 from pipelines.inference.predictor import Predictor
 
 
 class ModelActor:
-    """Base of the Ray Data actor stages (labeling's ``Segmenter``, evaluation's ``Scorer``):
-    one :class:`Predictor` per actor, built once.
+    """Base of the model stages (labeling's ``Segmenter``, evaluation's ``Scorer``): one
+    :class:`Predictor`, built once, called on batches. Ray Data runs them as actors; called in
+    this process, they are the same stage without Ray.
 
     ``model_files``: the version's files as bytes, verified by the driver
     (:func:`pipelines.registry.versions.fetch_verified`), or a Ray object reference to them: the
-    actors neither download the model again nor talk to MLflow."""
+    actors neither download the model again nor talk to MLflow. ``device``: None in a Ray
+    actor, which runs on the GPU Ray gave it (checked usable) or on its node's CPUs."""
 
-    def __init__(self, model_files, actors: int = 1, max_batch: int = 8) -> None:
-        import ray
+    def __init__(self, model_files, actors: int = 1, max_batch: int = 8,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
+        if not isinstance(model_files, dict):  # a Ray object reference
+            import ray
 
-        from pipelines.inference.device import ray_device
-        from pipelines.ops.capacity import node_cpus
-
-        if isinstance(model_files, ray.ObjectRef):
             model_files = ray.get(model_files)
-        self.predictor = Predictor.from_files(model_files, ray_device(), max_batch=max_batch)
-        if self.predictor.device.type == "cpu":
+        in_ray = device is None
+        if in_ray:
+            from pipelines.inference.device import ray_device
+
+            device = ray_device()
+        self.predictor = Predictor.from_files(model_files, device, max_batch=max_batch)
+        if in_ray and self.predictor.device.type == "cpu":
+            from pipelines.runtime.capacity import node_cpus
+
             # Ray gives an actor the threads of the CPUs it reserves (one). Without a GPU the
             # model is the bottleneck and the read/decode tasks beside it are short, so the
             # model gets its node's CPUs, shared among the pool's ``actors``.
@@ -49,8 +58,9 @@ class Segmenter(ModelActor):
     ``prepared`` input, decoded by the CPU stage."""
 
     def __init__(self, model_files, actors: int = 1, uncertain_below: float = 0.5,
-                 max_batch: int = 8, inputs_prepared: bool = False) -> None:  # fmt: skip
-        super().__init__(model_files, actors, max_batch)
+                 max_batch: int = 8, inputs_prepared: bool = False,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
+        super().__init__(model_files, actors, max_batch, device)
         self.uncertain_below = uncertain_below
         self.inputs_prepared = inputs_prepared
 
@@ -89,8 +99,8 @@ class Scorer(ModelActor):
     (flattened, ``n_class * n_class``) and its frame count."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n_class = self.predictor.spec.n_class
-        pred = self.predictor.predict_prepared(batch["image"])
-        label = torch.as_tensor(np.array(batch["label"]))  # a copy: Ray's arrays are read-only
-        conf = confusion_matrix(torch.from_numpy(pred), label, n_class)
-        return {"confusion": conf.numpy().reshape(1, -1), "frames": np.array([len(pred)])}
+        p = self.predictor
+        conf = evaluate(p.model, p.batches(batch["image"], batch["label"]), p.spec.n_class,
+                        autocast=p.autocast())  # fmt: skip
+        frames = len(batch["image"])
+        return {"confusion": conf.cpu().numpy().reshape(1, -1), "frames": np.array([frames])}

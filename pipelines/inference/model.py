@@ -1,7 +1,7 @@
 """For notebooks and services, :class:`LaneModel`: whole frames in, masks at the frames' size
-and labeling's per-frame scores out, around the one predictor. :func:`load_model` opens a
-local model directory; ``models:/`` URIs resolve through the registry, which comes after this
-package: :func:`pipelines.registry.load_model` (URIs and paths, digests checked).
+and labeling's per-frame scores out, around the one predictor. :meth:`LaneModel.from_dir` opens a
+local model directory; the one loader users call, for ``models:/`` URIs and paths, is
+:func:`pipelines.registry.load_model` (the registry comes after this package; digests checked).
 
 This module imports no PyTorch (labeling's driver imports :mod:`~pipelines.inference.model_dir`,
 hence this package, and must stay without it): the predictor is imported when a model loads.
@@ -61,6 +61,26 @@ class LaneModel:
     def __init__(self, predictor: Predictor, source: str) -> None:
         self.predictor = predictor
         self.source = source
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, device: torch.device | str | None = None) -> LaneModel:
+        """A local model directory (``model.pt`` + ``model.json``, as training writes and the
+        registry stores): weights loaded as data (``weights_only``). ``device``: None picks the
+        GPU if there is one. A local directory has no recorded digests: for registered versions
+        use :func:`pipelines.registry.load_model`, which checks them."""
+        text = str(path)
+        if URI_SCHEME.match(text):
+            raise ModelDirError(
+                f"{text}: LaneModel.from_dir takes a local model directory; load models:/ URIs "
+                "with pipelines.registry.load_model (resolved, digests checked)"
+            )
+        from pipelines.inference.predictor import Predictor
+
+        try:
+            predictor = Predictor.load(Path(path).expanduser(), device)
+        except FileNotFoundError as e:
+            raise ModelDirError(str(e)) from None
+        return cls(predictor, source=text)
 
     @property
     def spec(self) -> ModelSpec:
@@ -122,23 +142,3 @@ class LaneModel:
         size = frames.shape[1:3]
         masks = np.stack([self.predictor.transform.restore_mask(m, size) for m in small])
         return ScoredMasks(masks=masks, **{k: scores[k] for k in SCORE_NAMES})
-
-
-def load_model(path: str | Path, *, device: torch.device | str | None = None) -> LaneModel:
-    """A local model directory (``model.pt`` + ``model.json``, as training writes and the
-    registry stores) as a :class:`LaneModel`: weights loaded as data (``weights_only``).
-    ``device``: None picks the GPU if there is one. A local directory has no recorded digests:
-    for registered versions use :func:`pipelines.registry.load_model`, which checks them."""
-    text = str(path)
-    if URI_SCHEME.match(text):
-        raise ModelDirError(
-            f"{text}: pipelines.inference.load_model takes a local model directory; load "
-            "models:/ URIs with pipelines.registry.load_model (resolved, digests checked)"
-        )
-    from pipelines.inference.predictor import Predictor
-
-    try:
-        predictor = Predictor.load(Path(path).expanduser(), device)
-    except FileNotFoundError as e:
-        raise ModelDirError(str(e)) from None
-    return LaneModel(predictor, source=text)

@@ -112,14 +112,32 @@ class Predictor:
         model, spec = model_from_files(files)
         return cls(model, spec, device, **kw)
 
-    @torch.inference_mode()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, h, w, 3) uint8 tensor at the model's input size -> (N, C, h, w) float logits."""
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on a GPU (``amp``), off on the CPU."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, 3) uint8 tensor at the model's input size -> the normalized (N, 3, h, w)
+        model input on this predictor's device (channels_last on a GPU)."""
         x = self.transform.normalize(images.to(self.device, non_blocking=True))
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.model(x).float()
+        return x
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, 3) uint8 tensor at the model's input size -> (N, C, h, w) float logits."""
+        with self.autocast():
+            return self.model(self.inputs(images)).float()
+
+    def batches(self, images: np.ndarray | torch.Tensor, labels: np.ndarray) -> Iterator[dict]:
+        """Prepared frames and their (N, h, w) training-id labels as evaluation batches
+        (:func:`pipelines.inference.evaluate.evaluate`) of at most ``max_batch`` frames."""
+        start = 0
+        for chunk in self._chunks(images):
+            label = np.asarray(labels[start : start + len(chunk)])
+            start += len(chunk)
+            yield {"image": self.inputs(chunk), "label": torch.from_numpy(label.astype(np.int64))}
 
     def _chunks(self, images: np.ndarray | torch.Tensor):
         want = (self.transform.height, self.transform.width)

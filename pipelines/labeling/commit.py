@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from pipelines.ops import faults
+from pipelines.runtime import faults
 from pipelines.storage import Location
 from pipelines.storage.lease import Lease
 
@@ -60,7 +60,6 @@ def finish_chunk(output: Location, staging: Location, result: ChunkResult, lease
 
 def commit(output: Location, run_loc: Location) -> int:
     """Move a completed staging folder into the output; idempotent if cut off and re-run."""
-    stop_after = faults.armed("label.exit_mid_commit")
     moved = 0
     for info in run_loc.list_files((".parquet",)):
         rel = run_loc.relative(info.path)
@@ -71,8 +70,7 @@ def commit(output: Location, run_loc: Location) -> int:
         else:
             run_loc.at_path(info.path).move_to(dest)
         moved += 1
-        if stop_after and moved >= int(stop_after):
-            faults.exit_process("label.exit_mid_commit", 137)
+        faults.point("label.file_committed", moved=moved)
     run_loc.delete()
     return moved
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pipelines.core.options import check_options, option
 from pipelines.data.sources import SourceLimitOptions
 from pipelines.labeling.schema import NOVELTY_ABOVE
-from pipelines.ops.capacity import ActorPoolOptions
-from pipelines.ops.progress import ProgressOptions
+from pipelines.runtime.capacity import ActorPoolOptions
+from pipelines.runtime.progress import ProgressOptions
 
 
 @dataclass(frozen=True, kw_only=True)

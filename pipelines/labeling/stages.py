@@ -1,7 +1,10 @@
-"""The Ray Data pipeline of a labeling run: read + validate frames, and on CPU clusters
-decode + crop/resize them (CPU tasks) -> predict (one model per actor, a GPU each when asked,
-which then decodes and resizes the JPEGs itself: :class:`ModelStage`) -> the masks PNG-encoded
-at the frame size (CPU tasks).
+"""The stages of labeling, each a plain function of a batch of frames, without Ray: read +
+validate the frames and, on CPU clusters, decode + crop/resize them (:func:`load_frames`) ->
+predict (:class:`pipelines.inference.actors.Segmenter`, which on a GPU decodes and resizes the
+JPEGs itself) -> the masks PNG-encoded at the frame size, in the output schema
+(:func:`encode_results`). :class:`LabelStages` holds a run's options for them and runs all three
+on a list of input rows in this process (:meth:`LabelStages.label`); the run's Ray Data
+pipeline (:mod:`pipelines.labeling.dataset`) maps the same functions over its blocks.
 
 This module, like the whole of :mod:`pipelines.labeling`, imports no PyTorch: a CPU task's
 worker process starts without it (1-3 s of imports on a loaded node, measured in
@@ -10,22 +13,21 @@ benchmarks/RESULTS.md); only the model actors import it, when they start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipelines import compat
 from pipelines.core import labels
 from pipelines.core.codecs import FrameError, decode_rgb, encode_png, open_rgb
 from pipelines.core.frames import FrameTransform
 from pipelines.data.sources import Limits, read_source
-from pipelines.labeling.inputs import Inputs
 from pipelines.labeling.schema import OUTPUT_SCHEMA, SCORE_NAMES
-from pipelines.ops import progress
-from pipelines.storage import Location, TransientStorageError, resolve
+from pipelines.runtime import progress
+from pipelines.storage import Location, TransientStorageError
 
 DEFERRED = "deferred"  # the status of a frame storage could not deliver: counted, never written
 JPEG_MAGIC = b"\xff\xd8\xff"  # as pipelines.inference.device_frames (which imports PyTorch)
@@ -100,19 +102,6 @@ def load_frames(
     return out
 
 
-class ModelStage:
-    """Actor stage: labeling's model (:class:`pipelines.inference.actors.Segmenter`), imported
-    when the actor starts, so that neither the driver nor the CPU tasks import PyTorch."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        from pipelines.inference.actors import Segmenter
-
-        self.segment = Segmenter(**kwargs)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.segment(batch)
-
-
 def encode_results(
     batch: dict[str, np.ndarray],
     *,
@@ -125,7 +114,7 @@ def encode_results(
     reports=None,
 ) -> pa.Table:
     """CPU stage: masks back to the frame size, PNG-encoded, in the output schema. A deferred
-    frame's row has status ``deferred``: the run counts it and writes no row for it. ``reports``: the job's :class:`~pipelines.ops.progress.ProgressActor`,
+    frame's row has status ``deferred``: the run counts it and writes no row for it. ``reports``: the job's :class:`~pipelines.runtime.progress.ProgressActor`,
     given the batch's frames (the job's progress lines)."""
     cols: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
     for i in range(len(batch["source"])):
@@ -173,78 +162,57 @@ def _score(v) -> float | None:
 
 
 @dataclass(frozen=True)
-class Pipeline:
-    """A run's pipeline: the inputs, the model version (its files in Ray's object store) and its
-    transform, the actor pool and the output options."""
+class LabelStages:
+    """A run's options for the stages: what the inputs are (``kind``, the prefix or dataset
+    version ``anchor``), the model version's name and transform, the read limits, and what
+    to write."""
 
-    inputs: Inputs
+    kind: str  # "raw" frames under a prefix, or "shards" of an ingested dataset
+    # The inputs' prefix (raw) or dataset version folder (shards), resolved once by the run's
+    # driver: its tasks read with the driver's endpoint and settings, whatever their own env.
+    anchor: Location
     transform: FrameTransform
     model_name: str
     model_version: str
-    model_files: Any  # ray.ObjectRef of the verified {file name: bytes}
-    actors: int
-    use_gpu: bool
-    batch_size: int
     limits: Limits
-    apollo_ids: bool
-    uncertain_below: float
-    reports: Any = None  # the run's ProgressActor
+    apollo_ids: bool = False
+    device_decode: bool = False  # GPU actors decode JPEGs themselves
 
-    def dataset(self, rows: list[dict], labeled_at: datetime):
-        """The Ray dataset of these input rows' output rows (lazy: iterating it runs it)."""
-        import ray
+    def load(self, batch: dict[str, np.ndarray]) -> dict:
+        return load_frames(batch, kind=self.kind, transform=self.transform,
+                           anchor=self.anchor, limits=self.limits,
+                           device_decode=self.device_decode)  # fmt: skip
 
-        # Without GPUs, the load and encode tasks reserve half a CPU: they are short next to a
-        # model step, and with the same reservation as the model actors Ray Data would fuse
-        # the load stage into them, decoding in the actor, one frame after the other.
-        task_cpus = 1.0 if self.use_gpu else 0.5
-        kind = self.inputs.kind
-        return (
-            self._source(rows)
-            .map_batches(
-                load_frames, batch_size=4, batch_format="numpy", num_cpus=task_cpus,
-                fn_kwargs={"kind": kind, "transform": self.transform,
-                           "anchor": resolve(self.inputs.uri), "limits": self.limits,
-                           "device_decode": self.use_gpu},
-            )
-            .map_batches(
-                ModelStage, batch_size=self.batch_size, batch_format="numpy",
-                fn_constructor_kwargs={"model_files": self.model_files, "actors": self.actors,
-                                       "uncertain_below": self.uncertain_below,
-                                       "max_batch": self.batch_size,
-                                       "inputs_prepared": kind == "shards"},
-                compute=ray.data.ActorPoolStrategy(size=self.actors),
-                num_gpus=1 if self.use_gpu else 0,
-            )
-            .map_batches(
-                encode_results, batch_size=8, batch_format="numpy", num_cpus=task_cpus,
-                fn_kwargs={"kind": kind, "transform": self.transform,
-                           "model_name": self.model_name, "model_version": self.model_version,
-                           "apollo": self.apollo_ids, "labeled_at": labeled_at,
-                           "reports": self.reports},
-            )
-        )  # fmt: skip
+    def encode(self, batch: dict[str, np.ndarray], labeled_at: datetime,
+               reports=None) -> pa.Table:  # fmt: skip
+        return encode_results(batch, kind=self.kind, transform=self.transform,
+                              model_name=self.model_name, model_version=self.model_version,
+                              apollo=self.apollo_ids, labeled_at=labeled_at,
+                              reports=reports)  # fmt: skip
 
-    def _source(self, rows: list[dict]):
-        import ray
-
-        if self.inputs.kind != "shards":
-            # Up to 256 blocks: enough read tasks to spread, few enough to plan at once.
-            return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 256)))
-        wanted = {r["source"] for r in rows}
-        root = resolve(self.inputs.uri)  # the version resolved once, in list_inputs
-        return (
-            compat.read_parquet_v1(
-                shards_of(rows),
-                filesystem=root.fs,
-                columns=["image_id", "source_image", "image"],
-            )
-            .rename_columns({"source_image": "source"})
-            .filter(lambda r: r["source"] in wanted)
-        )
+    def label(self, rows: list[dict], segment: Callable[[dict], dict],
+              labeled_at: datetime) -> pa.Table:  # fmt: skip
+        """Input rows (:func:`pipelines.labeling.inputs.list_inputs`) -> their output rows,
+        every stage in this process: ``segment`` is the model stage (a ``Segmenter``)."""
+        batch = source_batch(self.kind, rows, self.anchor)
+        return self.encode(segment(self.load(batch)), labeled_at)
 
 
-def shards_of(rows: list[dict]) -> list[str]:
-    """The shard files that hold these input rows, each once, in order: a run reads each
-    shard of an ingested dataset once (and none that holds nothing left to label)."""
-    return list(dict.fromkeys(r["shard"] for r in rows))
+def source_batch(kind: str, rows: list[dict], anchor: Location) -> dict[str, np.ndarray]:
+    """Input rows as the batch the load stage reads: a raw frame's ``source`` and listed
+    ``bytes``; a shard row's ``source`` and ``image`` (read from its shard file, on
+    ``anchor``'s filesystem)."""
+    if kind != "shards":
+        cols = ("image_id", "source", "bytes")
+        return {k: np.array([r[k] for r in rows], dtype=object) for k in cols}
+    images = {}
+    for shard in dict.fromkeys(r["shard"] for r in rows):
+        with anchor.fs.open_input_file(shard) as f:
+            table = pq.read_table(f, columns=["source_image", "image"])
+        images.update(zip(table["source_image"].to_pylist(), table["image"].to_pylist(),
+                          strict=True))  # fmt: skip
+    return {
+        "image_id": np.array([r["image_id"] for r in rows], dtype=object),
+        "source": np.array([r["source"] for r in rows], dtype=object),
+        "image": np.array([images[r["source"]] for r in rows], dtype=object),
+    }

@@ -2,9 +2,10 @@
 resolved once, loaded as data, digests checked), the same for notebooks and services
 (:func:`load_model`, :mod:`~pipelines.registry.loading`), the pyfunc model for outside clients and
 registration (:mod:`~pipelines.registry.pyfunc`), aliases moved by compare-and-swap with history
-(:mod:`~pipelines.registry.aliases`), and promotion (:mod:`~pipelines.registry.promotion`).
+(:mod:`~pipelines.registry.aliases`), a version's evaluation on the cluster
+(:mod:`~pipelines.registry.evaluation`), and promotion (:mod:`~pipelines.registry.workflow`).
 
-May import MLflow, inference, data, ops, storage and core. PyTorch only through the pyfunc and
+May import MLflow, inference, data, runtime, storage and core. PyTorch only through the pyfunc and
 evaluation: :mod:`~pipelines.registry.versions` and :mod:`~pipelines.registry.aliases` import
 none of it.
 """

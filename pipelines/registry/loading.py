@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING
 from mlflow import MlflowClient
 
 from pipelines.inference import LaneModel
-from pipelines.inference import load_model as load_model_dir
 from pipelines.inference.model import URI_SCHEME
 from pipelines.inference.model_dir import SPEC_FILE
-from pipelines.ops import tracking
 from pipelines.registry.versions import ARTIFACT_KEY, RegistryError, load_predictor, resolve_version
+from pipelines.runtime import tracking
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +46,7 @@ def load_model(
     Raises a :class:`~pipelines.core.errors.UserError` with one line naming the URI: unknown
     model, version or alias (:class:`~pipelines.registry.versions.RegistryError`), a changed
     file (digest mismatch), a tracking server that does not answer
-    (:class:`~pipelines.ops.tracking.TrackingUnreachable`)."""
+    (:class:`~pipelines.runtime.tracking.TrackingUnreachable`)."""
     text = os.fspath(uri)
     if not text.startswith("models:"):
         if URI_SCHEME.match(text):
@@ -56,7 +55,7 @@ def load_model(
                 "models:/NAME/latest or a local model directory"
             )
         folder = Path(text).expanduser() / "artifacts" / ARTIFACT_KEY
-        return load_model_dir(folder if (folder / SPEC_FILE).is_file() else text, device=device)
+        return LaneModel.from_dir(folder if (folder / SPEC_FILE).is_file() else text, device=device)
     client = _client(tracking_uri)
     ref = resolve_version(text, client)
     return LaneModel(load_predictor(ref, client, device), source=ref.uri)

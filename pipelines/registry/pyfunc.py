@@ -32,8 +32,8 @@ from pipelines.core.frames import MIN_FRAME
 from pipelines.inference import LaneModel
 from pipelines.inference.model_dir import SPEC_FILE, ModelSpec
 from pipelines.inference.predictor import Predictor
-from pipelines.ops import tracking
 from pipelines.registry.versions import ARTIFACT_KEY, DIGEST_TAGS, TRANSFORM_TAG, sha256_file
+from pipelines.runtime import tracking
 
 
 class LaneSegmentationModel(mlflow.pyfunc.PythonModel):

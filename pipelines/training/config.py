@@ -15,7 +15,7 @@ from typing import Any
 import fcn_models
 from pipelines.core.frames import FrameTransform
 from pipelines.core.options import ConfigError, as_dict, check_options, option
-from pipelines.ops.progress import ProgressOptions
+from pipelines.runtime.progress import ProgressOptions
 from pipelines.training.recipe import RECIPES, Recipe, RecipeError, make_recipe
 
 GRAD_COMPRESSION = ("none", "bf16")

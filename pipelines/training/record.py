@@ -15,7 +15,7 @@ import torch
 
 from pipelines import compat
 from pipelines.core.frames import FrameTransform
-from pipelines.ops import tracking
+from pipelines.runtime import tracking
 
 log = logging.getLogger(__name__)
 

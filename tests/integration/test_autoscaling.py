@@ -58,8 +58,8 @@ def setup(tmp_path_factory, test_transform):
     from pipelines.core import labels
     from pipelines.data.synthetic import write_tree
     from pipelines.inference.model_dir import ModelSpec, save_model_dir
-    from pipelines.ops import tracking
     from pipelines.registry.pyfunc import register_model_dir
+    from pipelines.runtime import tracking
 
     tmp = tmp_path_factory.mktemp("autoscaling")
     write_tree(tmp / "frames", 6, records=2, width=FRAME_W, height=FRAME_H, seed=3,

@@ -28,7 +28,7 @@ def _reported(gcs_address: str, timeout_s: float = 60.0) -> dict:
 
 
 def test_a_laptop_cluster_is_read_only_and_cannot_grow(ray_cluster):
-    from pipelines.ops import capacity
+    from pipelines.runtime import capacity
 
     # Once its (v1) autoscaler has reported, not before: without a report it is fixed anyway.
     state = _reported(ray_cluster.get_runtime_context().gcs_address)
@@ -41,7 +41,7 @@ def test_a_laptop_cluster_is_read_only_and_cannot_grow(ray_cluster):
 DRIVER = """
 import sys, time, ray
 from tests.integration.test_cluster_growth import _reported
-from pipelines.ops import capacity
+from pipelines.runtime import capacity
 ray.init(address=sys.argv[1], logging_level="ERROR")
 _reported(sys.argv[1])
 start = time.monotonic()

@@ -17,12 +17,13 @@ from pipelines.core import labels
 from pipelines.core.codecs import decode_label, decode_png_mask, decode_rgb
 from pipelines.core.frames import FrameTransform
 from pipelines.data.discover import IngestError, discover, split_drives
-from pipelines.data.ingest import ingest
 from pipelines.data.shards import SHARD_COLUMNS
 from pipelines.data.sources import Limits
 from pipelines.data.synthetic import frame_paths, label_png, render_frame, write_tree
 from pipelines.data.versions import resolve_dataset
+from pipelines.data.workflow import ingest
 from pipelines.storage import resolve
+from tests.support.fault_handler import fault_env
 from tests.support.helpers import CROP_TOP, FRAME_H, FRAME_W, SHARED_DATA, ingest_config, job_env
 
 
@@ -497,7 +498,7 @@ def test_ingest_killed_while_writing_leaves_previous_version(
     dest = tmp_path / "data"
     first = ingest(ingest_config(str(small), str(dest), test_transform, val_fraction=0.5))  # fmt: skip
     # ~3 rows per shard file and a pause after each: the kill lands between shard files.
-    env = job_env(LANE_FAULTS="ingest.pause_after_shard=20")
+    env = job_env(**fault_env("ingest.shard_written=20"))
     argv = ingest_cli(synthetic_tree, dest, "--shard-mb", "0.01")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", *argv], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.PIPE,

@@ -1,79 +1,51 @@
-"""Batch labeling: a mixed prefix on the local S3 server (good frames and every kind of bad
-file), incremental re-runs, and runs killed halfway."""
+"""Batch labeling, the job end to end: a mixed prefix on the local S3 server (good frames and
+every kind of bad file) labeled by the real job on the session's Ray cluster (its rows checked
+against the same stages run in-process, whose per-frame behaviour
+tests/unit/test_labeling_stages.py checks), incremental re-runs, an ingested dataset, runs
+killed halfway, overlapping runs, a storage outage and a time limit."""
 
+import contextlib
 import io
 import os
 import re
 import subprocess
 import sys
+from datetime import datetime, timezone
 
+import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from jobs import label as label_job
-from pipelines.core import labels
-from pipelines.core.codecs import decode_png_mask, encode_jpeg
-from pipelines.data.synthetic import render_frame
+from pipelines.core.codecs import decode_png_mask
+from pipelines.data.sources import Limits
+from pipelines.inference.actors import Segmenter
 from pipelines.labeling.commit import STAGING
+from pipelines.labeling.inputs import list_inputs
 from pipelines.labeling.output import read_output
-from pipelines.labeling.stages import Pipeline
-from pipelines.registry.versions import ModelRef, load_predictor
+from pipelines.labeling.stages import LabelStages
+from pipelines.registry.versions import ModelRef, fetch_verified, version_transform
 from pipelines.storage import resolve
-from tests.support.helpers import CROP_TOP, FRAME_H, FRAME_W, ROOT, job_env, start_job
+from tests.support.fault_handler import fault_env
+from tests.support.frames import MAX_PIXELS, mixed_frames
+from tests.support.helpers import ROOT, job_env, start_job
+from tests.support.models import register_test_model
 
 MODEL = "lanes-label-test"
-MAX_PIXELS = 500_000  # above the 846x428 test frames, below the "oversized" one
 
 SUMMARY = re.compile(r"label: found (\d+) frames, labeled (\d+), errors (\d+), skipped (\d+)")
 
 
-def png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_inputs(prefix: str) -> dict[str, str]:
-    """Good frames (two sizes) and one file of every bad kind. Returns {relative path:
+    """The mixed frames under ``prefix``, and a file that is no frame. Returns {relative path:
     expected error fragment, or "" for a good frame}."""
-    rng = np.random.default_rng(7)
-    good = [render_frame(rng, FRAME_W, FRAME_H)[0] for _ in range(4)]
-    other_size = render_frame(rng, 640, 360)[0]
-    valid_jpeg = encode_jpeg(good[0])
-    files: dict[str, tuple[bytes, str]] = {
-        **{f"drive1/frame_{i}.jpg": (encode_jpeg(f), "") for i, f in enumerate(good)},
-        "drive1/frame_png.png": (png(good[1]), ""),
-        "drive2/small.jpeg": (encode_jpeg(other_size), ""),
-        "bad/zero.jpg": (b"", "zero-byte"),
-        "bad/truncated.jpg": (valid_jpeg[: len(valid_jpeg) // 3], "truncated"),
-        "bad/corrupt.jpg": (b"\xff\xd8\xff" + os.urandom(2000), "not a readable image"),
-        "bad/text.png": (b"this is not a picture\n", "not a readable image"),
-        "bad/grey.png": (png(good[0][..., 0]), "must be 8-bit RGB, got PIL mode 'L'"),
-        "bad/rgba.png": (
-            png(np.dstack([good[0], np.full(good[0].shape[:2], 255, np.uint8)])),
-            "must be 8-bit RGB, got PIL mode 'RGBA'",
-        ),
-        "bad/sixteen.png": (  # uint16 arrays become 16-bit greyscale PNGs
-            png(good[0][..., 0].astype(np.uint16) * 257),
-            "must be 8-bit RGB",
-        ),
-        "bad/oversized.jpg": (
-            encode_jpeg(np.zeros((600, 1000, 3), np.uint8)),
-            "more than the limit",
-        ),
-    }
+    files = mixed_frames()
     root = resolve(prefix)
     for rel, (data, _) in files.items():
         root.join(rel).write_bytes(data)
     root.join("notes/readme.txt").write_text("not a frame: listed as ignored, not labeled\n")
     return {rel: why for rel, (_, why) in files.items()}
-
-
-def run_label(capsys, *argv: str) -> tuple[int, str]:
-    status = label_job.main(list(argv))
-    return status, capsys.readouterr().out
 
 
 def counts(out: str) -> tuple[int, ...]:
@@ -94,103 +66,125 @@ def labeling_setup(s3_prefix, register_version, ray_cluster):
     }
 
 
-def test_frames_at_half_and_quarter_resolution_are_cropped_by_the_same_fraction(
-    s3_prefix, register_version, ray_cluster, test_transform, capsys
-):
-    """A model ingested from FRAME_H-row frames labels the same camera's frames at 1x, 0.5x
-    and 0.25x: each loses the same fraction of its rows to the sky crop (not CROP_TOP rows,
-    which would leave a quarter-size frame nothing), and each mask is the model's prediction
-    on that frame at its own size."""
-    from dataclasses import replace
+# -- the contract run: one real job, its outcomes checked one by one ---------------------------
+@contextlib.contextmanager
+def registered_inputs(tmp_path_factory, transform, name: str):
+    """For a module's scenario: a store of its own with the test model registered (its planted
+    pickle must never run), the mixed frames under a fresh S3 prefix. Yields the setup dict."""
+    tmp = tmp_path_factory.mktemp(name)
+    prefix = f"s3://lanes/{name}-{tmp.name}"
+    store, canary = f"sqlite:///{tmp / 'mlflow.db'}", tmp / "planted-pickle-ran"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", store)
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
+        version = register_test_model(store, tmp, MODEL, transform, canary)
+        expected = write_inputs(f"{prefix}/incoming")
+        yield {"input": f"{prefix}/incoming", "output": f"{prefix}/labeled", "version": version,
+               "expected": expected}  # fmt: skip
+    assert not canary.exists(), "a job unpickled the registered version's python_model.pkl"
 
-    transform = replace(test_transform, source_height=FRAME_H)
-    version = register_version(MODEL, transform=transform)
-    frame = render_frame(np.random.default_rng(11), FRAME_W, FRAME_H)[0]
-    root = resolve(f"{s3_prefix}/scaled")
-    sizes = {}
-    for f in (1, 2, 4):
-        w, h = FRAME_W // f, FRAME_H // f
-        small = np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BILINEAR))
-        root.join(f"cam/x{f}.png").write_bytes(png(small))
-        sizes[f"{root.uri}/cam/x{f}.png"] = (h, w, small)
-    status, out = run_label(capsys, "--input", root.uri, "--output", f"{s3_prefix}/scaled-out",
-                            "--model", f"models:/{MODEL}/{version}")  # fmt: skip
-    assert status == 0 and counts(out) == (3, 3, 0, 0), out
-    predictor = load_predictor(ModelRef(MODEL, version))
-    for row in read_output(f"{s3_prefix}/scaled-out").to_pylist():
-        h, w, small = sizes[row["source"]]
-        mask = decode_png_mask(row["mask"])
-        assert row["status"] == "ok" and mask.shape == (h, w)
-        top = round(CROP_TOP * h / FRAME_H)
-        assert (mask[:top] == 0).all()
-        assert (mask == predictor.predict([small])[0]).mean() > 0.999
+
+def label_argv(setup: dict, *extra: str) -> list[str]:
+    return ["--input", setup["input"], "--output", setup["output"],
+            "--model", f"models:/{MODEL}/latest", "--max-pixels", str(MAX_PIXELS), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def contract(s3_server, ray_cluster, tmp_path_factory, test_transform):
+    """The job on the mixed prefix (S3 in and out, review list asked for every ok frame, 4 rows
+    per file), then the same command again; and what the stages give in-process for the same
+    inputs and model files. Returns a dict of what each left."""
+    with registered_inputs(tmp_path_factory, test_transform, "label-contract") as s:
+        argv = label_argv(s, "--apollo-ids", "--rows-per-file", "4", "--review-below", "1")
+        first = capture(label_job.main, argv)
+        files = sorted(i.path for i in resolve(s["output"]).list_files())
+        second = capture(label_job.main, argv)
+        ref = ModelRef(MODEL, s["version"])
+        inputs = list_inputs(s["input"])
+        stages = LabelStages(kind=inputs.kind, anchor=resolve(inputs.uri), transform=version_transform(ref),
+                             model_name=MODEL, model_version=s["version"],
+                             limits=Limits(max_pixels=MAX_PIXELS), apollo_ids=True)  # fmt: skip
+        in_process = stages.label(inputs.rows, Segmenter(fetch_verified(ref), device="cpu"),
+                                  datetime.now(timezone.utc))  # fmt: skip
+        yield {
+            **s, "first": first, "second": second, "files_after_first": files,
+            "rows": read_output(s["output"]).to_pylist(),
+            "in_process": {r["source"]: r for r in in_process.to_pylist()},
+        }  # fmt: skip
+
+
+def capture(main, argv: list[str]) -> tuple[int, str]:
+    """``main(argv)``'s status and standard output."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(argv)
+    return status, out.getvalue()
 
 
 @pytest.mark.slow
-def test_mixed_prefix_rows_add_up_and_masks_match_the_model(labeling_setup, capsys):
-    s = labeling_setup
-    argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
-            "--max-pixels", str(MAX_PIXELS), "--apollo-ids", "--rows-per-file", "4",
-            "--review-below", "1"]  # fmt: skip
-    status, out = run_label(capsys, *argv)
-    assert status == 0, out
-    expected = s["expected"]
+def test_the_summary_counts_every_input_and_names_the_ignored_file(contract):
+    status, out = contract["first"]
+    expected = contract["expected"]
     n_good = sum(1 for why in expected.values() if not why)
+    assert status == 0, out
     assert counts(out) == (len(expected), n_good, len(expected) - n_good, 0)
     assert "ignored (not a .jpg/.jpeg/.png frame)" in out and "readme.txt" in out
-    n = len(expected)
+
+
+@pytest.mark.slow
+def test_the_last_progress_line_counts_every_frame(contract):
+    n = len(contract["expected"])
+    out = contract["first"][1]
     assert re.search(rf"^label: {n}/{n} frames \(100%\), [\d.]+ frames/s$", out, re.M), out
 
-    table = read_output(s["output"]).to_pylist()
-    rows = {r["source"]: r for r in table}
-    assert len(table) == len(rows) == len(expected)  # one row per input, none twice
-    predictor = load_predictor(ModelRef(MODEL, s["version"]))
-    for rel, why in expected.items():
-        row = rows[f"{s['input']}/{rel}"]
-        assert row["model_name"] == MODEL and row["model_version"] == s["version"]
-        assert row["labeled_date"] == row["labeled_at"].strftime("%Y-%m-%d")
-        if why:
-            assert row["status"] == "error" and why in row["error"], (rel, row["error"])
-            assert row["mask"] is None and row["class_pixels"] is None
+
+@pytest.mark.slow
+def test_the_output_holds_one_row_per_input_none_twice(contract):
+    rows = contract["rows"]
+    sources = sorted(r["source"] for r in rows)
+    assert sources == sorted(f"{contract['input']}/{rel}" for rel in contract["expected"])
+    assert {(r["model_name"], r["model_version"]) for r in rows} == {(MODEL, contract["version"])}
+    assert all(r["labeled_date"] == r["labeled_at"].strftime("%Y-%m-%d") for r in rows)
+
+
+@pytest.mark.slow
+def test_the_jobs_rows_are_the_stages_rows(contract):
+    """What Ray Data's pipeline wrote is what the same stages give in this process: the same
+    status and error for every input, the same masks (a few tie flips apart: batches differ,
+    so float summation order may differ) and scores."""
+    for row in contract["rows"]:
+        ref = contract["in_process"][row["source"]]
+        assert (row["status"], row["error"]) == (ref["status"], ref["error"]), row["source"]
+        if row["status"] != "ok":
             continue
-        assert row["status"] == "ok" and row["error"] is None, (rel, row["error"])
-        data = resolve(row["source"]).read_bytes()
-        frame = np.asarray(Image.open(io.BytesIO(data)))
-        mask = decode_png_mask(row["mask"])
-        assert mask.shape == frame.shape[:2] == (row["height"], row["width"])
-        assert (mask[:CROP_TOP] == 0).all()  # the cropped sky rows are background
-        assert sum(row["class_pixels"]) == mask.size
-        assert row["class_pixels"] == labels.class_pixel_counts(mask)
-        np.testing.assert_array_equal(
-            decode_png_mask(row["apollo_mask"]), labels.to_apollo_ids(mask)
-        )
-        # The same model called directly on the same model input (the frame's bytes decoded
-        # as labeling does, at half size where that covers the input): the pipeline adds
-        # nothing. (Batches differ, so float summation order may differ: a few tie flips.)
-        t = predictor.transform
-        small, scores = predictor.predict_scored(t.load_image(data)[0][None])
-        direct = t.restore_mask(small[0], frame.shape[:2])
-        assert (direct == mask).mean() > 0.999
-        for k in ("confidence", "pixel_confidence", "uncertain_fraction"):  # its scores too
-            assert row[k] == pytest.approx(float(scores[k][0]), abs=1e-4), k
-        assert row["novelty"] == pytest.approx(float(scores["novelty"][0]), rel=1e-3)
-    assert len({r["mask"] for r in table if r["status"] == "ok"}) > 1  # not a constant model
-    # --review-below 1: every frame labeled ok is listed for review (ids and scores), once.
+        mask, want = decode_png_mask(row["mask"]), decode_png_mask(ref["mask"])
+        assert mask.shape == want.shape and (mask == want).mean() > 0.999, row["source"]
+        assert row["confidence"] == pytest.approx(ref["confidence"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_the_review_list_names_every_ok_frame_where_readers_skip_it(contract):
+    out, rows = contract["first"][1], contract["rows"]
     [line] = [x for x in out.splitlines() if x.startswith("review: ")]
-    assert f"{s['output']}/_review/labeled_date=" in line, line  # where readers skip it
+    assert f"{contract['output']}/_review/labeled_date=" in line, line
     review = pq.read_table(io.BytesIO(resolve(line.split(" -> ")[1]).read_bytes()))
     assert sorted(review.column("source").to_pylist()) == sorted(
-        r["source"] for r in table if r["status"] == "ok"
+        r["source"] for r in rows if r["status"] == "ok"
     )
     assert all(r["confidence"] is None or r["confidence"] < 1 for r in review.to_pylist())
 
-    # A second run finds nothing new and writes nothing.
-    files_before = sorted(i.path for i in resolve(s["output"]).list_files())
-    status, out = run_label(capsys, *argv)
-    assert status == 0
-    assert "nothing new to label; nothing written" in out
-    assert counts(out) == (len(expected), 0, 0, len(expected))
-    assert sorted(i.path for i in resolve(s["output"]).list_files()) == files_before
+
+@pytest.mark.slow
+def test_a_second_run_finds_nothing_new_and_writes_nothing(contract):
+    status, out = contract["second"]
+    n = len(contract["expected"])
+    assert status == 0 and "nothing new to label; nothing written" in out, out
+    assert counts(out) == (n, 0, 0, n)
+    assert (
+        sorted(i.path for i in resolve(contract["output"]).list_files())
+        == contract["files_after_first"]
+    )
 
 
 def test_model_actor_without_gpu_takes_its_share_of_the_node(ray_cluster, tmp_path, test_transform):
@@ -254,56 +248,76 @@ def test_score_thresholds_out_of_range_are_one_line(tmp_path, capsys, flag, valu
 
 def _killed_run(argv: list[str], fault: str) -> str:
     """A labeling run in its own process, killed (exit 137) at fault point ``fault``
-    (pipelines.ops.faults); its output."""
+    (pipelines.runtime.faults, tests/support/fault_handler.py); its output."""
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.label", *argv], cwd=ROOT, capture_output=True, text=True,
-        env=job_env(PYTHONUNBUFFERED="1", LANE_FAULTS=fault), timeout=600,
+        env=job_env(PYTHONUNBUFFERED="1", **fault_env(fault)), timeout=600,
     )  # fmt: skip
     assert proc.returncode == 137, proc.stderr[-3000:]
     return proc.stdout
 
 
+@pytest.fixture(scope="module")
+def killed(s3_server, ray_cluster, tmp_path_factory, test_transform):
+    """A run killed after writing its staging files (not yet marked complete); a run while its
+    lease lasts; one that waits for the lease, killed in the middle of moving its files into
+    place; and the one after. Returns what each left."""
+    with registered_inputs(tmp_path_factory, test_transform, "label-killed") as s:
+        argv, output, seen = label_argv(s, "--rows-per-file", "3"), resolve(s["output"]), {}
+        _killed_run([*argv, "--lease-ttl", "6"], "label.chunk_staged")
+        seen["staged"] = sorted(i.path for i in output.list_files())
+        seen["visible_after_first"] = read_output(s["output"]).to_pylist()
+        seen["during_lease"] = capture(label_job.main, argv)
+        seen["files_during_lease"] = sorted(i.path for i in output.list_files())
+        seen["cut_mid_commit"] = _killed_run(
+            [*argv, "--lease-ttl", "6", "--wait-for-lease", "60"], "label.file_committed=1"
+        )
+        seen["visible_after_cut"] = read_output(s["output"]).to_pylist()
+        seen["last"] = capture(label_job.main, [*argv, "--wait-for-lease", "60"])
+        seen["rows"] = read_output(s["output"]).to_pylist()
+        seen["staging_left"] = output.join(STAGING).list_files()
+        yield {**s, **seen}
+
+
 @pytest.mark.slow
-def test_runs_killed_halfway_then_rerun_end_with_one_row_per_input(labeling_setup, capsys):
-    """A run killed after writing its staging files (not yet marked complete), then the next
-    one killed in the middle of moving its files into place: nothing half-written is ever
-    visible, each run takes over the dead one's lease once it expires and cleans up after it,
-    and the last ends with exactly one row per input."""
-    s = labeling_setup
-    argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
-            "--max-pixels", str(MAX_PIXELS), "--rows-per-file", "3"]  # fmt: skip
-    output = resolve(s["output"])
-    # 1. Killed after writing: never committed, nothing visible.
-    _killed_run([*argv, "--lease-ttl", "6"], "label.exit_after_write")
-    assert output.join(STAGING).exists()
-    assert read_output(s["output"]).to_pylist() == []
+def test_a_run_killed_after_staging_leaves_nothing_visible(killed):
+    assert any(f"/{STAGING}/" in p for p in killed["staged"]), killed["staged"]
+    assert killed["visible_after_first"] == []
 
-    # The dead run's lease has not expired yet: a run now leaves everything alone.
-    staged = sorted(i.path for i in output.list_files())
-    status, out = run_label(capsys, *argv)
+
+@pytest.mark.slow
+def test_a_run_while_the_dead_runs_lease_lasts_leaves_everything_alone(killed):
+    status, out = killed["during_lease"]
     assert status == 0 and "this run does nothing" in out and "is held by run" in out, out
-    assert sorted(i.path for i in output.list_files()) == staged
+    assert killed["files_during_lease"] == killed["staged"]
 
-    # 2. One that waits takes the lease over once it expires, discards the dead run's staging
-    # and labels everything, but is killed after moving one file of several into place.
-    out = _killed_run(
-        [*argv, "--lease-ttl", "6", "--wait-for-lease", "60"], "label.exit_mid_commit=1"
-    )
+
+@pytest.mark.slow
+def test_a_run_that_waits_takes_the_expired_lease_and_discards_the_dead_staging(killed):
+    out = killed["cut_mid_commit"]
     assert "took over the expired lease of run" in out
     assert "1 incomplete staging folders discarded" in out
-    visible = read_output(s["output"]).to_pylist()
-    assert 0 < len(visible) < len(s["expected"])  # one file of several moved
 
-    # 3. The next one completes that commit (its files were all written) and finds nothing new.
-    status, out = run_label(capsys, *argv, "--wait-for-lease", "60")
+
+@pytest.mark.slow
+def test_a_commit_cut_off_mid_move_shows_only_whole_files(killed):
+    assert 0 < len(killed["visible_after_cut"]) < len(killed["expected"])  # one file moved
+
+
+@pytest.mark.slow
+def test_the_next_run_completes_the_cut_commit_and_finds_nothing_new(killed):
+    status, out = killed["last"]
     assert status == 0, out
     assert "took over the expired lease of run" in out
     assert "1 commits completed" in out and "nothing new to label" in out
-    table = read_output(s["output"]).to_pylist()
-    assert sorted(r["source"] for r in table) == sorted(
-        f"{s['input']}/{rel}" for rel in s["expected"]
+
+
+@pytest.mark.slow
+def test_after_the_kills_every_input_has_exactly_one_row(killed):
+    assert sorted(r["source"] for r in killed["rows"]) == sorted(
+        f"{killed['input']}/{rel}" for rel in killed["expected"]
     )
-    assert not output.join(STAGING).list_files()
+    assert not killed["staging_left"]
 
 
 @pytest.mark.slow
@@ -327,107 +341,166 @@ def test_overlapping_runs_end_with_one_row_per_frame(labeling_setup):
     assert not resolve(s["output"]).join(STAGING).list_files()
 
 
-@pytest.mark.slow
-def test_storage_outage_defers_frames_to_the_next_run(
-    register_version, ray_cluster, tmp_path, capsys, monkeypatch
-):
-    """The S3 server goes away for 10 s in the middle of a run whose retry budget is shorter:
-    the frames it could not read get no row (not a permanent error) and exit status 3; the
-    next run labels them."""
+@pytest.fixture(scope="module")
+def outage(ray_cluster, tmp_path_factory, test_transform):
+    """The S3 server goes away for 10 s in the middle of a run whose retry budget is shorter;
+    then, the outage over, the next run. Returns what each left."""
     from tests.support.faults import outage_server
 
-    register_version(MODEL)
-    with outage_server(outage_after_gets=3, outage_seconds=10) as srv:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", srv.endpoint)
-        prefix = "s3://lanes/incoming"
+    tmp = tmp_path_factory.mktemp("outage")
+    store, canary = f"sqlite:///{tmp / 'mlflow.db'}", tmp / "planted-pickle-ran"
+    with outage_server(outage_after_gets=3, outage_seconds=10) as srv, \
+            pytest.MonkeyPatch.context() as mp:  # fmt: skip
+        mp.setenv("MLFLOW_TRACKING_URI", store)
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
+        register_test_model(store, tmp, MODEL, test_transform, canary)
+        mp.setenv("AWS_ENDPOINT_URL_S3", srv.endpoint)
+        prefix, out = "s3://lanes/incoming", str(tmp / "out")
         expected = write_inputs(prefix)
-        argv = ["--input", prefix, "--output", str(tmp_path / "out"),
-                "--model", f"models:/{MODEL}/latest", "--max-pixels", str(MAX_PIXELS)]  # fmt: skip
-        status, out = run_label(capsys, *argv, "--read-retries", "1")
-        assert srv.outages_started == 1
-        assert status == 3, out
-        found, labeled, errors, _ = counts(out)
-        deferred = int(re.search(r"deferred (\d+)", out)[1])
-        assert deferred > 0 and labeled + errors + deferred == found == len(expected), out
-        rows = read_output(str(tmp_path / "out")).to_pylist()
-        assert len(rows) == labeled + errors
-        for row in rows:  # only bad files are error rows: the outage left no trace
-            why = expected[row["source"].removeprefix(prefix + "/")]
-            assert (row["status"] == "error") == bool(why), row["error"]
-
+        argv = ["--input", prefix, "--output", out, "--model", f"models:/{MODEL}/latest",
+                "--max-pixels", str(MAX_PIXELS)]  # fmt: skip
+        first = capture(label_job.main, [*argv, "--read-retries", "1"])
+        rows_after_first = read_output(out).to_pylist()
+        outages = srv.outages_started
         srv.wait_outage_end()
-        status, out = run_label(capsys, *argv)
-        assert status == 0, out
-        _, labeled2, errors2, skipped2 = counts(out)
-        assert (labeled2 + errors2, skipped2) == (deferred, labeled + errors), out
-    table = read_output(str(tmp_path / "out")).to_pylist()
+        second = capture(label_job.main, argv)
+    assert not canary.exists(), "a job unpickled the registered version's python_model.pkl"
+    return {"prefix": prefix, "expected": expected, "first": first, "second": second,
+            "outages": outages, "rows_after_first": rows_after_first,
+            "rows": read_output(out).to_pylist()}  # fmt: skip
+
+
+def deferred(out: str) -> int:
+    return int(re.search(r"deferred (\d+)", out)[1])
+
+
+@pytest.mark.slow
+def test_an_outage_mid_run_defers_frames_with_exit_3(outage):
+    status, out = outage["first"]
+    assert outage["outages"] == 1
+    assert status == 3, out
+    found, labeled, errors, _ = counts(out)
+    assert deferred(out) > 0 and labeled + errors + deferred(out) == found == len(
+        outage["expected"]
+    ), out
+
+
+@pytest.mark.slow
+def test_deferred_frames_get_no_row_and_the_outage_leaves_no_error_row(outage):
+    _, labeled, errors, _ = counts(outage["first"][1])
+    rows = outage["rows_after_first"]
+    assert len(rows) == labeled + errors
+    for row in rows:  # only bad files are error rows: the outage left no trace
+        why = outage["expected"][row["source"].removeprefix(outage["prefix"] + "/")]
+        assert (row["status"] == "error") == bool(why), row["error"]
+
+
+@pytest.mark.slow
+def test_the_next_run_labels_exactly_the_deferred_frames(outage):
+    _, labeled, errors, _ = counts(outage["first"][1])
+    status, out = outage["second"]
+    assert status == 0, out
+    _, labeled2, errors2, skipped2 = counts(out)
+    assert (labeled2 + errors2, skipped2) == (deferred(outage["first"][1]), labeled + errors), out
+
+
+@pytest.mark.slow
+def test_after_the_outage_every_input_has_one_row_and_only_bad_files_are_errors(outage):
+    prefix, expected, table = outage["prefix"], outage["expected"], outage["rows"]
     assert sorted(r["source"] for r in table) == sorted(f"{prefix}/{rel}" for rel in expected)
     assert sorted(r["source"] for r in table if r["status"] == "error") == sorted(
         f"{prefix}/{rel}" for rel, why in expected.items() if why
     )
 
 
-def test_an_ingested_dataset_is_labeled_chunk_by_chunk_from_its_own_shards(
-    local_shards, register_version, tmp_path, capsys, monkeypatch
-):
-    """Labeling an ingested dataset: one ok row per shard frame at the shards' size, several
-    commits from one pipeline that reads only the shards holding frames left to label."""
-    from pipelines.labeling.inputs import list_inputs
-    from pipelines.labeling.stages import shards_of
+def test_a_run_reads_only_the_shards_that_hold_its_frames(local_shards):
+    from pipelines.labeling.dataset import shards_of
 
     inputs = list_inputs(local_shards)
     shards = list(dict.fromkeys(r["shard"] for r in inputs.rows))
-    assert len(inputs.rows) == 24 and len(shards) >= 2, shards  # else the chunk test is empty
+    assert len(inputs.rows) == 24 and len(shards) >= 2, shards  # else the test is empty
     first = inputs.rows[:5]
     assert shards_of(first) == [first[0]["shard"]]  # not every shard of the dataset
     assert shards_of(inputs.rows) == shards  # each once
 
-    version = register_version(MODEL)
-    out = tmp_path / "out"
-    pipelines = []
-    dataset = Pipeline.dataset
 
-    def counted(self, *args, **kwargs):
-        pipelines.append(args[0])
-        return dataset(self, *args, **kwargs)
+@pytest.fixture(scope="module")
+def from_shards(local_shards, ray_cluster, tmp_path_factory, test_transform):
+    """The job labeling an ingested dataset, 5 frames per commit, its Ray Data pipelines
+    counted. Returns (status, output, pipelines' input rows, output folder)."""
+    from pipelines.labeling import workflow
 
-    monkeypatch.setattr(Pipeline, "dataset", counted)
-    status, text = run_label(capsys, "--input", local_shards, "--output", str(out),
-                             "--model", f"models:/{MODEL}/{version}", "--chunk-frames", "5")  # fmt: skip
-    assert status == 0, text
-    assert counts(text) == (24, 24, 0, 0)
-    assert [len(rows) for rows in pipelines] == [24]  # one pipeline (one actor pool) per run
-    files = [p for p in out.rglob("*.parquet") if not {"_review", "review"} & set(p.parts)]
-    assert len({p.name.rsplit("-", 1)[0] for p in files}) == 5  # 24 frames, 5 per commit
-    rows = read_output(str(out)).to_pylist()
-    assert sorted(r["source"] for r in rows) == sorted(r["source"] for r in inputs.rows)
-    t = inputs.transform
-    for r in rows:
-        assert decode_png_mask(r["mask"]).shape == (r["height"], r["width"]) == (t.height, t.width)
+    with registered_inputs(tmp_path_factory, test_transform, "label-shards") as s, \
+            pytest.MonkeyPatch.context() as mp:  # fmt: skip
+        pipelines, dataset = [], workflow.label_dataset
+
+        def counted(stages, rows, **kwargs):
+            pipelines.append(rows)
+            return dataset(stages, rows, **kwargs)
+
+        mp.setattr(workflow, "label_dataset", counted)
+        out = tmp_path_factory.mktemp("from-shards") / "out"
+        status, text = capture(label_job.main, ["--input", local_shards, "--output", str(out),
+                                                "--model", f"models:/{MODEL}/{s['version']}",
+                                                "--chunk-frames", "5"])  # fmt: skip
+        yield status, text, pipelines, out
 
 
 @pytest.mark.slow
-def test_a_run_past_its_time_limit_stops_at_the_next_commit_and_the_next_run_finishes(
-    labeling_setup, capsys, monkeypatch
-):
-    """--time-limit mid-run: the run commits its first chunk, finds itself past the limit
-    (each commit is followed by a pause longer than the limit, so the outcome does not depend
-    on how fast this machine labels) and stops, leaving the rest to the next run, which labels
-    exactly those: one row per input in all."""
-    s = labeling_setup
-    argv = ["--input", s["input"], "--output", s["output"], "--model", f"models:/{MODEL}/latest",
-            "--max-pixels", str(MAX_PIXELS), "--chunk-frames", "3"]  # fmt: skip
-    monkeypatch.setenv("LANE_FAULTS", "label.pause_after_commit=16")
-    status, out = run_label(capsys, *argv, "--time-limit", "15")
+def test_an_ingested_dataset_is_labeled_by_one_pipeline(from_shards):
+    status, text, pipelines, _ = from_shards
+    assert status == 0, text
+    assert counts(text) == (24, 24, 0, 0)
+    assert [len(rows) for rows in pipelines] == [24]  # one pipeline (one actor pool) per run
+
+
+@pytest.mark.slow
+def test_an_ingested_dataset_is_committed_chunk_by_chunk(from_shards):
+    out = from_shards[3]
+    files = [p for p in out.rglob("*.parquet") if not {"_review", "review"} & set(p.parts)]
+    assert len({p.name.rsplit("-", 1)[0] for p in files}) == 5  # 24 frames, 5 per commit
+
+
+@pytest.mark.slow
+def test_an_ingested_dataset_gets_one_row_per_frame(from_shards, local_shards):
+    rows = read_output(str(from_shards[3])).to_pylist()
+    assert sorted(r["source"] for r in rows) == sorted(
+        r["source"] for r in list_inputs(local_shards).rows
+    )
+
+
+@pytest.fixture(scope="module")
+def time_limited(s3_server, ray_cluster, tmp_path_factory, test_transform):
+    """--time-limit mid-run: each commit is followed by a pause longer than the limit, so the
+    run stops at its first commit whatever the speed of this machine; then the next run."""
+    with registered_inputs(tmp_path_factory, test_transform, "label-limit") as s, \
+            pytest.MonkeyPatch.context() as mp:  # fmt: skip
+        argv = label_argv(s, "--chunk-frames", "3")
+        for key, value in fault_env("label.chunk_committed=16").items():
+            mp.setenv(key, value)
+        first = capture(label_job.main, [*argv, "--time-limit", "15"])
+        rows_after_first = read_output(s["output"]).to_pylist()
+        mp.delenv("LANE_FAULTS")  # the handler stays, with nothing armed
+        second = capture(label_job.main, argv)
+        yield {**s, "first": first, "rows_after_first": rows_after_first, "second": second,
+               "rows": read_output(s["output"]).to_pylist()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_past_its_time_limit_stops_at_the_next_commit(time_limited):
+    status, out = time_limited["first"]
     assert status == 0, out
     found, labeled, errors, *_ = counts(out)
     assert labeled + errors == 3, out  # one chunk
-    assert f"--time-limit 15s reached: {len(s['expected']) - 3} frames left" in out
-    assert len(read_output(s["output"]).to_pylist()) == 3
-    monkeypatch.delenv("LANE_FAULTS")
-    status, out = run_label(capsys, *argv)
+    assert f"--time-limit 15s reached: {len(time_limited['expected']) - 3} frames left" in out
+    assert len(time_limited["rows_after_first"]) == 3
+
+
+@pytest.mark.slow
+def test_the_run_after_the_time_limit_labels_the_rest(time_limited):
+    status, out = time_limited["second"]
     assert status == 0, out
-    table = read_output(s["output"]).to_pylist()
-    assert sorted(r["source"] for r in table) == sorted(
-        f"{s['input']}/{rel}" for rel in s["expected"]
+    assert sorted(r["source"] for r in time_limited["rows"]) == sorted(
+        f"{time_limited['input']}/{rel}" for rel in time_limited["expected"]
     )

@@ -25,12 +25,17 @@ from pipelines.core.codecs import decode_png_mask
 from pipelines.data.sources import Limits
 from pipelines.data.synthetic import render_frame
 from pipelines.inference import FramesError, LaneModel
-from pipelines.inference import load_model as load_model_dir
 from pipelines.inference.actors import Segmenter
-from pipelines.inference.predictor import Predictor
-from pipelines.labeling.stages import encode_results, load_frames
+from pipelines.labeling.inputs import list_inputs
+from pipelines.labeling.stages import LabelStages
 from pipelines.registry import load_model
-from pipelines.registry.versions import ModelRef, RegistryError, fetch_verified, load_predictor
+from pipelines.registry.versions import (
+    ModelRef,
+    RegistryError,
+    fetch_verified,
+    load_predictor,
+    version_transform,
+)
 from pipelines.storage import resolve
 from tests.support.helpers import FRAME_H, FRAME_W, ROOT, free_port, stop
 from tests.support.models import stored_model
@@ -50,26 +55,13 @@ def labeled_by_the_job(ref: ModelRef, batch: np.ndarray, tmp_path):
     rows."""
     folder = tmp_path / "to-label"
     folder.mkdir()
-    names = []
     for i, frame in enumerate(batch):
-        path = folder / f"f{i}.png"
-        Image.fromarray(frame).save(path)
-        names.append(str(path))
-    segment = Segmenter.__new__(Segmenter)  # the actor's __call__ without Ray's plumbing
-    segment.predictor = Predictor.from_files(fetch_verified(ref), "cpu")
-    segment.uncertain_below, segment.inputs_prepared = 0.5, False
-    transform = segment.predictor.transform
-    rows = {
-        "image_id": np.array(names, dtype=object),
-        "source": np.array(names, dtype=object),
-        "bytes": np.array([os.path.getsize(p) for p in names]),
-    }
-    rows = load_frames(rows, kind="frames", transform=transform, anchor=resolve(str(folder)),
-                       limits=Limits())  # fmt: skip
-    rows = segment(rows)
-    table = encode_results(rows, kind="frames", transform=transform, model_name=ref.name,
-                           model_version=ref.version, apollo=False,
-                           labeled_at=datetime.now(timezone.utc))  # fmt: skip
+        Image.fromarray(frame).save(folder / f"f{i:03d}.png")
+    segment = Segmenter(fetch_verified(ref), device="cpu")
+    inputs = list_inputs(str(folder))
+    stages = LabelStages(kind=inputs.kind, anchor=resolve(inputs.uri), transform=version_transform(ref),
+                         model_name=ref.name, model_version=ref.version, limits=Limits())  # fmt: skip
+    table = stages.label(inputs.rows, segment, datetime.now(timezone.utc))
     assert table["status"].to_pylist() == ["ok"] * len(batch)
     return table.to_pydict()
 
@@ -101,7 +93,7 @@ def test_each_uri_and_path_gives_the_predictors_masks_and_labelings_scores(
     assert model.source == str(stored / "artifacts" / "model_dir")
     del models, model
     # The path-only loader of the inference package is the same model.
-    direct = load_model_dir(stored / "artifacts" / "model_dir", device="cpu")
+    direct = LaneModel.from_dir(stored / "artifacts" / "model_dir", device="cpu")
     np.testing.assert_array_equal(direct.predict(batch), expected)
     # Another frame size the model accepts: masks at that size.
     small = frames(1, 400, 240, seed=3)

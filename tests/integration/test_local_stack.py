@@ -25,7 +25,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.data.versions import resolve_dataset
-from pipelines.ops import tracking
+from pipelines.runtime import tracking
 from tests.support.faults import start_outage_server
 from tests.support.helpers import ROOT, free_port, stack_env, stale_http_server
 from tests.support.models import TEST_MODEL

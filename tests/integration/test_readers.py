@@ -184,8 +184,8 @@ def labeled(tmp_path_factory, ray_cluster, test_transform) -> Labeled:
 
     from pipelines.core import labels
     from pipelines.inference.model_dir import ModelSpec, save_model_dir
-    from pipelines.ops import tracking
     from pipelines.registry.pyfunc import register_model_dir
+    from pipelines.runtime import tracking
     from tests.support.models import TEST_MODEL, make_model
 
     root = tmp_path_factory.mktemp("readers")

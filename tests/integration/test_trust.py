@@ -12,9 +12,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines.inference.model_dir import UnsafeFileError, load_model_dir, save_model_dir
+from pipelines.inference.model_dir import UnsafeFileError
 from pipelines.registry.versions import DIGEST_TAGS, ModelRef, RegistryError, load_predictor
-from pipelines.training.checkpoint import load_train_state
 from tests.support.helpers import FRAME_H, FRAME_W
 from tests.support.models import TEST_MODEL, Touch, make_model, plant_malicious_pickle, stored_model
 
@@ -90,27 +89,37 @@ def test_a_changed_file_in_the_artifact_store_is_refused(
 
 
 def test_weights_and_train_state_that_would_run_code_are_refused(tmp_path, test_transform):
+    """What a resumed training run loads from its checkpoint (engine.load_checkpoint, in every
+    Ray Train worker): weights and train state as data; a planted pickle in either is refused,
+    never run."""
     from pipelines.core import labels
     from pipelines.inference.model_dir import ModelSpec
+    from pipelines.training import engine
+    from pipelines.training.recipe import make_recipe
 
     canary = tmp_path / "pickle-ran"
-    model_dir = tmp_path / "model"
     spec = ModelSpec(TEST_MODEL, 8, test_transform, labels.CLASS_NAMES)
-    save_model_dir(model_dir, make_model(1), spec)
-    torch.save({"weights": Touch(canary)}, model_dir / "model.pt")
+    state = engine.build_train_state(make_model(1), make_recipe("default", TEST_MODEL),
+                                     total_steps=2)  # fmt: skip
+    checkpoint = engine.save_checkpoint(tmp_path / "checkpoint", state, spec, epoch=0)
+    original = (checkpoint / "train_state.pt").read_bytes()
+    torch.save({"optimizer": Touch(canary)}, checkpoint / "train_state.pt")
+    with pytest.raises(
+        UnsafeFileError, match=r"train_state\.pt: refused to load: .*could run code"
+    ):
+        engine.load_checkpoint(checkpoint)
+    (checkpoint / "train_state.pt").write_bytes(original)
+    torch.save({"weights": Touch(canary)}, checkpoint / "model.pt")
     with pytest.raises(UnsafeFileError, match=r"model\.pt: refused to load: .*could run code"):
-        load_model_dir(model_dir)
-    torch.save({"optimizer": Touch(canary)}, tmp_path / "train_state.pt")
-    with pytest.raises(UnsafeFileError, match=r"train_state\.pt: refused to load"):
-        load_train_state(tmp_path)
+        engine.load_checkpoint(checkpoint)
     assert not canary.exists()
-    # The planted files are live: a plain torch.load runs them.
-    torch.load(tmp_path / "train_state.pt", weights_only=False)
+    # The planted file is live: a plain torch.load runs it.
+    torch.load(checkpoint / "model.pt", weights_only=False)
     assert canary.exists()
 
 
 def test_redaction_masks_the_mlflow_password_and_drops_secret_keys(monkeypatch):
-    from pipelines.ops.tracking import redact
+    from pipelines.runtime.tracking import redact
 
     canary = "canary-mlflow-password-5f3a"
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", canary)

@@ -113,6 +113,6 @@ def stop(proc: subprocess.Popen) -> None:
 def ingest_config(source, dest, transform, **options):
     """The tests' ingest of ``source`` into ``dest`` with ``transform``'s geometry, without
     progress lines."""
-    from pipelines.data.ingest import IngestConfig
+    from pipelines.data.workflow import IngestConfig
 
     return IngestConfig.of_transform(source, dest, transform, progress_seconds=None, **options)

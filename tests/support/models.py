@@ -73,3 +73,26 @@ def plant_malicious_pickle(name: str, version: str, canary: Path) -> None:
     """Replace a registered version's ``python_model.pkl`` with one that creates ``canary``
     when unpickled (as whoever can write to the artifact store could)."""
     (stored_model(name, version) / "python_model.pkl").write_bytes(malicious_pickle(canary))
+
+
+def register_test_model(store: str, folder: Path, name: str, transform, canary: Path,
+                        constant_class: int | None = None, seed: int = 0) -> str:  # fmt: skip
+    """Register a model built by :func:`make_model` the way jobs.train does (pyfunc + tags) in
+    the MLflow store ``store`` (the process's tracking URI must be it), with a planted
+    ``python_model.pkl`` that creates ``canary`` when unpickled. Returns the version."""
+    import mlflow
+
+    from pipelines.core import labels
+    from pipelines.inference.model_dir import ModelSpec, save_model_dir
+    from pipelines.registry.pyfunc import register_model_dir
+    from pipelines.runtime import tracking
+
+    model_dir = folder / f"model-{name}-{constant_class}-{seed}"
+    spec = ModelSpec(TEST_MODEL, 8, transform, labels.CLASS_NAMES)
+    save_model_dir(model_dir, make_model(constant_class, seed), spec)
+    # An experiment of our own: the default one would put artifacts in ./mlruns.
+    experiment = tracking.ensure_experiment("registered-by-tests", store)
+    with mlflow.start_run(experiment_id=experiment, run_name=f"register-{name}"):
+        version = register_model_dir(model_dir, name, {"made_by": "tests"})
+    plant_malicious_pickle(name, str(version.version), canary)
+    return str(version.version)

@@ -124,30 +124,27 @@ def test_augment_batch_returns_normalized_model_input(test_transform):
 def test_the_training_loop_augments_raw_batches_only_when_asked(
     augment, local_shards, test_transform, ray_cluster, monkeypatch
 ):
-    """train_epoch: with --augment the frames reach the step augmented (other pixels than the
+    """train_epoch (the adapter around engine.train_one_epoch): with --augment the frames reach the step augmented (other pixels than the
     plain normalized frames), with --no-augment exactly the normalized frames."""
     from types import SimpleNamespace
 
     from pipelines.data.shards import build_dataset
-    from pipelines.training import loop
+    from pipelines.training import engine, loop
     from pipelines.training.batches import torch_batches
 
     seen: dict[str, torch.Tensor] = {}
 
-    def record_step(model, batch, *args, **kwargs):
+    def record_step(state, batch):
         seen.update(zip(batch["image_id"], batch["image"], strict=True))
         return torch.zeros(())
 
-    monkeypatch.setattr(loop, "train_step", record_step)
+    monkeypatch.setattr(engine, "train_step", record_step)
     job = SimpleNamespace(batch_size=4, shuffle_buffer=0, augment=augment)
-    cfg = SimpleNamespace(job=job, transform=test_transform, progress=None)
-    w = loop.Worker(
-        cfg=cfg, rank=0, world=1, device=torch.device("cpu"), model=torch.nn.Identity(), optimizer=None,
-        scheduler=SimpleNamespace(step=lambda: None), criterion=None, autocast=None,
-        channels_last=False, steps_per_epoch=4,
-    )  # fmt: skip
+    me = loop.Rank(cfg=SimpleNamespace(job=job, transform=test_transform), rank=0, world=1,
+                   steps_per_epoch=4)  # fmt: skip
+    state = engine.TrainState(torch.nn.Conv2d(3, 8, 1), None, None, None, None)
     ds = build_dataset(local_shards, "train")
-    loop.train_epoch(w, ds, 0, 0, SimpleNamespace(step=lambda *a, **k: None))
+    loop.train_epoch(me, state, ds, 0, 0, None)
     plain = {
         i: x
         for b in torch_batches(ds, 4, test_transform)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipelines.ops.capacity import (
+from pipelines.runtime.capacity import (
     DATA_CPUS,
     CapacityError,
     Cluster,
@@ -14,7 +14,7 @@ from pipelines.ops.capacity import (
     fit_actor_pool,
     fit_training,
 )
-from pipelines.ops.watchdog import Stalled, Watchdog
+from pipelines.runtime.watchdog import Stalled, Watchdog
 
 HEAD = Cluster(cpus=2, gpus=0, source="the Ray cluster")
 

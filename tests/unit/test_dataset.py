@@ -11,7 +11,7 @@ from pipelines.core.labels import IGNORE_INDEX
 from pipelines.data.decode import decode_batch
 from pipelines.data.shards import DataError, build_dataset, read_shards, shard_files
 from pipelines.training.batches import torch_batches
-from pipelines.training.step import epoch_seed
+from pipelines.training.engine import epoch_seed
 
 
 def test_train_batches_are_normalized_tensors(local_shards, test_transform, ray_cluster):

@@ -22,8 +22,7 @@ from pipelines.core.labels import N_CLASSES, to_apollo_ids
 from pipelines.data.sources import Limits
 from pipelines.data.synthetic import render_frame
 from pipelines.inference.actors import Segmenter
-from pipelines.inference.model_dir import ModelSpec
-from pipelines.inference.predictor import Predictor
+from pipelines.inference.model_dir import MODEL_FILE, SPEC_FILE, ModelSpec, save_model_dir
 from pipelines.labeling.stages import load_frames
 from pipelines.storage import resolve
 from tests.support.models import make_model
@@ -103,13 +102,13 @@ def frames():
 
 
 @pytest.fixture(scope="module")
-def segmenter():
+def segmenter(tmp_path_factory):
+    """The actor's stage called in this process, its predictor on the CPU."""
     torch.set_num_threads(2)
-    seg = Segmenter.__new__(Segmenter)  # the actor's call without Ray: its predictor on the CPU
     # The production model: the masks' agreement bound is measured on it.
-    seg.predictor = Predictor(make_model(name=PRODUCTION), ModelSpec(PRODUCTION, 8, T), "cpu")
-    seg.uncertain_below, seg.inputs_prepared = 0.5, False
-    return seg
+    folder = save_model_dir(tmp_path_factory.mktemp("model"), make_model(name=PRODUCTION),
+                            ModelSpec(PRODUCTION, 8, T))  # fmt: skip
+    return Segmenter({n: (folder / n).read_bytes() for n in (MODEL_FILE, SPEC_FILE)}, device="cpu")
 
 
 def loaded(tmp_path, datas: list[bytes], device_decode: bool) -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from jobs import _cli, ingest, label, promote, train
 from pipelines.core.errors import MEANING, Exit, TransientError, UserError, exit_status_table
-from pipelines.ops.tracking import TrackingUnreachable
+from pipelines.runtime.tracking import TrackingUnreachable
 from pipelines.storage import TransientStorageError
 from tests.support.helpers import ROOT
 

@@ -11,11 +11,10 @@ import sys
 import pytest
 
 from pipelines.core.errors import UserError
-from pipelines.inference import ModelDirError
-from pipelines.inference import load_model as load_model_dir
-from pipelines.ops.tracking import TrackingError, TrackingUnreachable
+from pipelines.inference import LaneModel, ModelDirError
 from pipelines.registry import load_model
 from pipelines.registry.versions import RegistryError
+from pipelines.runtime.tracking import TrackingError, TrackingUnreachable
 from tests.support.helpers import ROOT, free_port
 
 
@@ -48,7 +47,7 @@ def test_other_uris_and_folders_are_refused(tmp_path):
         load_model(tmp_path)
     assert one_line(e).startswith(f"{tmp_path}: not a model directory (expected model.pt")
     with pytest.raises(ModelDirError) as e:
-        load_model_dir("models:/lanes@champion")
+        LaneModel.from_dir("models:/lanes@champion")
     assert "pipelines.registry.load_model" in one_line(e)
 
 

@@ -17,6 +17,7 @@ from pipelines.training import loop
 from pipelines.training.checkpoint import checkpoint_due
 from pipelines.training.config import LoopConfig, TrainConfig
 from pipelines.training.distributed import allreduce_bytes_per_step, compress_gradients
+from pipelines.training.engine import TrainState
 from pipelines.training.recipe import make_recipe
 
 REQUIRED = ["--data", "d", "--experiment", "e", "--register-as", "m", "--storage", "s"]
@@ -145,15 +146,13 @@ def test_the_checkpoint_schedule_counts_from_the_run_start_and_keeps_the_last_ep
     assert [e for e in range(3, 7) if checkpoint_due(e, 7, 3)] == [5, 6]
 
 
-def _worker(rank: int, test_transform, **job_kw) -> loop.Worker:
+def _worker(rank: int, test_transform, **job_kw) -> tuple[loop.Rank, TrainState]:
     net = nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     cfg = LoopConfig(job=job(**job_kw), recipe=make_recipe("default", "fcn8s_resnet101"),
                      transform=test_transform, n_class=3, train_frames=8)  # fmt: skip
-    return loop.Worker(cfg=cfg, rank=rank, world=2, device=torch.device("cpu"), model=net,
-                       optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1),
-                       criterion=None, autocast=None, channels_last=False,
-                       steps_per_epoch=1)  # fmt: skip
+    state = TrainState(net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1), None, None)
+    return loop.Rank(cfg=cfg, rank=rank, world=2, steps_per_epoch=1), state
 
 
 @pytest.mark.parametrize("upload", ["async", "sync"])
@@ -175,9 +174,10 @@ def test_rank_0_checkpoints_the_due_epochs_for_ray_to_upload_and_delete(
     mode = {"async": ray.train.CheckpointUploadMode.ASYNC,
             "sync": ray.train.CheckpointUploadMode.SYNC}[upload]  # fmt: skip
     for rank in (0, 1):
-        w = _worker(rank, test_transform, epochs=3, checkpoint_every=2, checkpoint_upload=upload)
+        me, state = _worker(rank, test_transform, epochs=3, checkpoint_every=2,
+                            checkpoint_upload=upload)  # fmt: skip
         for epoch in range(3):
-            loop.checkpoint_and_report(w, {"epoch": epoch, "val_miou": 0.5}, {}, {})
+            loop.checkpoint_and_report(me, state, {"epoch": epoch, "val_miou": 0.5}, {}, {})
     assert [r[0] for r in reports] == [0, 1, 2, 0, 1, 2]
     assert all(r[2] == mode for r in reports)
     saved = [(e, p) for e, p, _, _ in reports if p is not None]
@@ -201,6 +201,6 @@ def test_a_failed_report_leaves_no_checkpoint_behind(test_transform, monkeypatch
 
     monkeypatch.setattr(ray.train, "report", report)
     with pytest.raises(RuntimeError, match="storage down"):
-        loop.checkpoint_and_report(_worker(0, test_transform, epochs=1), {"epoch": 0,
-                                   "val_miou": 0.5}, {}, {})  # fmt: skip
+        loop.checkpoint_and_report(*_worker(0, test_transform, epochs=1),
+                                   {"epoch": 0, "val_miou": 0.5}, {}, {})  # fmt: skip
     assert made and not made[0].exists()

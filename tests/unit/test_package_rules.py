@@ -16,14 +16,14 @@ import pytest
 from tests.support.helpers import ROOT
 
 #: pipelines/__init__.py's order: each sub-package may import the ones before it, never after.
-LAYERS = ("core", "storage", "ops", "data", "inference", "registry", "training", "labeling")
+LAYERS = ("core", "storage", "runtime", "data", "inference", "registry", "training", "labeling")
 TORCH = ("torch", "torchvision", "fcn_models")
 #: The doors and the modules each may import from the project (besides jobs._cli).
 DOORS = {
-    "jobs/ingest.py": {"pipelines.data.ingest"},
-    "jobs/train.py": {"pipelines.training.driver"},
-    "jobs/label.py": {"pipelines.labeling.run"},
-    "jobs/promote.py": {"pipelines.registry.promotion"},
+    "jobs/ingest.py": {"pipelines.data.workflow"},
+    "jobs/train.py": {"pipelines.training.workflow"},
+    "jobs/label.py": {"pipelines.labeling.workflow"},
+    "jobs/promote.py": {"pipelines.registry.workflow"},
     # The demo runs the other jobs as a user would, on data it makes, and shows the result.
     "jobs/demo.py": {
         "jobs.ingest",
@@ -32,11 +32,16 @@ DOORS = {
         "jobs.label",
         "pipelines.data.synthetic",
         "pipelines.labeling.output",
-        "pipelines.ops.cluster",
+        "pipelines.runtime.cluster",
     },  # fmt: skip
 }
 MAX_FUNCTION_LINES = 80
 MAX_DOOR_LINES = 150
+MAX_BENCHMARK_LINES = 1800
+#: The one training step and the one evaluation (and the plain peer scripts the benchmarks
+#: compare against, which stand for what a user would write instead).
+ENGINE = {"pipelines/training/engine.py", "pipelines/inference/evaluate.py",
+          "benchmarks/plain_scripts.py"}  # fmt: skip
 
 
 # -- reading imports -------------------------------------------------------------------------------
@@ -135,7 +140,7 @@ def door_violations(files: dict[Path, str]) -> list[str]:
             project = is_under(module, "pipelines", "jobs", "fcn_models")
             if project and module not in allowed:
                 found.append(f"{where(path, line)}: a door imports {module}")
-        if rel != "jobs/demo.py" and len(source.splitlines()) > MAX_DOOR_LINES:
+        if len(source.splitlines()) > MAX_DOOR_LINES:
             found.append(f"{rel}: {len(source.splitlines())} lines (a door is a page)")
     return found
 
@@ -150,7 +155,30 @@ def long_functions(files: dict[Path, str]) -> list[str]:
     ]
 
 
+def loops_outside_the_engine(files: dict[Path, str]) -> list[str]:
+    """A backward pass (a training step) or a confusion matrix summed (an evaluation) anywhere
+    but in the engine."""
+    found = []
+    for path, source in files.items():
+        if str(path.relative_to(ROOT)) in ENGINE:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name.endswith(".backward") or name.split(".")[-1] == "confusion_matrix":
+                    found.append(f"{where(path, node.lineno)}: calls {name}")
+    return found
+
+
+def oversized(files: dict[Path, str], limit: int) -> list[str]:
+    total = sum(len(source.splitlines()) for source in files.values())
+    return (
+        [f"{where(min(files), 1)}: {total} lines in all (at most {limit})"] if total > limit else []
+    )
+
+
 PIPELINES, JOBS, MODELS = sources("pipelines"), sources("jobs"), sources("fcn_models")
+BENCHMARKS = sources("benchmarks")
 
 
 def test_each_sub_package_imports_only_the_ones_before_it():
@@ -184,7 +212,15 @@ def test_each_job_is_a_door_onto_one_workflow():
 
 
 def test_no_function_is_longer_than_a_screen():
-    assert long_functions({**PIPELINES, **JOBS}) == []
+    assert long_functions({**PIPELINES, **JOBS, **BENCHMARKS}) == []
+
+
+def test_one_training_step_and_one_evaluation():
+    assert loops_outside_the_engine({**PIPELINES, **JOBS, **BENCHMARKS}) == []
+
+
+def test_the_benchmarks_stay_a_set_worth_rerunning():
+    assert oversized(BENCHMARKS, MAX_BENCHMARK_LINES) == []
 
 
 @pytest.mark.parametrize(
@@ -196,10 +232,15 @@ def test_no_function_is_longer_than_a_screen():
          "pipelines/labeling/stages.py", "def f():\n    import torch.nn\n"),
         (lambda f: forbidden_imports(f, ("ray",), top_level=True, folders=("inference",)),
          "pipelines/inference/actors.py", "try:\n    import ray.data\nexcept ImportError:\n    pass\n"),
-        (jobs_importers, "pipelines/ops/cluster.py", "from jobs._cli import load_config\n"),
-        (door_violations, "jobs/train.py", "from pipelines.training.loop import make_worker\n"),
+        (jobs_importers, "pipelines/runtime/cluster.py", "from jobs._cli import load_config\n"),
+        (door_violations, "jobs/train.py", "from pipelines.training.loop import start\n"),
         (long_functions, "pipelines/core/frames.py",
          "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES),
+        (loops_outside_the_engine, "pipelines/training/loop.py", "def f(loss):\n    loss.backward()\n"),
+        (loops_outside_the_engine, "benchmarks/bench_models.py",
+         "def f(p, y):\n    return metrics.confusion_matrix(p, y, 8)\n"),
+        (lambda f: oversized(f, len((ROOT / "benchmarks/bench_models.py").read_text().splitlines()) + 1),
+         "benchmarks/bench_models.py", "x = 1\n"),
     ],
 )  # fmt: skip
 def test_each_rule_reports_a_planted_violation(check, rel, planted):

@@ -2,15 +2,15 @@
 
 import re
 
-from pipelines.ops.progress import (
+from pipelines.runtime.progress import (
     RateLine,
     duration,
     reported,
 )
-from pipelines.ops.progress import (
+from pipelines.runtime.progress import (
     progress_actor as counter_actor,
 )
-from pipelines.ops.progress import (
+from pipelines.runtime.progress import (
     report as count,
 )
 

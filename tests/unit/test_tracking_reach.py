@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.ops.tracking import local_store_problem
+from pipelines.runtime.tracking import local_store_problem
 
 
 @pytest.mark.parametrize("uri", ["sqlite:////tmp/mlflow.db", "file:///tmp/mlruns"])

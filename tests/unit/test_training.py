@@ -15,17 +15,16 @@ from torch import nn
 from fcn_models import build_model
 from pipelines.data.decode import decode_batch
 from pipelines.data.shards import shard_files
-from pipelines.inference.model_dir import load_model_dir, save_model_dir
-from pipelines.ops import tracking
-from pipelines.ops.progress import StepLine
+from pipelines.runtime import tracking
+from pipelines.runtime.progress import StepLine
+from pipelines.training import engine
 from pipelines.training.batches import NormalizeCollate
 from pipelines.training.checkpoint import (
-    load_train_state,
     read_epoch_record,
     restore_train_state,
-    save_train_state,
     write_epoch_record,
 )
+from pipelines.training.engine import epoch_seed
 from pipelines.training.recipe import (
     RecipeError,
     make_loss,
@@ -34,7 +33,6 @@ from pipelines.training.recipe import (
     set_trainable,
 )
 from pipelines.training.record import EpochLogger, SystemMetrics, epoch_pictures
-from pipelines.training.step import epoch_seed, train_step
 
 MODEL = "fcn8s_resnet101"
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -84,13 +82,11 @@ def test_parameter_groups_are_the_reference_ones(name):
 
 def test_fixed_upsamplers_do_not_move_in_a_step():
     model = build_model(MODEL, 8)
-    set_trainable(model, learn_upsampling=False)
-    optimizer, _ = make_optimizer(model, make_recipe("default", MODEL), 10)
+    state = engine.build_train_state(model, make_recipe("default", MODEL), total_steps=10)
     before = model.upscore8.weight.detach().clone()
     head = model.score_layer4.weight.detach().clone()
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 8, (2, 64, 64))
-    train_step(model, {"image": x, "label": y}, make_loss(make_recipe("default", MODEL)),
-               optimizer, NO_AUTOCAST)  # fmt: skip
+    engine.train_step(state, {"image": x, "label": y})
     assert torch.equal(model.upscore8.weight, before)
     assert not torch.equal(model.score_layer4.weight, head)  # the step did learn
 
@@ -139,18 +135,13 @@ def test_training_step_learns_one_batch(local_shards, test_transform):
     batch = NormalizeCollate(test_transform)(
         decode_batch({k: np.array(v, dtype=object) for k, v in rows.items()})
     )
-    torch.manual_seed(0)
-    model = build_model(MODEL, 8)
+    model = engine.build_model(MODEL, 8, seed=0)
     recipe = make_recipe("default", MODEL, lr=0.02)  # the demo's rate
-    set_trainable(model, learn_upsampling=recipe.learn_upsampling)
-    steps = 40
-    optimizer, scheduler = make_optimizer(model, recipe, steps)
-    criterion = make_loss(recipe)
-    model.train()
+    state = engine.build_train_state(model, recipe, total_steps=40)
     losses = []
-    for _ in range(steps):
-        losses.append(float(train_step(model, batch, criterion, optimizer, NO_AUTOCAST)))
-        scheduler.step()
+    engine.train_one_epoch(
+        state, [batch] * 40, on_step=lambda i, n, loss: losses.append(float(loss))
+    )
     y = batch["label"][batch["label"] != 255]
     freq = torch.bincount(y, minlength=8).double()
     freq = freq[freq > 0] / freq.sum()
@@ -161,44 +152,38 @@ def test_training_step_learns_one_batch(local_shards, test_transform):
 
 
 def test_resume_continues_schedule_and_momentum_exactly(tmp_path, test_transform):
-    """2 + 2 steps with a checkpoint between them (model dir + train state, as the job writes
-    and restores them) give bit-identical weights and learning rate to 4 steps in one go."""
+    """2 + 2 steps with a checkpoint between them (engine.save_checkpoint, load_checkpoint and
+    resume, as the job's workers use them) give bit-identical weights and learning rate to 4
+    steps in one go."""
     from pipelines.inference.model_dir import ModelSpec
 
     torch.manual_seed(0)
-    data = [(torch.randn(2, 3, 32, 64), torch.randint(0, 8, (2, 32, 64))) for _ in range(4)]
+    data = [{"image": torch.randn(2, 3, 32, 64), "label": torch.randint(0, 8, (2, 32, 64))}
+            for _ in range(4)]  # fmt: skip
     recipe = make_recipe("default", MODEL, lr=0.05)
     spec = ModelSpec(MODEL, 8, test_transform)
 
-    def fresh():
-        torch.manual_seed(1)
-        model = build_model(MODEL, 8)
-        set_trainable(model, learn_upsampling=False)
-        return (model, *make_optimizer(model, recipe, total_steps=6))
+    def fresh(model=None):
+        model = model or engine.build_model(MODEL, 8, seed=1)
+        return engine.build_train_state(model, recipe, total_steps=6)
 
-    def steps(model, optimizer, scheduler, batches):
-        model.train()
-        for x, y in batches:
-            train_step(model, {"image": x, "label": y}, make_loss(recipe), optimizer, NO_AUTOCAST)
-            scheduler.step()
+    ref = fresh()
+    engine.train_one_epoch(ref, data)
 
-    ref_model, ref_opt, ref_sched = fresh()
-    steps(ref_model, ref_opt, ref_sched, data)
-
-    model, opt, sched = fresh()
-    steps(model, opt, sched, data[:2])
-    save_model_dir(tmp_path, model, spec)
-    save_train_state(tmp_path, opt, sched, epoch=0, step=2)
-    del model, opt, sched
-    model, _ = load_model_dir(tmp_path)
-    set_trainable(model, learn_upsampling=False)
-    opt, sched = make_optimizer(model, recipe, total_steps=6)
-    assert restore_train_state(load_train_state(tmp_path), opt, sched) == (1, 2)
-    assert sched.get_last_lr() == [recipe.lr * (1 - 2 / 6) ** 0.9, 2 * recipe.lr * (1 - 2 / 6) ** 0.9,
-                                   recipe.lr * (1 - 2 / 6) ** 0.9]  # fmt: skip
-    steps(model, opt, sched, data[2:])
-    assert sched.get_last_lr() == ref_sched.get_last_lr()
-    for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
+    state = fresh()
+    engine.train_one_epoch(state, data[:2])
+    engine.save_checkpoint(tmp_path, state, spec, epoch=0)
+    del state
+    model, train_state = engine.load_checkpoint(tmp_path)
+    state = fresh(model)
+    assert engine.resume(state, train_state) == 1 and state.global_step == 2
+    assert state.scheduler.get_last_lr() == [recipe.lr * (1 - 2 / 6) ** 0.9,
+                                             2 * recipe.lr * (1 - 2 / 6) ** 0.9,
+                                             recipe.lr * (1 - 2 / 6) ** 0.9]  # fmt: skip
+    engine.train_one_epoch(state, data[2:])
+    assert state.scheduler.get_last_lr() == ref.scheduler.get_last_lr()
+    for (k, a), b in zip(ref.model.state_dict().items(), state.model.state_dict().values(),
+                         strict=True):  # fmt: skip
         assert torch.equal(a, b), k
 
 
@@ -395,7 +380,7 @@ def test_progress_lines_give_rate_loss_and_etas(caplog):
     import logging
 
     p = StepLine(every_s=3600, steps_per_epoch=4, epochs=3, first_epoch=1)
-    with caplog.at_level(logging.INFO, logger="pipelines.ops.progress"):
+    with caplog.at_level(logging.INFO, logger="pipelines.runtime.progress"):
         assert p.step(1, 1, 8, torch.tensor(0.5)) is None  # not due
         p.t_start -= 20  # the two steps took 20 s: 10 s a step, 16 images in 20 s
         p.t_last -= 20
@@ -450,7 +435,6 @@ def test_system_metrics_reach_the_run_and_restart_after_the_monitor_stopped(mlfl
 def test_a_resume_allowed_to_change_hyperparameters_uses_the_new_ones():
     """--allow-config-change: the schedule's position and the momentum buffers come from the
     checkpoint, the learning rate, momentum and weight decay from the new recipe."""
-    from pipelines.training.checkpoint import restore_train_state
     from pipelines.training.recipe import make_optimizer, make_recipe
 
     def run(lr: float, momentum: float):

@@ -19,11 +19,11 @@ from datetime import datetime, timezone
 from pipelines.core.errors import Exit
 from pipelines.core.options import ConfigError, check_options, option
 from pipelines.data.versions import DatasetVersion, resolve_dataset
-from pipelines.ops import capacity, progress, tracking, watchdog
-from pipelines.ops.capacity import ActorPoolOptions
-from pipelines.ops.progress import ProgressOptions
 from pipelines.registry import aliases
 from pipelines.registry.versions import ModelRef, fetch_verified, logged_model_id, resolve_version
+from pipelines.runtime import capacity, progress, tracking, watchdog
+from pipelines.runtime.capacity import ActorPoolOptions
+from pipelines.runtime.progress import ProgressOptions
 
 NOT_PROMOTED = Exit.NOT_PROMOTED
 
@@ -101,8 +101,8 @@ def evaluate_all(
     """Evaluate each version on the cluster's actor pool, under a watchdog, with progress
     lines; record each result (version tags, an evaluation run). Returns (results, run ids),
     by version."""
-    from pipelines.inference.evaluate import evaluate
-    from pipelines.ops.cluster import init_ray, quiet_ray_data
+    from pipelines.registry.evaluation import evaluate_version
+    from pipelines.runtime.cluster import init_ray, quiet_ray_data
 
     init_ray()
     quiet_ray_data()
@@ -130,7 +130,7 @@ def evaluate_all(
                     dog.beat(f"v{v}: {frames} frames scored")
                     line.update(frames)
 
-                result = evaluate(
+                result = evaluate_version(
                     fetch_verified(ModelRef(cfg.model, version), client), data.uri, cfg.split,
                     batch_size=cfg.batch_size, actors=actors, use_gpu=use_gpu, on_frames=scored,
                 )  # fmt: skip

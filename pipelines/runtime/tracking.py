@@ -222,7 +222,7 @@ def local_store_problem(uri: str, hosts: set[str], autoscaling: bool) -> str | N
 
 def check_reachable_from_workers(uri: str, cluster) -> None:
     """Refuse a tracking store the training workers' nodes cannot reach (see
-    :func:`local_store_problem`); ``cluster``: :func:`pipelines.ops.capacity.cluster`."""
+    :func:`local_store_problem`); ``cluster``: :func:`pipelines.runtime.capacity.cluster`."""
     import ray
 
     hosts = {n["NodeManagerHostname"] for n in ray.nodes() if n.get("Alive")}

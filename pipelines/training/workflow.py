@@ -17,13 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipelines.core import labels
-from pipelines.core.errors import Exit
+from pipelines.core.errors import BrokenGpuError, Exit
 from pipelines.core.frames import FrameTransform
 from pipelines.core.options import ConfigError, as_dict
 from pipelines.data.shards import build_dataset, shard_files
 from pipelines.data.versions import DatasetVersion, resolve_dataset
-from pipelines.ops import capacity, faults, progress, tracking, watchdog
-from pipelines.ops.cluster import init_ray, quiet_ray_data
+from pipelines.runtime import capacity, faults, progress, tracking, watchdog
+from pipelines.runtime.cluster import init_ray, quiet_ray_data
 from pipelines.storage import Location, resolve
 from pipelines.training.batches import split_config
 from pipelines.training.config import LoopConfig, TrainConfig
@@ -317,8 +317,8 @@ def fit(cfg: TrainConfig, loop: LoopConfig, storage: Location):
     except ray.train.TrainingFailedError as e:
         # The workers' own tracebacks are already in the log above; say what it means.
         end_run_quietly("FAILED")
-        if broken_gpu(str(e)):
-            print(f"error: {broken_gpu(str(e))}", file=sys.stderr)
+        if (why := broken_gpu(e)) is not None:
+            print(f"error: {why}", file=sys.stderr)
             return Exit.BROKEN_GPU
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(
@@ -331,20 +331,36 @@ def fit(cfg: TrainConfig, loop: LoopConfig, storage: Location):
         raise
 
 
-#: What a worker Ray gave a GPU that CUDA cannot use dies of: Ray Train's NCCL process group
-#: (set up before the loop) or the loop's own check (pipelines.inference.device).
-_BROKEN_GPU = re.compile(r"BrokenGpuError: (.+)|(ProcessGroupNCCL is only supported with GPUs.*)")
+#: NCCL refusing a process group on a worker without a usable GPU (Ray Train sets it up
+#: before the loop runs).
+_NCCL_WITHOUT_GPU = re.compile(r"ProcessGroupNCCL is only supported with GPUs.*")
+#: A worker's BrokenGpuError as text, where Ray kept only text.
+_BROKEN_GPU_TEXT = re.compile(r"BrokenGpuError: (.+)")
 
 
-def broken_gpu(failure: str) -> str | None:
-    """The one-line reason when a training failure's text is a broken GPU, else None."""
-    m = _BROKEN_GPU.search(failure)
-    if m is None:
-        return None
-    return m[1] or (
-        f"the training workers were given GPUs that CUDA cannot use ({m[2].strip()}); use an "
-        "image whose CUDA the nodes' driver supports, or nodes with a newer driver"
-    )
+def broken_gpu(failure: BaseException) -> str | None:
+    """The one-line reason when a training failure is a worker Ray gave a GPU that CUDA cannot
+    use, else None: the loop's own :class:`BrokenGpuError` (:mod:`pipelines.inference.device`),
+    found among the exceptions Ray Train keeps per rank (the failure's text is cut in the
+    middle past 1,000 characters, so the text alone can lose it), or NCCL refusing a process
+    group."""
+    causes = [failure, *getattr(failure, "worker_failures", {}).values()]
+    if getattr(failure, "controller_failure", None) is not None:
+        causes.append(failure.controller_failure)
+    for cause in causes:
+        while cause is not None:
+            if isinstance(cause, BrokenGpuError):
+                return str(cause)
+            cause = cause.__cause__
+    text = "\n".join(str(c) for c in causes)
+    if m := _BROKEN_GPU_TEXT.search(text):
+        return m[1]
+    if m := _NCCL_WITHOUT_GPU.search(text):
+        return (
+            f"the training workers were given GPUs that CUDA cannot use ({m[0].strip()}); use an "
+            "image whose CUDA the nodes' driver supports, or nodes with a newer driver"
+        )
+    return None
 
 
 def end_run_quietly(status: str) -> None:

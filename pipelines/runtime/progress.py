@@ -8,7 +8,7 @@ training steps; each at most every ``every_s`` seconds and once at the end of a 
 Reports: work done away from the driver (Ray Data tasks, training rank 0) goes to one
 :class:`ProgressActor` on the driver's node, ``add(n)`` for items and ``beat(what)`` for
 milestones; :func:`reported` turns its count into lines while a stage runs, and the job's
-:class:`~pipelines.ops.watchdog.Watchdog` reads its last beat.
+:class:`~pipelines.runtime.watchdog.Watchdog` reads its last beat.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 The job's driver runs a :class:`Watchdog`; progress is reported by calling ``beat`` from the
 driver's own loop (labeling, evaluation) or, for training, by rank 0 to a
-:class:`~pipelines.ops.progress.ProgressActor` (``actor.beat.remote(what)``) that the watchdog
+:class:`~pipelines.runtime.progress.ProgressActor` (``actor.beat.remote(what)``) that the watchdog
 polls.
 """
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from pipelines.ops import faults
+from pipelines.runtime import faults
 
 
 def init_ray(min_cpus: int = 0) -> str:
