@@ -1,10 +1,12 @@
-"""The model actors of Ray Data pipelines: one :class:`~pipelines.inference.predictor.Predictor`
-per actor, built once from the version's files (verified by the job's driver and shared through
+"""The model stages of Ray Data pipelines: a :class:`~pipelines.inference.predictor.Predictor`
+per model and actor, built once from the version's files (verified by the job's driver and shared through
 Ray's object store: the actors neither download the model again nor talk to MLflow).
 
 - :class:`Segmenter`: labeling's model stage (masks and per-frame scores);
-- :class:`Scorer`: evaluation's (one confusion matrix per batch, by
+- :class:`Scorer`: evaluation's (a confusion matrix per batch and model, by
   :func:`pipelines.inference.evaluate.evaluate`).
+
+Called in this process (``device=...``), they are the same stages without Ray.
 """
 
 from __future__ import annotations
@@ -17,40 +19,36 @@ from pipelines.inference.evaluate import evaluate
 from pipelines.inference.predictor import Predictor
 
 
-class ModelActor:
-    """Base of the model stages (labeling's ``Segmenter``, evaluation's ``Scorer``): one
-    :class:`Predictor`, built once, called on batches. Ray Data runs them as actors; called in
-    this process, they are the same stage without Ray.
+def actor_predictor(model_files, actors: int = 1, max_batch: int = 8,
+                    device: torch.device | str | None = None) -> Predictor:  # fmt: skip
+    """One model's :class:`Predictor` for a model stage. ``model_files``: the version's files
+    as bytes, verified by the driver (:func:`pipelines.registry.versions.fetch_verified`), or a
+    Ray object reference to them: the actors neither download the model again nor talk to
+    MLflow. ``device``: None in a Ray actor, which runs on the GPU Ray gave it (checked usable)
+    or on its node's CPUs, shared among the pool's ``actors``."""
+    if not isinstance(model_files, dict):  # a Ray object reference
+        import ray
 
-    ``model_files``: the version's files as bytes, verified by the driver
-    (:func:`pipelines.registry.versions.fetch_verified`), or a Ray object reference to them: the
-    actors neither download the model again nor talk to MLflow. ``device``: None in a Ray
-    actor, which runs on the GPU Ray gave it (checked usable) or on its node's CPUs."""
+        model_files = ray.get(model_files)
+    in_ray = device is None
+    if in_ray:
+        from pipelines.inference.device import ray_device
 
-    def __init__(self, model_files, actors: int = 1, max_batch: int = 8,
-                 device: torch.device | str | None = None) -> None:  # fmt: skip
-        if not isinstance(model_files, dict):  # a Ray object reference
-            import ray
+        device = ray_device()
+    predictor = Predictor.from_files(model_files, device, max_batch=max_batch)
+    if in_ray and predictor.device.type == "cpu":
+        from pipelines.runtime.capacity import node_cpus
 
-            model_files = ray.get(model_files)
-        in_ray = device is None
-        if in_ray:
-            from pipelines.inference.device import ray_device
-
-            device = ray_device()
-        self.predictor = Predictor.from_files(model_files, device, max_batch=max_batch)
-        if in_ray and self.predictor.device.type == "cpu":
-            from pipelines.runtime.capacity import node_cpus
-
-            # Ray gives an actor the threads of the CPUs it reserves (one). Without a GPU the
-            # model is the bottleneck and the read/decode tasks beside it are short, so the
-            # model gets its node's CPUs, shared among the pool's ``actors``.
-            torch.set_num_threads(max(1, node_cpus() // max(1, actors)))
+        # Ray gives an actor the threads of the CPUs it reserves (one). Without a GPU the
+        # model is the bottleneck and the read/decode tasks beside it are short, so the model
+        # gets its node's CPUs, shared among the pool's ``actors``.
+        torch.set_num_threads(max(1, node_cpus() // max(1, actors)))
+    return predictor
 
 
-class Segmenter(ModelActor):
-    """Actor stage: holds one model (built once per actor) and predicts batches, with each
-    frame's confidence (:meth:`pipelines.inference.predictor.Predictor.predict_scored`).
+class Segmenter:
+    """Labeling's model stage: holds one model (built once per actor: :func:`actor_predictor`)
+    and predicts batches, with each frame's confidence (:meth:`pipelines.inference.predictor.Predictor.predict_scored`).
 
     Rows with ``encoded`` JPEG bytes (the GPU path, see
     :func:`pipelines.labeling.stages.load_frames`) are decoded and resized here, on the
@@ -60,7 +58,7 @@ class Segmenter(ModelActor):
     def __init__(self, model_files, actors: int = 1, uncertain_below: float = 0.5,
                  max_batch: int = 8, inputs_prepared: bool = False,
                  device: torch.device | str | None = None) -> None:  # fmt: skip
-        super().__init__(model_files, actors, max_batch, device)
+        self.predictor = actor_predictor(model_files, actors, max_batch, device)
         self.uncertain_below = uncertain_below
         self.inputs_prepared = inputs_prepared
 
@@ -94,13 +92,26 @@ class Segmenter(ModelActor):
         return out
 
 
-class Scorer(ModelActor):
-    """Actor stage: a batch of shard rows -> one row holding the batch's confusion matrix
-    (flattened, ``n_class * n_class``) and its frame count."""
+class Scorer:
+    """Evaluation's model stage: a batch of shard rows -> one row holding, for each model, the
+    batch's confusion matrix (``confusion_I``, flattened, by
+    :func:`pipelines.inference.evaluate.evaluate`) and the frame count. Several models in one
+    actor: a promotion scores the candidate and the holder in one pass over the data, with
+    one pool of actors. ``models``: each model's files, as :func:`actor_predictor` takes them
+    (or a Ray object reference to the list)."""
+
+    def __init__(self, models, actors: int = 1, max_batch: int = 8,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
+        if not isinstance(models, list):  # a Ray object reference
+            import ray
+
+            models = ray.get(models)
+        self.predictors = [actor_predictor(m, actors, max_batch, device) for m in models]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        p = self.predictor
-        conf = evaluate(p.model, p.batches(batch["image"], batch["label"]), p.spec.n_class,
-                        autocast=p.autocast())  # fmt: skip
-        frames = len(batch["image"])
-        return {"confusion": conf.cpu().numpy().reshape(1, -1), "frames": np.array([frames])}
+        out = {"frames": np.array([len(batch["image"])])}
+        for i, p in enumerate(self.predictors):
+            conf = evaluate(p.model, p.batches(batch["image"], batch["label"]), p.spec.n_class,
+                            autocast=p.autocast())  # fmt: skip
+            out[f"confusion_{i}"] = conf.cpu().numpy().reshape(1, -1)
+        return out

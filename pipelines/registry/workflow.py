@@ -1,7 +1,8 @@
 """Promotion: a candidate version takes an alias (default ``champion``) only when it is better.
 
 Both the candidate and the current holder are evaluated on the same shards (resolved once) with
-the training metric code, on the cluster (:mod:`pipelines.inference.evaluate`). Each result is
+the training metric code, in one pass on the cluster (:mod:`pipelines.registry.evaluation`: the
+split read once, one pool of actors holding both). Each result is
 recorded as tags on its version and as an MLflow evaluation run whose metrics are linked to the
 version's logged model and to the dataset, so the MLflow UI compares candidate and holder. The
 alias moves by compare-and-swap (:mod:`pipelines.registry.aliases`): only if it still points at
@@ -98,10 +99,11 @@ def run(cfg: PromoteConfig) -> int:
 def evaluate_all(
     cfg: PromoteConfig, client, versions: dict, data: DatasetVersion, experiment_id: str
 ) -> tuple[dict[str, dict], dict[str, str]]:
-    """Evaluate each version on the cluster's actor pool, under a watchdog, with progress
-    lines; record each result (version tags, an evaluation run). Returns (results, run ids),
-    by version."""
-    from pipelines.registry.evaluation import evaluate_version
+    """Evaluate the versions in one pass on the cluster's actor pool (the split read once, the
+    actors started once, each holding every version), under a watchdog, with a progress line
+    per version; record each result (version tags, an evaluation run). Returns (results, run
+    ids), by version."""
+    from pipelines.registry.evaluation import evaluate_versions
     from pipelines.runtime.cluster import init_ray, quiet_ray_data
 
     init_ray()
@@ -114,32 +116,31 @@ def evaluate_all(
         print(f"evaluating on {actors} {'GPU' if use_gpu else 'CPU'} actor(s) of the cluster",
               flush=True)  # fmt: skip
         dog = watchdog.Watchdog(
-            cfg.stall_minutes * 60,
-            "evaluation",
-            hint=f"The cluster has {cluster.describe()}; raise --stall-minutes if scoring is just slow",
-        )
-        results, run_ids = {}, {}
+            cfg.stall_minutes * 60, "evaluation",
+            hint=f"The cluster has {cluster.describe()}; raise --stall-minutes if scoring is "
+            "just slow",
+        )  # fmt: skip
         total = int(data.manifest.get("counts", {}).get(cfg.split, 0))
+        every_s = cfg.progress_seconds or float("inf")
+        lines = {v: progress.RateLine(f"evaluate v{v}", total, every_s=every_s) for v in versions}
+
+        def scored(frames: int) -> None:
+            dog.beat(f"{frames} frames scored")
+            for line in lines.values():
+                line.update(frames)
+
         with dog:
-            for version, mv in versions.items():
-                dog.beat(f"loading v{version}")
-                line = progress.RateLine(f"evaluate v{version}", total,
-                                         every_s=cfg.progress_seconds or float("inf"))  # fmt: skip
-
-                def scored(frames: int, v=version, line=line) -> None:
-                    dog.beat(f"v{v}: {frames} frames scored")
-                    line.update(frames)
-
-                result = evaluate_version(
-                    fetch_verified(ModelRef(cfg.model, version), client), data.uri, cfg.split,
-                    batch_size=cfg.batch_size, actors=actors, use_gpu=use_gpu, on_frames=scored,
-                )  # fmt: skip
-                line.update(result["frames"], force=True)
-                record(client, cfg.model, version, result, data)
-                run_ids[version] = evaluation_run(client, experiment_id, cfg.model, mv, result, data,
-                                                  cfg.split, cfg.alias)  # fmt: skip
-                client.set_model_version_tag(cfg.model, version, "eval_run_id", run_ids[version])
-                results[version] = result
+            dog.beat(f"loading v{', v'.join(versions)}")
+            files = [fetch_verified(ModelRef(cfg.model, v), client) for v in versions]
+            found = evaluate_versions(files, data.uri, cfg.split, batch_size=cfg.batch_size,
+                                      actors=actors, use_gpu=use_gpu, on_frames=scored)  # fmt: skip
+        results, run_ids = dict(zip(versions, found, strict=True)), {}
+        for version, mv in versions.items():
+            lines[version].update(results[version]["frames"], force=True)
+            record(client, cfg.model, version, results[version], data)
+            run_ids[version] = evaluation_run(client, experiment_id, cfg.model, mv,
+                                              results[version], data, cfg.split, cfg.alias)  # fmt: skip
+            client.set_model_version_tag(cfg.model, version, "eval_run_id", run_ids[version])
         return results, run_ids
 
 

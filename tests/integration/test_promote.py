@@ -283,3 +283,25 @@ def test_actor_pool_evaluation_equals_the_single_process_confusion(
     np.testing.assert_array_equal(np.array(result["confusion"]), expected)
     assert result["frames"] == 6
     assert beats == [2, 4, 6]  # 3 batches of 2, summed one after the other
+
+
+def test_one_scorer_scores_each_of_its_models_as_if_alone(tmp_path, local_shards, test_transform):
+    """Promotion scores candidate and holder in one pass: one actor holds both, and each
+    model's confusion matrix is the one it gives alone."""
+    import numpy as np
+
+    from pipelines.data.shards import build_dataset
+    from pipelines.inference.actors import Scorer
+    from pipelines.inference.model_dir import ModelSpec
+    from tests.support.models import make_model
+
+    spec = ModelSpec(TEST_MODEL, 8, test_transform)
+    files = [model_files(tmp_path / str(s), make_model(seed=s), spec) for s in (1, 2)]
+    batches = build_dataset(local_shards, "val").iter_batches(batch_size=4, batch_format="numpy")
+    batch = next(iter(batches))
+    both = Scorer(files, device="cpu")(batch)
+    alone = [Scorer([f], device="cpu")(batch)["confusion_0"] for f in files]
+    assert both["frames"].tolist() == [4]
+    for i in (0, 1):
+        np.testing.assert_array_equal(both[f"confusion_{i}"], alone[i])
+    assert not np.array_equal(alone[0], alone[1])  # two different models: a real check
