@@ -13,6 +13,7 @@ from pipelines.runtime.capacity import (
     check_reader,
     fit_actor_pool,
     fit_training,
+    withdraw,
 )
 from pipelines.runtime.watchdog import Stalled, Watchdog
 
@@ -97,3 +98,19 @@ def test_watchdog_interrupts_a_stalled_wait_and_lets_progress_run():
         for _ in range(8):
             time.sleep(0.25)
             beats.append(time.time())
+
+
+def test_a_failed_withdrawal_of_the_autoscaler_request_is_a_warning(capsys):
+    """The job's outcome is decided when its request is withdrawn: a GCS that does not answer
+    then must not turn it into a traceback and exit 1 after the job's one-line error."""
+    calls = []
+
+    def request_resources(bundles):
+        calls.append(bundles)
+        raise TimeoutError("GCS did not answer in 10 s")
+
+    withdraw(request_resources)
+    assert calls == [[]]
+    err = capsys.readouterr().err
+    assert err.startswith("warning: could not withdraw this job's autoscaler request "
+                          "(TimeoutError: GCS did not answer in 10 s)")  # fmt: skip
