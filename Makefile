@@ -35,11 +35,8 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Two workers, each module's tests (and its module fixtures) on one of them: most of the
-# suite's job scenarios wait on processes, servers and autoscalers, so two overlap on 2 cores.
-TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest
 
 # CPU-sized by default; on a GPU machine: make bench BENCH_ARGS="--device cuda"
 BENCH_ARGS ?= --quick

@@ -148,19 +148,3 @@ def register_version(tmp_path, mlflow_store, test_transform):
 
     yield register
     assert not canary.exists(), "a job unpickled a registered version's python_model.pkl"
-
-
-#: The modules that take longest (benchmarks/RESULTS.md, suite timings), collected first: with
-#: ``make test``'s two workers (``pytest -n 2 --dist loadfile``: a module's tests, and its
-#: module fixtures, stay on one worker) the long ones start at once and the suite does not end
-#: waiting on one of them alone.
-LONGEST_FIRST = ("test_autoscaling", "test_local_stack", "test_faults", "test_label", "test_demo",
-                 "test_train", "test_promote", "test_ingest", "test_readers")  # fmt: skip
-
-
-def pytest_collection_modifyitems(items) -> None:
-    def rank(item) -> int:
-        name = item.path.stem
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: each module keeps its own order
