@@ -33,8 +33,9 @@ from pipelines.training.recipe import (
     set_trainable,
 )
 from pipelines.training.record import EpochLogger, SystemMetrics, epoch_pictures
+from tests.support.models import TEST_MODEL
 
-MODEL = "fcn8s_resnet101"
+MODEL = TEST_MODEL  # the suite's quarter-size production model (tests/support/models.py)
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
