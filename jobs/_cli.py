@@ -117,8 +117,10 @@ def load_config(config: type[C], argv: list[str] | None, prog: str, description:
 
 def _expected_cause(e: BaseException | None) -> BaseException | None:
     """The expected failure behind ``e``, also when Ray re-raised it from a worker or actor
-    (``RayTaskError.cause``, Ray Data's wrappers as ``__cause__``); None for a bug."""
-    seen = set()
+    (``RayTaskError.cause``, Ray Data's wrappers as ``__cause__``, or only the text of the
+    worker's traceback: a Ray Data task's ``UserCodeException`` arrives without its cause);
+    None for a bug."""
+    outermost, seen = e, set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         inner = getattr(e, "cause", None)
@@ -131,7 +133,7 @@ def _expected_cause(e: BaseException | None) -> BaseException | None:
         if from_text is not None:
             return from_text
         e = e.__cause__ or e.__context__
-    return None
+    return _named_in_text(str(outermost)) if outermost is not None else None
 
 
 # How Ray writes a worker's exception into the text of the error it raises instead, for the

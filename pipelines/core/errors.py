@@ -36,7 +36,8 @@ MEANING = {
     Exit.LOST_RACE: "promotion: another promotion moved the alias meanwhile: re-run against "
     "the new holder",
     Exit.STALLED: "no progress for --stall-minutes (committed work is kept: re-run)",
-    Exit.BROKEN_GPU: "a node Ray gave a GPU cannot use it (CUDA driver too old or missing)",
+    Exit.BROKEN_GPU: "a node Ray gave a GPU cannot use it (CUDA driver too old or missing), "
+    "or the GPU failed mid-run (a CUDA error)",
 }
 
 
@@ -63,6 +64,6 @@ class TransientError(UserError):
 
 
 class BrokenGpuError(UserError):
-    """Ray gave this process a GPU that CUDA cannot use."""
+    """Ray gave this process a GPU that CUDA cannot use, or the GPU failed while in use."""
 
     exit_code = Exit.BROKEN_GPU

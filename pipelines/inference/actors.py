@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from pipelines.core.metrics import SCORE_NAMES
+from pipelines.inference.device import raise_if_device_failed
 from pipelines.inference.evaluate import evaluate
 from pipelines.inference.predictor import Predictor
+from pipelines.runtime import faults
 
 
 def actor_predictor(model_files, actors: int = 1, max_batch: int = 8,
@@ -82,7 +84,12 @@ class Segmenter:
         scores = {k: np.full(n, np.nan, dtype=np.float32) for k in SCORE_NAMES}
         if ok.any():  # error and deferred rows carry a zero placeholder: not predicted
             idx = torch.from_numpy(np.flatnonzero(ok)).to(x.device)
-            masks[ok], got = self.predictor.predict_scored(x[idx], self.uncertain_below)
+            try:
+                faults.point("label.predict", device=str(x.device))
+                masks[ok], got = self.predictor.predict_scored(x[idx], self.uncertain_below)
+            except Exception as e:  # a CUDA error is one line and exit 7, not a traceback
+                raise_if_device_failed(e, x.device, "predicting")
+                raise
             for k in SCORE_NAMES:
                 scores[k][ok] = got[k]
         out = {k: v for k, v in batch.items() if k not in ("prepared", "encoded")}

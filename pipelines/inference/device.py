@@ -50,6 +50,26 @@ def check_gpu(gpu_ids: list, cuda_available: bool | None = None) -> None:
     )
 
 
+def raise_if_device_failed(error: BaseException, device: torch.device, doing: str) -> None:
+    """Raise :class:`BrokenGpuError` (from ``error``) when ``error`` is the device failing rather
+    than the data: a CUDA error (``torch.AcceleratorError``), or any error after which the GPU
+    no longer answers. CUDA errors are sticky: every later call of this process fails too, so
+    catching one per frame would turn every frame after it into an error row, recorded as bad
+    for that model version. Returns when the device is fine (the data was the problem)."""
+    failed = isinstance(error, torch.AcceleratorError)
+    if not failed and device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - any failure here is the device's
+            failed = True
+    if failed:
+        raise BrokenGpuError(
+            f"the GPU ({device}) failed while {doing} ({type(error).__name__}: "
+            f"{str(error).strip()[:300]}); the actor stops rather than record frames as bad; "
+            f"{node_gpu_report()}"
+        ) from error
+
+
 def ray_device() -> torch.device:
     """``cuda`` when Ray gave this worker or actor a GPU (checked usable), else ``cpu``."""
     import ray

@@ -19,6 +19,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.core.codecs import FrameError
 from pipelines.core.frames import FrameTransform
+from pipelines.inference.device import raise_if_device_failed
+from pipelines.runtime import faults
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -29,6 +31,8 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Ten
     One batched call (nvJPEG decodes a batch at once); if the batch fails, frame by frame,
     and a frame the device's decoder refuses is tried once more on the CPU (libjpeg takes
     some files nvJPEG does not), so one odd file never fails the batch or a readable frame.
+    A failure that is the device's, not the file's, raises
+    :class:`~pipelines.core.errors.BrokenGpuError` instead (:func:`raise_if_device_failed`).
     """
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     if not tensors:
@@ -42,6 +46,7 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Ten
         try:
             out.append(_decode([t], device)[0])
         except Exception as e:
+            raise_if_device_failed(e, device, "decoding a JPEG")
             try:
                 out.append(_decode([t], torch.device("cpu"))[0].to(device))
             except Exception:
@@ -50,6 +55,7 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Ten
 
 
 def _decode(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    faults.point("label.device_decode", device=str(device))
     return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 

@@ -28,6 +28,8 @@ POINTS = {
     "label.chunk_staged": "a chunk's rows are written to staging, not yet marked complete",
     "label.file_committed": "a file of a commit was moved into the output (moved: files so far)",
     "label.chunk_committed": "a chunk was committed (chunk: its number, from 0)",
+    "label.device_decode": "a model actor decodes JPEGs on its device (device: which)",
+    "label.predict": "a model actor predicts a batch (device: which)",
     "train.step": "rank 0 took an optimizer step (step: the run's global step; storage, "
     "run_name: where the run keeps its checkpoints)",
 }

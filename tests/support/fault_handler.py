@@ -6,6 +6,9 @@ job does at each fault point that a test arms, read from ``LANE_FAULTS``, e.g.
 - ``label.chunk_staged``: exit 137 (as a kill would) once a chunk's staging is written;
 - ``label.file_committed=N``: exit 137 after moving the N-th file of a commit;
 - ``label.chunk_committed=S``: pause S seconds after each commit;
+- ``label.device_decode=N``, ``label.predict=N``: from the N-th such call of a model actor
+  on, CUDA's sticky "illegal memory access" (``torch.AcceleratorError``), as a GPU that fails
+  mid-run raises;
 - ``train.step=N``: rank 0 exits 1 at global step N, once per run (a marker in the run's
   storage), after Ray Train has registered the run's last checkpoint.
 
@@ -28,6 +31,8 @@ SPEC = "LANE_FAULTS"
 FAULT_MARKER = ".fault-exit-at-step-done"
 #: Ray Train's record of the checkpoints its controller registered (Ray 2.60, Train v2).
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+#: Calls of ``label.device_decode`` and ``label.predict`` seen by this process.
+_calls: dict[str, int] = {}
 
 
 def fault_env(spec: str) -> dict[str, str]:
@@ -60,6 +65,15 @@ def on_fault_point(name: str, **context) -> None:
         name == "label.file_committed" and context["moved"] >= int(value)
     ):
         die(name, 137)
+    elif name in ("label.device_decode", "label.predict"):
+        _calls[name] = _calls.get(name, 0) + 1
+        if _calls[name] >= int(value):
+            import torch
+
+            raise torch.AcceleratorError(
+                "CUDA error: an illegal memory access was encountered (injected at fault point "
+                f"{name} on {context['device']})"
+            )
     elif name == "train.step" and context["step"] == int(value):
         exit_once_per_run(context["storage"], context["run_name"], context["step"])
 

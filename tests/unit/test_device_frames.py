@@ -182,3 +182,32 @@ def test_shard_images_are_decoded_only(segmenter, frames):
     )
     assert errors[0] == "" and "expected (48, 128)" in errors[1]
     assert np.abs(x[0].numpy().astype(int) - small.astype(int)).mean() < 2
+
+
+# -- a GPU that fails mid-run: the actor stops, frames are not recorded as bad --------------------
+def test_a_cuda_error_while_decoding_stops_the_actor_instead_of_making_error_rows(
+    tmp_path, frames, segmenter, monkeypatch
+):
+    """CUDA's sticky error raised inside the device decode (injected at the fault point, as a
+    GPU failing mid-run raises it) is a BrokenGpuError out of the actor's stage (one line,
+    exit 7), not an error row for every frame after it."""
+    from pipelines.core.errors import BrokenGpuError
+    from tests.support import fault_handler
+
+    dev = loaded(tmp_path, [encode_jpeg(f, 90) for f in frames], device_decode=True)
+    monkeypatch.setattr(fault_handler, "_calls", {})
+    for key, value in fault_handler.fault_env("label.device_decode=1").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(BrokenGpuError, match="failed while decoding a JPEG.*illegal memory"):
+        segmenter(dev)
+
+
+def test_an_error_that_leaves_the_device_working_is_the_datas():
+    from pipelines.core.errors import BrokenGpuError
+    from pipelines.inference.device import raise_if_device_failed
+
+    cpu = torch.device("cpu")
+    raise_if_device_failed(RuntimeError("Not a JPEG file"), cpu, "decoding")  # returns
+    with pytest.raises(BrokenGpuError, match="while predicting"):
+        raise_if_device_failed(torch.AcceleratorError("CUDA error: launch failure"), cpu,
+                               "predicting")  # fmt: skip
