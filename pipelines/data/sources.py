@@ -37,8 +37,8 @@ def read_source(anchor: Location, uri: str, what: str, listed_size: int, limits:
 
     Over ``limits.max_bytes`` by its listed size (-1: not listed) it is refused unread; read,
     at most that many bytes are ever taken. Raises :class:`FrameError` when the record is bad
-    (too large, missing, permission denied), :class:`TransientStorageError` when storage still
-    failed after ``limits.retry``. ``anchor``: a location of the same store, whose S3 settings
+    (too large, missing), :class:`TransientStorageError` when storage still failed after
+    ``limits.retry`` or refused this job access (:class:`StorageAccessError`: deferred too). ``anchor``: a location of the same store, whose S3 settings
     the read uses (a Ray worker's environment may not carry them)."""
     if listed_size > limits.max_bytes:
         raise FrameError(
@@ -50,7 +50,7 @@ def read_source(anchor: Location, uri: str, what: str, listed_size: int, limits:
         raise FrameError(f"{what}: {e}") from None
     except TransientStorageError:
         raise
-    except Exception as e:  # missing, permission denied: the record is bad, the job goes on
+    except Exception as e:  # missing, unreadable: the record is bad, the job goes on
         raise FrameError(f"{what} could not be read ({type(e).__name__}: {e})") from None
 
 

@@ -52,7 +52,8 @@ class Tally:
     skipped: int = 0
     ok: int = 0
     error: int = 0
-    deferred: list[str] = field(default_factory=list)  # sources with no row: storage failed
+    # Sources with no row, and why: storage failed after retries, or refused this job access.
+    deferred: dict[str, str] = field(default_factory=dict)
     left: int = 0  # not started before the time limit
 
 
@@ -137,8 +138,8 @@ class LabelingRun:
 
     def summary(self, inputs: Inputs) -> None:
         t = self.tally
-        for source in t.deferred[:10]:
-            print(f"  deferred (storage errors after retries; labeled by the next run): {source}")
+        for source, why in list(t.deferred.items())[:10]:
+            print(f"  deferred (storage failed; labeled by the next run): {source}: {why}")
         print(
             f"label: found {t.found} frames, labeled {t.ok}, errors {t.error}, skipped "
             f"{t.skipped} (already labeled by {self.ref.name} v{self.ref.version}), deferred "
@@ -228,6 +229,8 @@ class LabelingRun:
         """Stage one chunk's rows (deferred frames have none), reconcile, commit."""
         expected = set(rows["source"].to_pylist())
         keep = rows.filter(pc.not_equal(rows["status"], DEFERRED))
+        held = rows.filter(pc.equal(rows["status"], DEFERRED))
+        why = dict(zip(held["source"].to_pylist(), held["error"].to_pylist(), strict=True))
         staging = commit.new_staging(self.out, self.lease.run, n)
         part = staging.join(f"labeled_date={self.labeled_at:%Y-%m-%d}")
         per_file = self.cfg.rows_per_file
@@ -245,7 +248,7 @@ class LabelingRun:
         commit.finish_chunk(self.out, staging, result, self.lease)
         t = self.tally
         t.ok, t.error = t.ok + result.ok, t.error + result.error
-        t.deferred += result.deferred
+        t.deferred.update({s: why.get(s) or "no row came back" for s in result.deferred})
         t.left -= len(expected)
         faults.point("label.chunk_committed", chunk=n)
         if self.dog is not None:

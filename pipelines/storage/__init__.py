@@ -1,6 +1,6 @@
 """Where data lives: the one resolver for local paths, ``file://`` and ``s3://`` URIs
 (:mod:`~pipelines.storage.location`), the S3 filesystems (:mod:`~pipelines.storage.s3`),
-transient-or-permanent failures and bounded retries (:mod:`~pipelines.storage.errors`,
+transient, access-refused or permanent failures and bounded retries (:mod:`~pipelines.storage.errors`,
 :mod:`~pipelines.storage.retry`), conditional writes (:mod:`~pipelines.storage.conditional`)
 and the lease overlapping jobs share an output with (:mod:`~pipelines.storage.lease`).
 
@@ -9,6 +9,7 @@ May import pyarrow, fsspec/s3fs and :mod:`pipelines.core`; never PyTorch, Ray or
 
 from pipelines.storage.errors import (
     ObjectTooLarge,
+    StorageAccessError,
     StorageError,
     TransientStorageError,
     is_transient,
@@ -21,6 +22,7 @@ __all__ = [
     "Location",
     "ObjectTooLarge",
     "Retry",
+    "StorageAccessError",
     "StorageError",
     "TransientStorageError",
     "is_transient",

@@ -1,8 +1,10 @@
-"""Storage failures, split in two: transient ones (S3 unreachable, throttling, timeouts) may
-pass if the operation is tried again later; everything else (a missing object, access denied, a
-bad local file) is permanent. Callers retry the first kind (:mod:`pipelines.storage.retry`) and
-record the second as bad data: an object wrongly retried on the next run costs little, one
-wrongly recorded as bad is lost.
+"""Storage failures, in three kinds: transient ones (S3 unreachable, throttling, timeouts) may
+pass if the operation is tried again later; access refused (denied, credentials missing, expired
+or wrong) is the job's configuration, not the object's fault, and passes once that is fixed;
+everything else (a missing object, a bad local file) is permanent. Callers retry the first kind
+(:mod:`pipelines.storage.retry`), defer the first two to a later run, and record only the last
+as bad data: an object wrongly retried on the next run costs little, one wrongly recorded as
+bad is lost.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ class TransientStorageError(StorageError, TransientError):
     """Storage kept failing for a reason that may pass (outage, throttling, timeouts) until the
     retries ran out: the object itself may be fine, so try again later rather than record it as
     bad."""
+
+
+class StorageAccessError(TransientStorageError):
+    """Storage refused this job access to an object (access denied, credentials missing,
+    expired or wrong). No wait within the run fixes it, so it is not retried; but the object
+    may be fine and the same read succeeds once the job's credentials or the bucket's policy
+    are fixed: callers defer it like an outage (exit 3), never record it as bad data."""
 
 
 class ObjectTooLarge(StorageError):
@@ -83,6 +92,26 @@ _PERMANENT_S3 = frozenset(
         "501",
     )
 )
+# The codes above that say "this job may not" rather than "this object is bad".
+_ACCESS_S3 = frozenset(
+    code.replace("_", "").upper()
+    for code in (
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "RequestTimeTooSkewed",
+        "IncompleteSignature",
+        "InvalidAccessKeyId",
+        "InvalidClientTokenId",
+        "InvalidSignature",
+        "InvalidToken",
+        "MissingAuthenticationToken",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClient",
+        "403",
+    )
+)
 _PERMANENT_TYPES = (
     FileNotFoundError,
     PermissionError,
@@ -90,10 +119,10 @@ _PERMANENT_TYPES = (
     NotADirectoryError,
     FileExistsError,
 )
-# Client-side botocore failures that are configuration, not the network.
-_PERMANENT_BOTOCORE = frozenset(
-    {"NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "NoRegionError"}
-)
+# Client-side botocore failures that are configuration, not the network; the first two are
+# credentials (access).
+_ACCESS_BOTOCORE = frozenset({"NoCredentialsError", "PartialCredentialsError"})
+_PERMANENT_BOTOCORE = _ACCESS_BOTOCORE | {"ParamValidationError", "NoRegionError"}
 _REMOTE_MODULES = ("botocore.", "aiobotocore.", "aiohttp.", "urllib3.", "s3fs.")
 # Local errnos that say "not now" rather than "never" (a network filesystem, a signal).
 _TRANSIENT_ERRNOS = frozenset(
@@ -144,7 +173,7 @@ def is_transient(exc: BaseException) -> bool:
     local-disk errors other than a few network-filesystem errnos.
     """
     if isinstance(exc, StorageError):
-        return isinstance(exc, TransientStorageError)
+        return isinstance(exc, TransientStorageError) and not isinstance(exc, StorageAccessError)
     if isinstance(exc, _PERMANENT_TYPES):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError, InterruptedError, BlockingIOError)):
@@ -156,6 +185,17 @@ def is_transient(exc: BaseException) -> bool:
     if type(exc).__module__.startswith(_REMOTE_MODULES):
         return type(exc).__name__ not in _PERMANENT_BOTOCORE
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def is_access_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is storage refusing this job access (S3's access and credential errors,
+    a bare 403, credentials missing, a local permission error) rather than anything about the
+    object."""
+    if isinstance(exc, StorageAccessError | PermissionError):
+        return True
+    if codes := s3_codes(exc):
+        return bool(codes & _ACCESS_S3)
+    return type(exc).__name__ in _ACCESS_BOTOCORE
 
 
 def redact_credentials(text: str) -> str:

@@ -1,6 +1,8 @@
 """Bounded retries of storage operations: transient failures (:func:`is_transient`) are tried
 again with a doubling pause; one that outlasts them becomes :class:`TransientStorageError`, so
-the caller can defer the work to a later run instead of recording good data as bad.
+the caller can defer the work to a later run instead of recording good data as bad. Access
+refused (:func:`is_access_refused`) is not retried: it becomes :class:`StorageAccessError` at
+once, deferred the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pipelines.storage.errors import TransientStorageError, is_transient, redact_credentials
+from pipelines.storage.errors import (
+    StorageAccessError,
+    TransientStorageError,
+    is_access_refused,
+    is_transient,
+    redact_credentials,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -41,16 +49,23 @@ DEFAULT_RETRY = Retry()
 
 def retrying(uri: str, what: str, op: Callable[[], _T], retry: Retry | None) -> _T:
     """``op()``, tried again after transient failures with ``retry``'s pauses (None: once); one
-    that outlasts them becomes TransientStorageError. Permanent failures propagate at once."""
+    that outlasts them becomes TransientStorageError. Access refused becomes
+    StorageAccessError at once; other permanent failures propagate at once."""
     delays = retry.delays() if retry is not None else ()
     start = time.monotonic()
     for attempt in range(1, len(delays) + 2):
         try:
             return op()
         except Exception as e:
-            if not is_transient(e):
-                raise
             last = redact_credentials(f"{type(e).__name__}: {e}")
+            if not is_transient(e):
+                if is_access_refused(e) and not isinstance(e, StorageAccessError):
+                    raise StorageAccessError(
+                        f"{uri}: {what} refused: storage denied this job access (the job's "
+                        f"credentials or the bucket's permissions; the object may be fine, "
+                        f"retry once they are fixed); {last}"
+                    ) from e
+                raise
             if attempt > len(delays):
                 raise TransientStorageError(
                     f"{uri}: {what} failed {attempt} attempts over "

@@ -27,6 +27,7 @@ from pipelines.labeling.output import read_output
 from pipelines.labeling.stages import LabelStages
 from pipelines.registry.versions import ModelRef, fetch_verified, version_transform
 from pipelines.storage import resolve
+from pipelines.storage.lease import LEASE_NAME
 from tests.support.fault_handler import fault_env
 from tests.support.frames import MAX_PIXELS, mixed_frames
 from tests.support.helpers import ROOT, job_env, start_job
@@ -258,6 +259,36 @@ def _killed_run(argv: list[str], fault: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def gpu_fails(s3_server, ray_cluster, tmp_path_factory, test_transform):
+    """A run whose model actors raise CUDA's sticky error at their first batch (fault point
+    ``label.predict``, as a GPU failing mid-run does): (status, stdout, stderr, rows left,
+    whether the lease is still held)."""
+    with registered_inputs(tmp_path_factory, test_transform, "label-gpu-fails") as s:
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.label", *label_argv(s)], cwd=ROOT, capture_output=True,
+            text=True, env=job_env(PYTHONUNBUFFERED="1", **fault_env("label.predict=1")),
+            timeout=600,
+        )  # fmt: skip
+        held = resolve(s["output"]).join(LEASE_NAME).exists()
+        yield proc.returncode, proc.stdout, proc.stderr, read_output(s["output"]).to_pylist(), held
+
+
+@pytest.mark.slow
+def test_a_gpu_failing_mid_run_ends_the_run_with_exit_7_and_one_line(gpu_fails):
+    status, out, err, _, _ = gpu_fails
+    assert status == 7, out[-3000:] + err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "failed while predicting" in errors[0], err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_gpu_failing_mid_run_records_no_frame_as_bad_and_releases_the_lease(gpu_fails):
+    _, _, _, rows, held = gpu_fails
+    assert [r for r in rows if r["status"] == "error"] == []
+    assert not held
+
+
+@pytest.fixture(scope="module")
 def killed(s3_server, ray_cluster, tmp_path_factory, test_transform):
     """A run killed after writing its staging files (not yet marked complete); a run while its
     lease lasts; one that waits for the lease, killed in the middle of moving its files into
@@ -394,6 +425,15 @@ def test_deferred_frames_get_no_row_and_the_outage_leaves_no_error_row(outage):
     for row in rows:  # only bad files are error rows: the outage left no trace
         why = outage["expected"][row["source"].removeprefix(outage["prefix"] + "/")]
         assert (row["status"] == "error") == bool(why), row["error"]
+
+
+@pytest.mark.slow
+def test_the_summary_names_each_deferred_frame_with_why(outage):
+    _, out = outage["first"]
+    named = re.findall(r"deferred \(storage failed; labeled by the next run\): (\S+): (.+)", out)
+    assert len(named) == min(10, deferred(out)), out
+    for source, why in named:
+        assert source.startswith(outage["prefix"] + "/") and "transient reason" in why, why
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ API:
   never); ``outage_seconds``: how long every outage lasts; ``conditional_writes=False``:
   PUT/DELETE with If-Match/If-None-Match are answered 501 NotImplemented, like older
   MinIO/Ceph. Conditional writes are atomic, as on S3 (moto alone checks, then writes).
+  ``deny``: key suffixes whose reads (GET, HEAD) are answered 403 AccessDenied.
 - :func:`start_outage_server` (same arguments) returns the server without the ``with``; call
   ``stop()`` yourself.
 - :class:`OutageServer`: ``endpoint`` (``http://127.0.0.1:PORT``), ``port``,
@@ -244,9 +245,11 @@ def start_outage_server(
     buckets: Sequence[str] = ("lanes",),
     conditional_writes: bool = True,
     timeout: float = 60.0,
+    deny: Sequence[str] = (),
 ) -> OutageServer:
     """Start tests/support/s3_outage_server.py on a free port, create ``buckets``, wait until it
-    answers. The caller must ``stop()`` it; prefer :func:`outage_server`."""
+    answers; reads of keys ending in one of ``deny`` are answered 403 AccessDenied. The caller
+    must ``stop()`` it; prefer :func:`outage_server`."""
     cmd = [
         sys.executable,
         str(SERVER_SCRIPT),
@@ -259,6 +262,8 @@ def start_outage_server(
     ]
     if not conditional_writes:
         cmd.append("--no-conditional-writes")
+    for suffix in deny:
+        cmd += ["--deny", suffix]
     fd, stderr_name = tempfile.mkstemp(prefix="s3-outage-server-", suffix=".log")
     with os.fdopen(fd, "wb") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1)
@@ -281,6 +286,7 @@ def outage_server(
     buckets: Sequence[str] = ("lanes",),
     conditional_writes: bool = True,
     timeout: float = 60.0,
+    deny: Sequence[str] = (),
 ) -> Iterator[OutageServer]:
     """:func:`start_outage_server` for the duration of a ``with``; always stopped."""
     server = start_outage_server(
@@ -289,6 +295,7 @@ def outage_server(
         buckets=buckets,
         conditional_writes=conditional_writes,
         timeout=timeout,
+        deny=deny,
     )
     try:
         yield server

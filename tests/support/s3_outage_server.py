@@ -4,7 +4,7 @@ while (connection refused), with its objects kept across the outage.
 Run as its own process (tests/support/faults.py starts and stops it)::
 
     python tests/s3_outage_server.py --port P [--outage-after-gets K --outage-seconds S]
-                                     [--no-conditional-writes]
+                                     [--no-conditional-writes] [--deny SUFFIX ...]
 
 - ``--port 0`` lets the system pick a free port (reported on the ``ready`` line).
 - An outage starts after the K-th GET of an object (``/bucket/key``; listings and HEADs do not
@@ -12,6 +12,8 @@ Run as its own process (tests/support/faults.py starts and stops it)::
   seconds; a trigger during an outage is ignored.
 - ``--no-conditional-writes`` emulates an older store (MinIO, Ceph): PUT/DELETE carrying
   ``If-Match``/``If-None-Match`` are answered 501 NotImplemented.
+- ``--deny SUFFIX`` (repeatable): object GETs and HEADs of keys ending in SUFFIX are answered
+  403 AccessDenied, as S3 answers a job whose role may not read them (a HEAD without a body).
 - SIGUSR2: the next PUT/DELETE of an object is applied, then answered 500 InternalError (an
   answer lost after the write was made).
 - ``GET /__outage_server__/sync/TOKEN`` prints ``sync TOKEN``: every line about an earlier
@@ -29,6 +31,7 @@ Lines on stdout (flushed), for the parent to follow::
     write METHOD /bucket/key   (each object PUT/POST, before it is applied)
     armed                      (SIGUSR2 received)
     lost answer METHOD /bucket/key
+    denied METHOD /bucket/key
     sync TOKEN
     outage start
     outage end
@@ -71,6 +74,7 @@ _NOT_IMPLEMENTED = _s3_error(
     "NotImplemented", "A header you provided implies functionality that is not implemented"
 )
 _INTERNAL_ERROR = _s3_error("InternalError", "We encountered an internal error. Please try again.")
+_ACCESS_DENIED = _s3_error("AccessDenied", "Access Denied")
 
 
 def say(line: str) -> None:
@@ -125,10 +129,11 @@ def faulty(
     outage_after_gets: int,
     conditional_writes: bool,
     lose_next_answer: threading.Event,
+    deny: tuple[str, ...] = (),
 ):
     """WSGI middleware: counts object GETs (starting the outage after the K-th has been sent),
     refuses conditional writes like a store without them (optional), loses the answer to the
-    next object PUT/DELETE when armed."""
+    next object PUT/DELETE when armed, denies reads of the keys ending in ``deny``."""
     lock = threading.Lock()
     # moto 5.2.5 checks If-Match/If-None-Match, then writes, without a lock: two racing
     # conditional writes could both pass. S3 makes them atomic; so does this lock.
@@ -146,6 +151,12 @@ def faulty(
         conditional = method in ("PUT", "DELETE") and (
             "HTTP_IF_MATCH" in environ or "HTTP_IF_NONE_MATCH" in environ
         )
+        if deny and method in ("GET", "HEAD") and is_object and path.endswith(deny):
+            say(f"denied {method} {path}")
+            if method == "HEAD":
+                start_response("403 Forbidden", [("Content-Length", "0")])
+                return [b""]
+            return _reply(start_response, "403 Forbidden", _ACCESS_DENIED)
         if conditional and not conditional_writes:
             return _reply(start_response, "501 Not Implemented", _NOT_IMPLEMENTED)
         if method in ("PUT", "DELETE") and is_object and lose_next_answer.is_set():
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-after-gets", type=int, default=0, metavar="K")
     parser.add_argument("--outage-seconds", type=float, default=3.0, metavar="S")
     parser.add_argument("--no-conditional-writes", action="store_true")
+    parser.add_argument("--deny", action="append", default=[], metavar="SUFFIX")
     args = parser.parse_args(argv)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         args.outage_after_gets,
         not args.no_conditional_writes,
         lose_next_answer,
+        tuple(args.deny),
     )
     server = serve(args.port, app)
     port = server.server_port

@@ -168,3 +168,32 @@ def test_shard_frames_are_labeled_at_the_shards_size(local_shards, tmp_path):
     for r in table:
         assert r["status"] == "ok"
         assert decode_png_mask(r["mask"]).shape == (r["height"], r["width"]) == (t.height, t.width)
+
+
+def test_a_frame_the_store_refuses_to_read_is_deferred_not_an_error_row(
+    tmp_path, test_transform, monkeypatch
+):
+    """A real S3 endpoint answering 403 AccessDenied for one frame (the job's role may not read
+    it): that frame is deferred with the store's refusal as its reason (no row is written for
+    it; the next run tries again), the readable frame is labeled."""
+    from pipelines.labeling.stages import DEFERRED
+    from tests.support.faults import outage_server
+
+    rng = np.random.default_rng(4)
+    jpeg = io.BytesIO()
+    Image.fromarray(render_frame(rng, FRAME_W, FRAME_H)[0]).save(jpeg, format="JPEG")
+    save_model_dir(tmp_path / "m", make_model(seed=1), ModelSpec(TEST_MODEL, 8, test_transform))
+    files = {n: (tmp_path / "m" / n).read_bytes() for n in (MODEL_FILE, SPEC_FILE)}
+    with outage_server(deny=("/denied.jpg",)) as srv:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", srv.endpoint)
+        for name in ("ok.jpg", "denied.jpg"):
+            srv.location(f"s3://lanes/refused/{name}").write_bytes(jpeg.getvalue())
+        inputs = list_inputs("s3://lanes/refused")
+        stages = LabelStages(kind=inputs.kind, anchor=resolve(inputs.uri),
+                             transform=test_transform, model_name="m", model_version="1",
+                             limits=Limits())  # fmt: skip
+        table = stages.label(inputs.rows, Segmenter(files, device="cpu"), NOW).to_pylist()
+    rows = {r["image_id"]: r for r in table}
+    assert rows["ok"]["status"] == "ok"
+    assert rows["denied"]["status"] == DEFERRED, rows["denied"]
+    assert "storage denied this job access" in rows["denied"]["error"]

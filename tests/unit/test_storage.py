@@ -16,12 +16,14 @@ from pipelines.storage import (
     DEFAULT_RETRY,
     ObjectTooLarge,
     Retry,
+    StorageAccessError,
     StorageError,
     TransientStorageError,
     conditional,
     is_transient,
     resolve,
 )
+from pipelines.storage.errors import is_access_refused
 from tests.support.faults import outage_server
 from tests.support.helpers import ROOT
 
@@ -488,3 +490,57 @@ def test_patient_fs_rides_out_an_outage_after_pickling():
         assert srv.outages_started == 1
         srv.wait_outage_end()
         assert loc.read_bytes() == data
+
+
+# -- access refused: the job's configuration, deferred, never retried or recorded as bad ---------
+ACCESS = {
+    "ACCESS_DENIED during HeadObject operation: No response body.": True,
+    "UNKNOWN (HTTP status 403) during HeadObject operation: No response body.": True,
+    "EXPIRED_TOKEN during GetObject operation: The provided token has expired.": True,
+    "INVALID_ACCESS_KEY_ID during GetObject operation: ": True,
+    "NO_SUCH_KEY during GetObject operation: ": False,
+    "UNKNOWN (HTTP status 404) during HeadObject operation: No response body.": False,
+    "UNKNOWN (HTTP status 501) during HeadObject operation: No response body.": False,
+    "SLOW_DOWN during GetObject operation: Please reduce your request rate.": False,
+}
+
+
+@pytest.mark.parametrize("message, refused", ACCESS.items(), ids=list(ACCESS))
+def test_is_access_refused_pyarrow_errors(message, refused):
+    prefix = "When reading information for key 'k' in bucket 'lanes': AWS Error "
+    assert is_access_refused(OSError(prefix + message)) is refused
+
+
+def test_is_access_refused_other_errors():
+    import botocore.exceptions as b
+
+    assert is_access_refused(b.NoCredentialsError())
+    assert is_access_refused(PermissionError(errno.EACCES, "Permission denied"))
+    assert not is_access_refused(FileNotFoundError(errno.ENOENT, "No such file"))
+    assert not is_access_refused(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+
+
+@pytest.fixture(scope="module")
+def denying_store():
+    """A real S3 endpoint that answers 403 AccessDenied to reads of ``*/denied.jpg``, with a
+    readable ``frames/ok.jpg`` and a denied ``frames/denied.jpg`` (yields the server)."""
+    with outage_server(deny=("/denied.jpg",)) as srv:
+        for name in ("ok.jpg", "denied.jpg"):
+            srv.location(f"s3://lanes/frames/{name}").write_bytes(b"\xff\xd8\xff jpeg")
+        yield srv
+
+
+def test_a_denied_read_is_refused_at_once_not_retried(denying_store):
+    denied = denying_store.location("s3://lanes/frames/denied.jpg")
+    with pytest.raises(StorageAccessError, match="storage denied this job access"):
+        denied.read_bytes(retry=Retry(attempts=6, base_delay=1.0))
+    assert denying_store.location("s3://lanes/frames/ok.jpg").read_bytes().startswith(b"\xff")
+    # One request for the one read: a refusal is not tried again.
+    denying_store.sync()
+    assert sum(line.startswith("denied ") for line in denying_store.lines) == 1
+
+
+def test_an_access_refusal_is_deferred_like_an_outage_not_a_permanent_error():
+    refusal = StorageAccessError("s3://b/k: read refused")
+    assert isinstance(refusal, TransientStorageError) and refusal.exit_code == 3
+    assert not is_transient(refusal)  # deferred, but never retried within the run
