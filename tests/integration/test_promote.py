@@ -16,6 +16,7 @@ from jobs import promote
 from pipelines.data.versions import resolve_dataset
 from pipelines.registry.evaluation import evaluate_version
 from pipelines.registry.versions import ModelRef, load_predictor, logged_model_id
+from tests.support.helpers import assert_same_confusion
 from tests.support.models import TEST_MODEL, register_test_model
 
 MODEL = "lanes-promote-test"
@@ -261,7 +262,6 @@ def test_actor_pool_evaluation_equals_the_single_process_confusion(
 ):
     """Two model actors, batches of 2, each batch's confusion matrix summed on the driver:
     exactly the matrix of one process predicting every frame."""
-    import numpy as np
     import torch
 
     from fcn_models import build_model
@@ -280,7 +280,7 @@ def test_actor_pool_evaluation_equals_the_single_process_confusion(
     beats = []
     result = evaluate_version(model_files(tmp_path, model, spec), local_shards, batch_size=2, actors=2,
                       on_frames=beats.append)  # fmt: skip
-    np.testing.assert_array_equal(np.array(result["confusion"]), expected)
+    assert_same_confusion(result["confusion"], expected)
     assert result["frames"] == 6
     assert beats == [2, 4, 6]  # 3 batches of 2, summed one after the other
 

@@ -19,12 +19,14 @@ import torch
 from mlflow import MlflowClient
 
 from jobs import train
+from pipelines.core.labels import CLASS_NAMES
+from pipelines.core.metrics import scores
 from pipelines.data.versions import resolve_dataset
 from pipelines.runtime import tracking
 from pipelines.storage import resolve
 from pipelines.training.checkpoint import METRICS_FILE
 from tests.support.fault_handler import FAULT_MARKER, fault_env
-from tests.support.helpers import ROOT, free_port
+from tests.support.helpers import ROOT, assert_same_confusion, free_port
 from tests.support.models import TEST_MODEL
 
 MODEL = TEST_MODEL
@@ -119,8 +121,9 @@ def assert_confusion_is_single_process(storage: str, run: str, data: str, epoch:
     # all of them to one rank, so the summing itself is tested in test_training.py.)
     assert result["frames"] == logged["val_frames"] == sum(logged["val_frames_by_rank"])
     assert len(logged["val_frames_by_rank"]) == 2
-    assert np.array_equal(np.array(result["confusion"]), np.array(logged["val_confusion"]))
-    assert result["miou"] == pytest.approx(logged["val_miou"], abs=1e-12)
+    assert_same_confusion(result["confusion"], logged["val_confusion"])
+    logged_scores = scores(np.array(logged["val_confusion"]), CLASS_NAMES)
+    assert logged["val_miou"] == pytest.approx(logged_scores["miou"], abs=1e-12)
 
 
 def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
