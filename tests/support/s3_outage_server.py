@@ -125,7 +125,7 @@ def _complete(app, environ, start_response) -> list[bytes]:
 
 def faulty(
     app,
-    events: queue.Queue,
+    events: queue.SimpleQueue,
     outage_after_gets: int,
     conditional_writes: bool,
     lose_next_answer: threading.Event,
@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
-    events: queue.Queue[str] = queue.Queue()
+    # SimpleQueue: its put() is reentrant, so a signal handler may call it while the main
+    # thread is inside get(). A queue.Queue's put() takes the lock that get() may be holding
+    # at that moment: the main thread then deadlocks on itself and never arms or starts an
+    # outage again (seen once: test_answer_lost_after_a_conditional_write waited 30 s).
+    events: queue.SimpleQueue[str] = queue.SimpleQueue()
     lose_next_answer = threading.Event()
     # Handlers only queue events: printing from a handler could re-enter a print in progress.
     signal.signal(signal.SIGUSR1, lambda *_: events.put(_OUTAGE))
