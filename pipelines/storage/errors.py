@@ -44,73 +44,57 @@ class ObjectTooLarge(StorageError):
 # (NETWORK_CONNECTION, SLOW_DOWN, SERVICE_UNAVAILABLE, INTERNAL_FAILURE, REQUEST_TIMEOUT, 429,
 # 500, 503, a 400 without a body, codes never seen before) is transient: an object wrongly
 # retried on the next run costs little, one wrongly recorded as bad data is lost.
-_PERMANENT_S3 = frozenset(
-    code.replace("_", "").upper()
-    for code in (
-        # identity and permissions: a configuration problem that no wait will fix
-        "AccessDenied",
-        "AccountProblem",
-        "AllAccessDisabled",
-        "ExpiredToken",
-        "RequestTimeTooSkewed",
-        "IncompleteSignature",
-        "InvalidAccessKeyId",
-        "InvalidClientTokenId",
-        "InvalidSignature",
-        "InvalidToken",
-        "MissingAuthenticationToken",
-        "SignatureDoesNotMatch",
-        "UnrecognizedClient",
-        # nothing there
-        "NoSuchBucket",
-        "NoSuchKey",
-        "NoSuchUpload",
-        "NoSuchVersion",
-        "ResourceNotFound",
-        # archived (Glacier) objects, bad requests, unsupported features
-        "InvalidObjectState",
-        "ObjectNotInActiveTier",
-        "InvalidArgument",
-        "InvalidBucketName",
-        "InvalidRange",
-        "InvalidRequest",
-        "KeyTooLongError",
-        "MalformedQueryString",
-        "MethodNotAllowed",
-        "MissingParameter",
-        "InvalidParameterValue",
-        "InvalidParameterCombination",
-        "Validation",
-        "NotImplemented",
-        "PreconditionFailed",
-        "301",
-        "403",
-        "404",
-        "405",
-        "412",
-        "416",
-        "501",
-    )
+def _codes(*codes: str) -> frozenset[str]:
+    return frozenset(code.replace("_", "").upper() for code in codes)
+
+
+# Identity and permissions ("this job may not", not "this object is bad"): a configuration
+# problem that no wait within the run fixes (StorageAccessError); a bare 403 is one too.
+_ACCESS_S3 = _codes(
+    "AccessDenied",
+    "AccountProblem",
+    "AllAccessDisabled",
+    "ExpiredToken",
+    "RequestTimeTooSkewed",
+    "IncompleteSignature",
+    "InvalidAccessKeyId",
+    "InvalidClientTokenId",
+    "InvalidSignature",
+    "InvalidToken",
+    "MissingAuthenticationToken",
+    "SignatureDoesNotMatch",
+    "UnrecognizedClient",
+    "403",
 )
-# The codes above that say "this job may not" rather than "this object is bad".
-_ACCESS_S3 = frozenset(
-    code.replace("_", "").upper()
-    for code in (
-        "AccessDenied",
-        "AccountProblem",
-        "AllAccessDisabled",
-        "ExpiredToken",
-        "RequestTimeTooSkewed",
-        "IncompleteSignature",
-        "InvalidAccessKeyId",
-        "InvalidClientTokenId",
-        "InvalidSignature",
-        "InvalidToken",
-        "MissingAuthenticationToken",
-        "SignatureDoesNotMatch",
-        "UnrecognizedClient",
-        "403",
-    )
+_PERMANENT_S3 = _ACCESS_S3 | _codes(
+    # nothing there
+    "NoSuchBucket",
+    "NoSuchKey",
+    "NoSuchUpload",
+    "NoSuchVersion",
+    "ResourceNotFound",
+    # archived (Glacier) objects, bad requests, unsupported features
+    "InvalidObjectState",
+    "ObjectNotInActiveTier",
+    "InvalidArgument",
+    "InvalidBucketName",
+    "InvalidRange",
+    "InvalidRequest",
+    "KeyTooLongError",
+    "MalformedQueryString",
+    "MethodNotAllowed",
+    "MissingParameter",
+    "InvalidParameterValue",
+    "InvalidParameterCombination",
+    "Validation",
+    "NotImplemented",
+    "PreconditionFailed",
+    "301",
+    "404",
+    "405",
+    "412",
+    "416",
+    "501",
 )
 _PERMANENT_TYPES = (
     FileNotFoundError,
