@@ -37,6 +37,10 @@ class ObjectTooLarge(StorageError):
     """An object over the size limit the caller set (permanent: retrying will not shrink it)."""
 
 
+def _codes(*codes: str) -> frozenset[str]:
+    return frozenset(code.replace("_", "").upper() for code in codes)
+
+
 # S3 error codes that retrying cannot fix. Codes are compared without case or underscores, so
 # one entry covers S3's own code (botocore, via s3fs: "NoSuchKey") and the AWS C++ SDK's name
 # in pyarrow's messages ("AWS Error NO_SUCH_KEY during ..."); pyarrow says "UNKNOWN (HTTP status
@@ -44,10 +48,6 @@ class ObjectTooLarge(StorageError):
 # (NETWORK_CONNECTION, SLOW_DOWN, SERVICE_UNAVAILABLE, INTERNAL_FAILURE, REQUEST_TIMEOUT, 429,
 # 500, 503, a 400 without a body, codes never seen before) is transient: an object wrongly
 # retried on the next run costs little, one wrongly recorded as bad data is lost.
-def _codes(*codes: str) -> frozenset[str]:
-    return frozenset(code.replace("_", "").upper() for code in codes)
-
-
 # Identity and permissions ("this job may not", not "this object is bad"): a configuration
 # problem that no wait within the run fixes (StorageAccessError); a bare 403 is one too.
 _ACCESS_S3 = _codes(
